@@ -1,0 +1,23 @@
+"""Connect to Ray: an existing cluster when RAY_ADDRESS is set (or inside `ray job submit`),
+otherwise a local in-process cluster with the dashboard bound to 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    kwargs = {"logging_level": logging.WARNING if quiet else logging.INFO, "log_to_driver": not quiet}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = not quiet
+    ctx.print_on_execution_start = not quiet

@@ -1,0 +1,51 @@
+"""Chat-template rendering and tokenisation with prompt masking (Ray-free).
+
+Each message's tokens are the difference between the rendering of the conversation up to and
+including it and the rendering before it; assistant content (and its end-of-turn token) is
+learned, everything else gets label -100 unless `train_on_prompt`.
+"""
+
+from __future__ import annotations
+
+IGNORE = -100
+
+
+def _render(tokenizer, msgs: list[dict], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def render_prompt(tokenizer, msgs: list[dict]) -> str:
+    """Text the model sees before it answers (all but the final assistant turn + gen prompt)."""
+    return _render(tokenizer, msgs, add_generation_prompt=True)
+
+
+def encode_messages(tokenizer, msgs: list[dict], max_length: int, train_on_prompt: bool = False) -> dict:
+    """{"input_ids", "labels"}: right-truncated to max_length; at least one label survives or
+    the caller gets a ValueError (a row with no learnable token after truncation is useless)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    prev = ""
+    for i, m in enumerate(msgs):
+        if m["role"] == "assistant":
+            head = _render(tokenizer, msgs[:i], add_generation_prompt=True) if i else ""
+            if not head.startswith(prev):
+                raise ValueError("chat template is not prefix-stable; cannot mask prompts")
+            _extend(tokenizer, head[len(prev):], ids, labels, learn=train_on_prompt)
+            prev = head
+        text = _render(tokenizer, msgs[: i + 1])
+        if not text.startswith(prev):
+            raise ValueError("chat template is not prefix-stable; cannot mask prompts")
+        _extend(tokenizer, text[len(prev):], ids, labels, learn=train_on_prompt or m["role"] == "assistant")
+        prev = text
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(x == IGNORE for x in labels):
+        raise ValueError(f"no answer tokens left within data.max_length={max_length}")
+    return {"input_ids": ids, "labels": labels}
+
+
+def _extend(tokenizer, text: str, ids: list, labels: list, learn: bool) -> None:
+    if not text:
+        return
+    new = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids.extend(new)
+    labels.extend(new if learn else [IGNORE] * len(new))

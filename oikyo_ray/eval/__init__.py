@@ -1,0 +1,1 @@
+"""Evaluate stage: generation, metrics and the base-vs-fine-tuned report."""

@@ -1,0 +1,37 @@
+"""Batched greedy/sampled generation for chat prompts (Ray-free; shared by eval and serving)."""
+
+from __future__ import annotations
+
+import torch
+
+from oikyo_ray.model.chat_template import stop_token_ids
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> list[dict]:
+    """Complete each prompt; returns [{"text", "prompt_tokens", "completion_tokens", "finish_reason"}]."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    tokenizer.padding_side = "left"  # decoder-only: pad on the left so answers start aligned
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    stops = stop_token_ids(tokenizer)
+    kwargs = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens,
+              "eos_token_id": stops, "pad_token_id": tokenizer.pad_token_id}
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_p=top_p)
+    out = model.generate(**enc, **kwargs)
+    results = []
+    width = enc["input_ids"].shape[1]
+    for i, row in enumerate(out[:, width:].tolist()):
+        cut = next((j for j, t in enumerate(row) if t in stops), None)
+        ids = row if cut is None else row[:cut]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        finish = "stop" if cut is not None else "length"
+        for s in stop or []:
+            if s and s in text:
+                text, finish = text[: text.index(s)], "stop"
+        results.append({"text": text, "prompt_tokens": int(enc["attention_mask"][i].sum()),
+                        "completion_tokens": len(ids), "finish_reason": finish})
+    return results

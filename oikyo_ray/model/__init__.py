@@ -1,0 +1,1 @@
+"""Model stage: base model + tokenizer loading, the embedded tiny default, peft methods (Ray-free)."""

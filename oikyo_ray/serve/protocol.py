@@ -1,0 +1,62 @@
+"""OpenAI-compatible request and response shapes (the subset oikyo honours)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Req(BaseModel):
+    # clients send fields we do not use (logprobs, user, ...): accept and ignore them
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(_Req):
+    prompt: str | list[str]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str
+
+
+class ChatRequest(_Req):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def _usage(outs: list[dict]) -> dict:
+    p = sum(o["prompt_tokens"] for o in outs)
+    c = sum(o["completion_tokens"] for o in outs)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def completion_response(model: str, outs: list[dict]) -> dict:
+    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": model, "usage": _usage(outs),
+            "choices": [{"index": i, "text": o["text"], "finish_reason": o["finish_reason"], "logprobs": None}
+                        for i, o in enumerate(outs)]}
+
+
+def chat_response(model: str, out: dict) -> dict:
+    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "usage": _usage([out]),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                         "finish_reason": out["finish_reason"]}]}
+
+
+def error_body(message: str, type_: str, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}

@@ -1,0 +1,1 @@
+"""Train stage: the explicit training loop (core, Ray-free) and its Ray Train orchestration."""
