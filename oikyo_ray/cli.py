@@ -78,6 +78,8 @@ def cmd_runs(args) -> int:
 def cmd_config(args) -> int:
     from oikyo_ray.config import describe_fields, dump_yaml
 
+    if args.config and "=" in args.config:  # `oikyo config key=value`: no file, only overrides
+        args.overrides, args.config = [args.config, *args.overrides], None
     if args.fields:
         print("\n".join(describe_fields()))
         return 0
@@ -114,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from oikyo_ray.cluster import default_auth_mode
+
+    default_auth_mode()  # before anything imports ray
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -20,14 +20,17 @@ def _step(log, name: str):
 
 def run_finetune(cfg: OikyoConfig, log=print) -> Path:
     from oikyo_ray.cluster import init_ray
-    from oikyo_ray.data.pipeline import load_split_rows, prepare
-    from oikyo_ray.model.load import resolve_model_path
+    from oikyo_ray.data.pipeline import expand_paths, load_split_rows, prepare
+    from oikyo_ray.model.load import load_tokenizer, resolve_model_path
     from oikyo_ray.runs.rundir import create_run_dir, write_lineage
     from oikyo_ray.train.trainer import fit
 
+    # Everything a user can get wrong is checked here, before Ray starts and before a run dir exists.
     done = _step(log, "base model")
     model_path = resolve_model_path(cfg.model)
+    load_tokenizer(cfg.model, model_path)
     done(f"({model_path})")
+    expand_paths(cfg.data.paths)
     run_dir = create_run_dir(cfg)
     log(f"[oikyo] run directory: {run_dir}")
     init_ray()

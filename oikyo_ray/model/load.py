@@ -25,26 +25,28 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return cfg.name_or_path
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+def _check_local(path: str) -> None:
+    """A path-like name that is not a directory is a typo, not a hub id: say so plainly."""
+    looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
+    if looks_local and not Path(path).expanduser().is_dir():
+        raise ModelError(f"model directory not found: {path}",
+                         hint="set model.name_or_path to a saved model dir, a hub id or an s3:// prefix")
 
 
-def _hint(path: str) -> str:
-    if _looks_local(path) and not Path(path).expanduser().is_dir():
-        return f"no directory {path}: set model.name_or_path to a saved model dir, a hub id or an s3:// prefix"
-    return "check model.name_or_path; offline machines need a local dir or s3:// copy (HF_HUB_OFFLINE=1)"
+HINT = "check model.name_or_path; offline machines need a local dir or an s3:// copy"
 
 
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     from transformers import AutoTokenizer
 
     path = path or resolve_model_path(cfg)
+    _check_local(path)
     try:
         tok = AutoTokenizer.from_pretrained(
             path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load tokenizer from '{path}': {e}", hint=_hint(path)) from None
+        raise ModelError(f"cannot load tokenizer from '{path}': {e}", hint=HINT) from None
     ensure_chat_template(tok)
     return tok
 
@@ -54,6 +56,7 @@ def load_model(cfg: ModelConfig, path: str | None = None):
     from transformers import AutoModelForCausalLM
 
     path = path or resolve_model_path(cfg)
+    _check_local(path)
     try:
         return AutoModelForCausalLM.from_pretrained(
             path,
@@ -63,4 +66,4 @@ def load_model(cfg: ModelConfig, path: str | None = None):
             use_safetensors=True,  # never unpickle weights
         )
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load model from '{path}': {e}", hint=_hint(path)) from None
+        raise ModelError(f"cannot load model from '{path}': {e}", hint=HINT) from None

@@ -1,0 +1,82 @@
+"""Shared fixtures: one tiny model (built once per session), one local Ray cluster per session,
+the read-only ../shared data (path from OIKYO_SHARED_DIR, set by .ci/run)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ["RAY_AUTH_MODE"] = "token"  # drivers joining the session's head need it before `import ray`
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared (datasets, KubeRay CRDs); skipped with a reason when not provided."""
+    p = os.environ.get("OIKYO_SHARED_DIR")
+    if not p or not Path(p).is_dir():
+        pytest.skip("OIKYO_SHARED_DIR is not set to the shared/ folder (.ci/run sets it)")
+    return Path(p)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Model cache shared by the whole session (the tiny model is built once)."""
+    return tmp_path_factory.mktemp("oikyo-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cache_dir) -> Path:
+    from oikyo_ray.model.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(cache_dir)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray head (2 CPUs, dashboard on 127.0.0.1) started with `ray start`, shared by
+    every Ray test: drivers connect to it, and `ray job submit` reaches its Jobs API."""
+    import ray
+
+    gcs, dash = _free_port(), _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    env.pop("RAY_ADDRESS", None)
+    # `ray start` does not create a token (only ray.init does): make one on a fresh machine
+    subprocess.run(["ray", "get-auth-token", "--generate"], check=True, env=env, capture_output=True, timeout=60)
+    subprocess.run(
+        ["ray", "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
+        check=True, env=env, capture_output=True, timeout=180,
+    )
+    address = f"127.0.0.1:{gcs}"
+    from oikyo_ray.cluster import init_ray
+
+    os.environ["RAY_ADDRESS"] = address
+    init_ray()
+    try:
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def base_overrides(cache_dir, tmp_path) -> list[str]:
+    """Overrides every test run needs: the session cache and a private run root."""
+    return [f"model.cache_dir={cache_dir}", f"run.root={tmp_path / 'runs'}"]

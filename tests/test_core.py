@@ -1,0 +1,118 @@
+"""The Ray-agnostic core: imports no Ray; tokenise/mask, train loop, eval metrics, generation."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from oikyo_ray.config import load_config
+from oikyo_ray.data.tokenize import IGNORE, encode_messages
+from oikyo_ray.eval.metrics import exact_match, normalise_answer, token_f1
+
+CORE = ["oikyo_ray.config", "oikyo_ray.data.formats", "oikyo_ray.data.readers", "oikyo_ray.data.validate",
+        "oikyo_ray.data.split", "oikyo_ray.data.tokenize", "oikyo_ray.data.curate", "oikyo_ray.model.load",
+        "oikyo_ray.model.methods", "oikyo_ray.model.tiny", "oikyo_ray.train.loop", "oikyo_ray.eval.metrics",
+        "oikyo_ray.eval.generate", "oikyo_ray.eval.compare", "oikyo_ray.serve.engine", "oikyo_ray.runs.rundir"]
+
+
+def test_core_imports_without_ray():
+    # a GPU box without Ray must be able to run the core: make `import ray` fail and import it all
+    code = ("import sys; sys.modules['ray'] = None\n"
+            f"import importlib\nfor m in {CORE!r}: importlib.import_module(m)\nprint('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_prompt_masking_learns_only_assistant_tokens(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"},
+            {"role": "assistant", "content": "Lima"}]
+    enc = encode_messages(tok, msgs, max_length=64)
+    learned = [i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE]
+    assert tok.decode(learned).startswith("Lima<|im_end|>")
+    assert tok.decode(enc["input_ids"]) == tok.apply_chat_template(msgs, tokenize=False)
+    everything = encode_messages(tok, msgs, max_length=64, train_on_prompt=True)
+    assert everything["labels"] == everything["input_ids"]
+    with pytest.raises(ValueError, match="max_length"):
+        encode_messages(tok, msgs, max_length=8)  # the answer is truncated away
+
+
+def test_metrics_on_known_inputs():
+    assert normalise_answer("  The  Lima! ") == "the lima"
+    assert exact_match("Lima.", "lima") == 1.0 and exact_match("Lim", "Lima") == 0.0
+    # pred "a b c", ref "a b d": precision 2/3, recall 2/3 -> F1 2/3
+    assert token_f1("a b c", "a b d") == pytest.approx(2 / 3)
+    assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0 and token_f1("x", "y") == 0.0
+
+
+def test_train_loop_reduces_loss_without_ray(tiny_model, cache_dir):
+    from oikyo_ray.data.curate import curate_file
+    from oikyo_ray.demo.tasks import ASSET
+    from oikyo_ray.eval.compare import evaluate_model
+    from oikyo_ray.model.load import load_model, load_tokenizer
+    from oikyo_ray.model.methods import apply_method, trainable_parameters
+    from oikyo_ray.train.loop import LoopHooks, collate, shuffled_batches, train_loop
+
+    cfg = load_config(None, [f"model.cache_dir={cache_dir}", "train.lr=3e-3", "train.log_every=5",
+                             "train.eval_every=30", "train.checkpoint_every=30"])
+    tok = load_tokenizer(cfg.model, str(tiny_model))
+    recs = [r for r in curate_file(str(ASSET), ASSET.read_bytes(), cfg.data, tok) if r["status"] == "ok"]
+    torch.manual_seed(0)
+    model = apply_method(load_model(cfg.model, str(tiny_model)), cfg.method)
+    trainable, total = trainable_parameters(model)
+    assert 0 < trainable < total  # LoRA: base frozen
+    batches = lambda e: (collate(b, tok.pad_token_id) for b in shuffled_batches(recs, 16, e))  # noqa: E731
+    val = [collate({"input_ids": [r["input_ids"] for r in recs[:32]], "labels": [r["labels"] for r in recs[:32]]},
+                   tok.pad_token_id)]
+    reports = []
+    hooks = LoopHooks(report=lambda m, ckpt: reports.append((dict(m), ckpt)), val_batches=lambda: val)
+    train_loop(model, batches, cfg.train, 60, hooks)
+    losses = [m["loss"] for m, _ in reports]
+    vals = [m["val_loss"] for m, _ in reports if "val_loss" in m]
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert len(vals) == 2 and vals[-1] < vals[0]
+    assert [m["step"] for m, c in reports if c] == [30, 60]  # checkpoint_every + the final step
+    metrics, preds = evaluate_model(model, tok, recs[:8], cfg)
+    assert metrics["n"] == 8 and len(preds) == 8 and metrics["loss"] < 6
+
+
+def test_lr_schedule_warmup_and_decay():
+    from oikyo_ray.train.loop import build_scheduler
+
+    cfg = load_config(None, ["train.warmup_ratio=0.1", "train.lr=1.0"]).train
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, cfg, 100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[9] <= 1.0 and lrs[10] == pytest.approx(1.0, abs=0.02) and lrs[-1] < 0.01
+
+
+def test_collate_pads_right_and_masks():
+    from oikyo_ray.train.loop import collate
+
+    b = collate({"input_ids": [[5, 6, 7], [8]], "labels": [[IGNORE, 6, 7], [8]]}, pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_run_dir_holds_no_secrets(tmp_path, monkeypatch):
+    from oikyo_ray.runs.rundir import create_run_dir, write_lineage
+
+    monkeypatch.setenv("OIKYO_API_TOKEN", "sekret-token-123")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekret-aws-456")
+    cfg = load_config(None, [f"run.root={tmp_path}", "run.name=r1"])
+    run = create_run_dir(cfg)
+    write_lineage(run, cfg, {"content_hash": "h", "counts": {}}, "/m")
+    text = "".join(p.read_text() for p in run.rglob("*") if p.is_file())
+    assert "sekret" not in text
+    assert json.loads((run / "lineage.json").read_text())["seed"] == cfg.train.seed
+    with pytest.raises(Exception, match="already exists"):
+        create_run_dir(cfg)

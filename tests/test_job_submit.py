@@ -1,0 +1,53 @@
+"""`ray job submit` of jobs/finetune.py against the session's real `ray start --head` node."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _auth_headers() -> dict:
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_job_submit_finetune(ray_session, cache_dir, tmp_path):
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    env.pop("RAY_ADDRESS", None)
+    root = tmp_path / "runs"
+    cmd = ["ray", "job", "submit", "--address", ray_session["dashboard"], "--working-dir", str(ROOT),
+           "--submission-id", "oikyo-test-job", "--",
+           "python", "jobs/finetune.py", "--config", "jobs/configs/demo.yaml",
+           f"run.root={root}", "run.name=job1", f"model.cache_dir={cache_dir}",
+           "train.epochs=2", "eval.max_samples=8"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert "succeeded" in out.lower() and "[oikyo] train (Ray Train) done" in out, out[-3000:]
+
+    status = subprocess.run(["ray", "job", "status", "--address", ray_session["dashboard"], "oikyo-test-job"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert "succeeded" in (status.stdout + status.stderr).lower()
+    logs = subprocess.run(["ray", "job", "logs", "--address", ray_session["dashboard"], "oikyo-test-job"],
+                          env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "run directory:" in logs and "job1" in logs
+
+    # the dashboard's job API on 127.0.0.1 needs the token: 401 without, the job with it
+    assert httpx.get(f"{ray_session['dashboard']}/api/jobs/", timeout=30).status_code == 401
+    jobs = httpx.get(f"{ray_session['dashboard']}/api/jobs/", headers=_auth_headers(), timeout=30).json()
+    job = next(j for j in jobs if j["submission_id"] == "oikyo-test-job")
+    assert job["status"] == "SUCCEEDED"
+
+    run = root / "job1"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "eval" / "report.json").read_text())["tuned"]["n"] == 8
+    listed = subprocess.run([sys.executable, "-m", "oikyo_ray.cli", "runs", "list", "--root", str(root)],
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "job1" in listed.stdout

@@ -1,0 +1,162 @@
+"""The spine end to end on a real local Ray cluster: demo config -> run dir -> Serve over HTTP."""
+
+import json
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+
+from oikyo_ray.cli import main
+from oikyo_ray.config import load_config
+from oikyo_ray.demo.run import DEMO_CONFIG
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_run(ray_session, cache_dir, tmp_path_factory):
+    """The demo pipeline (curate, train with 2 DDP workers, evaluate), once for this module."""
+    from oikyo_ray.finetune import run_finetune
+
+    root = tmp_path_factory.mktemp("runs")
+    cfg = load_config(DEMO_CONFIG, [f"model.cache_dir={cache_dir}", f"run.root={root}", "run.name=demo",
+                                    "run.serve_after=false"])
+    logs: list[str] = []
+    run_dir = run_finetune(cfg, log=logs.append)
+    return cfg, run_dir, logs
+
+
+def test_run_directory_contents(demo_run):
+    cfg, run, logs = demo_run
+    for f in ["config.yaml", "lineage.json", "metrics.jsonl", "data/manifest.json", "data/rejects.jsonl",
+              "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
+              "eval/report.json", "eval/report.md"]:
+        assert (run / f).is_file(), f
+    assert not list(run.rglob("*.bin")) and not list(run.rglob("*.pt"))  # safetensors only
+    assert load_config(run / "config.yaml") == cfg  # the resolved config round-trips
+    lineage = json.loads((run / "lineage.json").read_text())
+    manifest = json.loads((run / "data/manifest.json").read_text())
+    assert lineage["data_content_hash"] == manifest["content_hash"] and len(manifest["content_hash"]) == 64
+    assert lineage["seed"] == 42 and lineage["versions"]["ray"] and lineage["versions"]["torch"]
+    c = manifest["counts"]
+    assert c["read"] == 384 and c["accepted"] + c["rejected"] == c["read"]
+    assert c["train"] + c["val"] + c["test"] == c["accepted"] and c["test"] > 10
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == max(m["step"] for m in metrics)
+    assert metrics[-1]["loss"] < metrics[0]["loss"] and any("val_loss" in m for m in metrics)
+    ckpts = sorted(p for p in (run / "checkpoints").glob("checkpoint_*") if p.is_dir())
+    assert 1 <= len(ckpts) <= 2 and (ckpts[-1] / "adapter_model.safetensors").is_file()  # adapter-only
+
+
+def test_fine_tuned_beats_base(demo_run):
+    _, run, logs = demo_run
+    rep = json.loads((run / "eval/report.json").read_text())
+    assert rep["tuned"]["loss"] < rep["base"]["loss"] - 2.0
+    assert rep["tuned"]["exact_match"] >= rep["base"]["exact_match"] + 0.4, rep["tuned"]
+    md = (run / "eval/report.md").read_text()
+    assert "| exact_match |" in md and "fine-tuned" in md
+    assert any("| exact_match |" in line for line in logs)  # the table is printed
+
+
+@pytest.fixture(scope="module")
+def server(demo_run, cache_dir):
+    """The OpenAI-compatible app with base + the demo adapter, on a real Serve HTTP proxy."""
+    from ray import serve
+
+    from oikyo_ray.model.load import resolve_model_path
+    from oikyo_ray.serve.app import start
+
+    cfg, run, _ = demo_run
+    token = "test-token-" + "x" * 20
+    tfile = run.parent / "token"
+    tfile.write_text(token)
+    scfg = load_config(None, [f"model.cache_dir={cache_dir}", f"serve.port={_port()}",
+                              f"serve.token_file={tfile}", f"serve.adapters.demo={run / 'adapter'}"])
+    url = start(scfg, resolve_model_path(scfg.model))
+    yield url, token
+    serve.shutdown()
+
+
+def test_http_chat_and_completions(server, demo_run):
+    url, token = server
+    h = {"Authorization": f"Bearer {token}"}
+    r = httpx.post(f"{url}/v1/chat/completions", headers=h, timeout=60, json={
+        "model": "demo", "messages": [{"role": "user", "content": "What is the capital of Peru?"}],
+        "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == "Lima" and body["usage"]["completion_tokens"] > 0
+    r = httpx.post(f"{url}/v1/completions", headers=h, timeout=60, json={
+        "model": "base", "prompt": "<|im_start|>user\nOpposite of hot?<|im_end|>\n<|im_start|>assistant\n",
+        "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] != "cold"  # the bare base never learned it
+    models = httpx.get(f"{url}/v1/models", headers=h, timeout=30).json()
+    assert {m["id"] for m in models["data"]} == {"base", "demo"}
+
+
+def test_openai_client_works_unchanged(server):
+    from openai import OpenAI
+
+    url, token = server
+    client = OpenAI(base_url=f"{url}/v1", api_key=token)
+    out = client.chat.completions.create(model="demo", max_tokens=8, temperature=0,
+                                         messages=[{"role": "user", "content": "Opposite of hot?"}])
+    assert out.choices[0].message.content == "cold"
+
+
+@pytest.mark.parametrize("headers, body, status", [
+    ({}, {"model": "demo", "prompt": "hi"}, 401),
+    ({"Authorization": "Bearer wrong"}, {"model": "demo", "prompt": "hi"}, 401),
+    (None, {"model": "nope", "prompt": "hi"}, 404),
+    (None, {"model": "demo"}, 400),
+    (None, {"model": "demo", "prompt": "hi", "max_tokens": 100000}, 400),
+    (None, {"model": "demo", "prompt": "word " * 5000}, 400),
+    (None, "{not json", 400),
+])
+def test_http_rejects_bad_requests(server, headers, body, status):
+    url, token = server
+    h = {"Authorization": f"Bearer {token}"} if headers is None else headers
+    kw = {"content": body, "headers": {**h, "Content-Type": "application/json"}} if isinstance(body, str) \
+        else {"json": body, "headers": h}
+    r = httpx.post(f"{url}/v1/completions", timeout=60, **kw)
+    assert r.status_code == status, r.text
+    assert "error" in r.json() and r.json()["error"]["message"]
+
+
+def test_demo_serve_step_answers_over_http(demo_run):
+    """What `oikyo demo` does last: serve the new adapter, ask once, shut Serve down."""
+    from ray import serve
+
+    from oikyo_ray.model.load import resolve_model_path
+    from oikyo_ray.serve.demo_call import serve_and_ask
+
+    serve.shutdown()  # the module's server fixture may still hold the proxy on another port    from oikyo_ray.serve.demo_call import serve_and_ask
+
+    cfg, run, _ = demo_run
+    cfg = cfg.model_copy(deep=True)
+    cfg.serve.port = _port()
+    answer = serve_and_ask(cfg, resolve_model_path(cfg.model), run / "adapter", log=lambda s: None)
+    assert answer["model"] == "demo" and answer["choices"][0]["message"]["content"] == "Lima"
+    assert not (Path(cfg.model.cache_dir) / "serve-token").exists()  # the ephemeral token is removed
+
+
+def test_bad_input_exits_cleanly(ray_session, base_overrides, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cases = [
+        (["data.paths=[/nonexistent/data.jsonl]"], "data file not found: /nonexistent/data.jsonl"),
+        (["data.paths=[/nonexistent/data.jsonl]"], "check data.paths"),  # says what to do
+        (["model.name_or_path=/nonexistent/model"], "model directory not found"),
+        ([f"data.paths=[{empty}]"], f"{empty}: empty file"),
+    ]
+    for extra, message in cases:
+        code = main(["finetune", str(DEMO_CONFIG), *base_overrides, "run.serve_after=false", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, err
