@@ -3,6 +3,7 @@
 Run as:
     oikyo demo                                  # the whole pipeline on the embedded default
     oikyo finetune CONFIG.yaml [key=value ...]  # curate -> train -> evaluate (-> serve)
+    oikyo data prepare CONFIG.yaml [key=value ...] / oikyo data inspect DIR
     oikyo serve CONFIG.yaml [key=value ...]     # OpenAI-compatible server until Ctrl-C
     oikyo runs list [--root runs]               # runs and their headline metrics
     oikyo config CONFIG.yaml [key=value ...]    # print the resolved config (or --fields)
@@ -90,6 +91,9 @@ def cmd_config(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oikyo", description="Fine-tune, evaluate and serve LLM adapters on Ray.")
     sub = p.add_subparsers(dest="cmd", required=True)
+    from oikyo_ray.data.cli import add_data_commands
+
+    add_data_commands(sub)
 
     d = sub.add_parser("demo", help="run the whole pipeline on the embedded tiny model and data")
     d.add_argument("overrides", nargs="*", help="dotted key=value overrides")

@@ -1,26 +1,39 @@
 """The data stage on Ray Data: files -> curated, tokenised parquet splits + rejects + manifest.
 
-    prepare(cfg, tokenizer_path, out_dir) -> manifest dict
+    prepare(cfg, tokenizer_path, out_dir) -> manifest dict         (Ray Data)
+    prepare_local(cfg, tokenizer_path, out_dir) -> manifest dict   (same result, in-process, no Ray)
 
-Layout written under ``out_dir``: ``train/ val/ test/`` (parquet shards), ``rejects.jsonl``
-(source, row, reason for every rejected row) and ``manifest.json`` (counts, content hash).
+Steps: hash the inputs (sha256) and look the result up in the cache; curate every file (Ray Data
+`read_binary_files` + `map_batches(curate_batch)`: one record per row, accepted or rejected);
+collect the small per-row summary on the driver and run the global pass there (exact and near
+duplicates, leakage across splits: `quality.global_filter`); write what is kept per split.
+
+Layout written under ``out_dir``: ``train/ val/ test/`` (parquet shards), ``rejects.jsonl`` (source,
+row, reason, filter for every rejected row, duplicates and leaked rows included) and
+``manifest.json`` (see `manifest`). accepted + rejected == read is asserted.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from oikyo_ray.config import DEMO_DATA, OikyoConfig
-from oikyo_ray.data.curate import FILE_ERROR, curate_batch
+from oikyo_ray.data import manifest as mf
+from oikyo_ray.data.curate import FILE_ERROR, OUTPUT_COLUMNS, SCHEMA, SUMMARY_COLUMNS, curate_batch
+from oikyo_ray.data.quality import global_filter
 from oikyo_ray.errors import DataError
 from oikyo_ray.storage import filesystem
 
-SPLITS = ("train", "val", "test")
+SPLITS = mf.SPLITS
+SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".csv")
 TRAIN_COLUMNS = ["input_ids", "labels"]
 
 
@@ -37,90 +50,220 @@ def expand_paths(paths: list[str]) -> dict[str, list[str]]:
             info = fs.get_file_info(key)
             if info.type == pafs.FileType.Directory:
                 files = fs.get_file_info(pafs.FileSelector(key, recursive=True))
-                groups["s3"] += sorted(f.path for f in files if f.type == pafs.FileType.File)
+                groups["s3"] += sorted(f.path for f in files
+                                       if f.type == pafs.FileType.File and f.path.lower().endswith(SUFFIXES))
             elif info.type == pafs.FileType.File:
                 groups["s3"].append(key)
             else:
                 raise DataError(f"data file not found: {p}", hint="check data.paths and AWS_ENDPOINT_URL")
         else:
             local = Path(p).expanduser()
-            if local.is_dir():
-                found = sorted(str(f) for f in local.rglob("*") if f.is_file())
+            if local.is_dir():  # a directory contributes its data files (a README is no row)
+                found = sorted(str(f) for f in local.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
             else:
                 found = sorted(glob.glob(str(local)))
             if not found:
-                raise DataError(f"data file not found: {p}", hint="check data.paths (globs allowed)")
+                raise DataError(f"data file not found: {p}",
+                                hint=f"check data.paths (globs allowed; a directory contributes its "
+                                f"{', '.join(SUFFIXES)} files)")
             groups["local"] += [str(Path(f).resolve()) for f in found]
     return {k: v for k, v in groups.items() if v}
 
 
-def _read(groups: dict[str, list[str]]):
-    import ray
+def _fs(kind: str):
+    return filesystem("s3://x")[0] if kind == "s3" else pafs.LocalFileSystem()
 
-    parts = []
+
+def hash_inputs(groups: dict[str, list[str]]) -> list[dict]:
+    """[{path, sha256, bytes}] of every input file, streamed (files are never held whole)."""
+    out = []
     for kind, files in groups.items():
-        fs = filesystem("s3://x")[0] if kind == "s3" else pafs.LocalFileSystem()
-        parts.append(ray.data.read_binary_files(files, include_paths=True, filesystem=fs))
-    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+        fs = _fs(kind)
+        for path in files:
+            with fs.open_input_stream(path) as f:
+                digest, size = mf.sha256_stream(f.read)
+            out.append({"path": path, "sha256": digest, "bytes": size})
+    return out
 
+
+# ---- curation backends: records for every row, then the kept rows written per split ---------------
+
+def _fn_kwargs(cfg: OikyoConfig, tokenizer_path: str) -> dict:
+    return {"data": cfg.data.model_dump(), "tokenizer_path": tokenizer_path,
+            "trust_remote_code": cfg.model.trust_remote_code}
+
+
+def _split_rows(batch: pa.Table, split: str, removed: frozenset) -> pa.Table:
+    """Rows of `batch` kept in `split`, as the written columns."""
+    import pyarrow.compute as pc
+
+    mask = pc.and_(pc.equal(batch["status"], "ok"), pc.equal(batch["split"], split))
+    if removed:
+        keep = [f"{s}\0{r}" not in removed for s, r in zip(batch["source"].to_pylist(), batch["row"].to_pylist())]
+        mask = pc.and_(mask, pa.array(keep, type=pa.bool_()))
+    return batch.filter(mask).select(OUTPUT_COLUMNS)
+
+
+class _RayCuration:
+    def __init__(self, groups: dict[str, list[str]], cfg: OikyoConfig, tokenizer_path: str):
+        import ray
+
+        parts = [ray.data.read_binary_files(files, include_paths=True, filesystem=_fs(kind))
+                 for kind, files in groups.items()]
+        ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+        # one file per call: row numbers stay per file
+        self.ds = ds.map_batches(curate_batch, batch_size=1, fn_kwargs=_fn_kwargs(cfg, tokenizer_path)).materialize()
+
+    def summary(self) -> list[dict]:
+        return self.ds.select_columns(SUMMARY_COLUMNS).take_all()
+
+    def write_split(self, split: str, removed: frozenset, out: Path) -> None:
+        sub = self.ds.map_batches(_split_rows, batch_format="pyarrow", batch_size=None,
+                                  fn_kwargs={"split": split, "removed": removed})
+        sub.write_parquet(str(out))
+
+
+class _LocalCuration:
+    def __init__(self, groups: dict[str, list[str]], cfg: OikyoConfig, tokenizer_path: str):
+        from oikyo_ray.data.curate import _tokenizer, curate_file
+
+        tok = _tokenizer(tokenizer_path, cfg.model.trust_remote_code)
+        self.records = []
+        for kind, files in groups.items():
+            fs = _fs(kind)
+            for path in files:
+                with fs.open_input_file(path) as f:
+                    blob = f.readall()
+                self.records.extend(curate_file(path, blob, cfg.data, tok))
+
+    def summary(self) -> list[dict]:
+        return [{k: r[k] for k in SUMMARY_COLUMNS} for r in self.records]
+
+    def write_split(self, split: str, removed: frozenset, out: Path) -> None:
+        import pyarrow.parquet as pq
+
+        table = _split_rows(pa.Table.from_pylist(self.records, schema=SCHEMA), split, removed)
+        if table.num_rows:
+            out.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, out / "part-00000.parquet")
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
 
 def prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path) -> dict:
-    """Run the curation pipeline; raise DataError naming the file when a file is unusable."""
-    groups = expand_paths(cfg.data.paths)
-    ds = _read(groups).map_batches(
-        curate_batch,
-        batch_size=1,  # one file per call: row numbers stay per file
-        fn_kwargs={
-            "data": cfg.data.model_dump(),
-            "tokenizer_path": tokenizer_path,
-            "trust_remote_code": cfg.model.trust_remote_code,
-        },
-    ).materialize()
+    """Run the curation pipeline on Ray Data; raise DataError naming the file when a file is unusable."""
+    return _prepare(cfg, tokenizer_path, Path(out_dir), _RayCuration)
 
-    bad_files = ds.filter(lambda r: r["status"] == FILE_ERROR).take_all()
+
+def prepare_local(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path) -> dict:
+    """`prepare` without Ray, in this process (small data, tests, machines without Ray)."""
+    return _prepare(cfg, tokenizer_path, Path(out_dir), _LocalCuration)
+
+
+def _prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, backend) -> dict:
+    data = cfg.data
+    groups = expand_paths(data.paths)
+    files = [p for fs in groups.values() for p in fs]
+    inputs = hash_inputs(groups)
+    key = mf.cache_key(inputs, data, tokenizer_path, cfg.model.trust_remote_code)
+    cache = cache_dir(cfg) / key if data.cache else None
+    if cache is not None and (cache / "manifest.json").is_file():
+        return _restore(cache, out_dir)
+
+    cur = backend(groups, cfg, tokenizer_path)
+    summary = cur.summary()
+    bad_files = [r for r in summary if r["status"] == FILE_ERROR]
     if bad_files:
-        raise DataError("; ".join(r["reason"] for r in bad_files),
-                        hint="fix or remove the file(s) from data.paths")
+        raise DataError("\n".join(r["reason"] for r in bad_files), hint="fix or remove the file(s) from data.paths")
+
+    accepted = [r for r in summary if r["status"] == "ok"]
+    result = global_filter(accepted, data, files)
+    rejects = [{"source": r["source"], "row": r["row"], "reason": r["reason"], "filter": r["filter"]}
+               for r in summary if r["status"] == "reject"]
+    rejects += [{"source": s, "row": n, "reason": d.reason, "filter": d.kind} for (s, n), d in result.removed.items()]
+    rejects.sort(key=lambda r: (r["source"], r["row"]))
+    kept = [r for r in accepted if (r["source"], r["row"]) not in result.removed]
+    assert len(kept) + len(rejects) == len(summary), (len(kept), len(rejects), len(summary))  # nothing lost
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    rejects = ds.filter(lambda r: r["status"] == "reject").select_columns(["source", "row", "reason"])
-    rejected = rejects.take_all()
-    with (out_dir / "rejects.jsonl").open("w", encoding="utf-8") as f:
-        for r in sorted(rejected, key=lambda r: (r["source"], r["row"])):
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-    ok = ds.filter(lambda r: r["status"] == "ok")
-    stats = ok.select_columns(["split", "hash", "num_tokens"]).take_all()
-    read = ds.count()
-    counts = {"read": read, "accepted": len(stats), "rejected": len(rejected)}
-    assert counts["accepted"] + counts["rejected"] == read, counts  # nothing silently lost
+    (out_dir / "manifest.json").unlink(missing_ok=True)  # no stale manifest beside new outputs
     for split in SPLITS:
-        counts[split] = sum(1 for s in stats if s["split"] == split)
-    if counts["train"] == 0:
+        shutil.rmtree(out_dir / split, ignore_errors=True)  # never mix in shards of an earlier run
+    _write_text(out_dir / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    if not any(r["split"] == "train" for r in kept):
         raise DataError(
-            f"no usable training rows ({counts['rejected']} of {read} rejected; see {out_dir / 'rejects.jsonl'})",
-            hint="check data.format and the rejects file",
+            f"no usable training rows ({len(rejects)} of {len(summary)} rejected; see {out_dir / 'rejects.jsonl'})",
+            hint="check data.format and the rejects file (oikyo data inspect)",
         )
+    removed = frozenset(f"{s}\0{n}" for s, n in result.removed)
     for split in SPLITS:
-        sub = ok.filter(lambda r, s=split: r["split"] == s).select_columns(
-            ["hash", "messages", "input_ids", "labels", "num_tokens"])
-        sub.write_parquet(str(out_dir / split))
+        target = out_dir / split
+        cur.write_split(split, removed, target)
+        target.mkdir(parents=True, exist_ok=True)  # an empty split is an empty directory
 
-    digest = hashlib.sha256()
-    for s in sorted(stats, key=lambda s: s["hash"]):
-        digest.update(f"{s['hash']}:{s['split']}\n".encode())
-    tokens = [s["num_tokens"] for s in stats]
-    manifest = {
-        "inputs": [p for files in groups.values() for p in files],
-        "content_hash": digest.hexdigest(),
-        "counts": counts,
-        "tokens": {"total": sum(tokens), "max": max(tokens), "mean": sum(tokens) / len(tokens)},
-        "data_config": cfg.data.model_dump(),
-        "tokenizer": tokenizer_path,
-    }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    manifest = mf.build(inputs=inputs, summary=summary, kept=kept, rejects=rejects, stats=result.stats,
+                        leaks=result.leaks, data=data, tokenizer_path=tokenizer_path, key=key, out_dir=out_dir)
+    _write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
+    if cache is not None:
+        _store(out_dir, cache)
     return manifest
 
+
+# ---- cache ---------------------------------------------------------------------------------------
+
+def cache_dir(cfg: OikyoConfig) -> Path:
+    return Path(cfg.model.cache_dir).expanduser() / "data"
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename: atomic, and never writes through a hard link into
+    the cache (outputs and cache entries share parquet shards as hard links)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Parquet shards are hard-linked (never rewritten in place); other files are copied."""
+    Path(dst).unlink(missing_ok=True)
+    if not src.endswith(".parquet"):
+        shutil.copy2(src, dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _store(out_dir: Path, cache: Path) -> None:
+    """Copy a finished dataset into the cache atomically (a half-written entry is never seen)."""
+    tmp = cache.parent / f".tmp-{cache.name}-{uuid.uuid4().hex[:8]}"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(out_dir, tmp, copy_function=_link_or_copy)
+    try:
+        os.replace(tmp, cache)
+    except OSError:  # another run stored the same key first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _restore(cache: Path, out_dir: Path) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in [*SPLITS, "rejects.jsonl"]:
+        target = out_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        src = cache / name
+        if src.is_dir():
+            shutil.copytree(src, target, copy_function=_link_or_copy)
+        elif src.is_file():
+            _link_or_copy(str(src), str(target))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["cache"].update({"hit": True, "dir": str(cache)})
+    _write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
+    return manifest
+
+
+# ---- readers of a prepared dataset -----------------------------------------------------------------
 
 def read_split(data_dir: Path, split: str):
     """A prepared split as a Ray Dataset of TRAIN_COLUMNS (streamed to workers)."""

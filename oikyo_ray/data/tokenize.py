@@ -2,7 +2,8 @@
 
 Each message's tokens are the difference between the rendering of the conversation up to and
 including it and the rendering before it; assistant content (and its end-of-turn token) is
-learned, everything else gets label -100 unless `train_on_prompt`.
+learned, everything else gets label -100 unless `train_on_prompt`. A row's `tools` (function
+schemas) are passed to the chat template, which renders them where it supports tools.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 IGNORE = -100
 
 
-def _render(tokenizer, msgs: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+def _render(tokenizer, msgs: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
+    kw = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt, **kw)
 
 
 def render_prompt(tokenizer, msgs: list[dict]) -> str:
@@ -19,28 +21,35 @@ def render_prompt(tokenizer, msgs: list[dict]) -> str:
     return _render(tokenizer, msgs, add_generation_prompt=True)
 
 
-def encode_messages(tokenizer, msgs: list[dict], max_length: int, train_on_prompt: bool = False) -> dict:
-    """{"input_ids", "labels"}: right-truncated to max_length; at least one label survives or
-    the caller gets a ValueError (a row with no learnable token after truncation is useless)."""
+def encode_messages(tokenizer, msgs: list[dict], max_length: int, train_on_prompt: bool = False,
+                    tools: list | None = None) -> dict:
+    """{"input_ids", "labels", "full_length"}: right-truncated to max_length (full_length is the
+    length before truncation); at least one label survives or the caller gets a ValueError (a row
+    with no learnable token after truncation is useless)."""
     ids: list[int] = []
     labels: list[int] = []
     prev = ""
     for i, m in enumerate(msgs):
         if m["role"] == "assistant":
-            head = _render(tokenizer, msgs[:i], add_generation_prompt=True) if i else ""
+            head = _render(tokenizer, msgs[:i], add_generation_prompt=True, tools=tools) if i else ""
             if not head.startswith(prev):
                 raise ValueError("chat template is not prefix-stable; cannot mask prompts")
             _extend(tokenizer, head[len(prev):], ids, labels, learn=train_on_prompt)
             prev = head
-        text = _render(tokenizer, msgs[: i + 1])
+        text = _render(tokenizer, msgs[: i + 1], tools=tools)
         if not text.startswith(prev):
             raise ValueError("chat template is not prefix-stable; cannot mask prompts")
         _extend(tokenizer, text[len(prev):], ids, labels, learn=train_on_prompt or m["role"] == "assistant")
         prev = text
+    full, full_labels = len(ids), labels
     ids, labels = ids[:max_length], labels[:max_length]
     if all(x == IGNORE for x in labels):
-        raise ValueError(f"no answer tokens left within data.max_length={max_length}")
-    return {"input_ids": ids, "labels": labels}
+        first = next((i for i, x in enumerate(full_labels) if x != IGNORE), None)
+        if first is None:
+            raise ValueError("no answer tokens (nothing for the assistant to learn)")
+        raise ValueError(f"no answer tokens within data.max_length={max_length}: the prompt is {first} "
+                         f"tokens (whole conversation {full})")
+    return {"input_ids": ids, "labels": labels, "full_length": full}
 
 
 def _extend(tokenizer, text: str, ids: list, labels: list, learn: bool) -> None:
