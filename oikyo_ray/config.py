@@ -64,6 +64,69 @@ class DataConfig(_Section):
     train_on_prompt: bool = Field(
         False, description="Compute loss on prompt tokens too (default: assistant tokens only)."
     )
+    columns: dict[
+        Literal["instruction", "input", "output", "system", "history", "conversations", "messages",
+                "text", "tools", "label", "chosen", "rejected", "from", "value", "role", "content"],
+        str,
+    ] = Field(
+        default_factory=dict,
+        description="Rename keys of your files to the canonical ones: canonical -> your key, e.g. "
+        "{instruction: question, output: answer}. Row keys: instruction input output system history "
+        "conversations messages text tools label chosen rejected; turn keys: from value (sharegpt), "
+        "role content (messages).",
+    )
+    sharegpt_roles: dict[str, Literal["system", "user", "assistant", "function_call", "tool"]] = Field(
+        default_factory=dict,
+        description="Role tags merged over the built-in map (human/user -> user, gpt/assistant -> "
+        "assistant, system, function_call -> function_call (an assistant tool call), observation/tool/"
+        "function -> tool), e.g. {bot: assistant}; applies to sharegpt turns and messages rows.",
+    )
+    reject_undesired: bool = Field(
+        False, description="Reject rows labelled undesired (KTO label=false) instead of keeping them "
+        "with the label in `meta`; supervised fine-tuning learns whatever answers it is given.",
+    )
+    min_response_chars: int = Field(
+        1, ge=1, description="Rows whose assistant text (stripped) is shorter are rejected."
+    )
+    min_alnum_ratio: float = Field(
+        0.25, ge=0.0, le=1.0, description="Rows whose assistant text (20+ non-space characters) has a "
+        "smaller share of letters and digits among non-space characters are rejected (0 = off).",
+    )
+    max_repetition: float = Field(
+        0.5, gt=0.0, le=1.0, description="Rows whose assistant text (20+ words) repeats more than this "
+        "share of its word 3-grams are rejected as degenerate (1 = off).",
+    )
+    dedupe: bool = Field(
+        True, description="Reject exact duplicates (same normalised text and metadata) after the first "
+        "occurrence (file order in data.paths, then row); each is listed in rejects.jsonl.",
+    )
+    near_dup_threshold: float | None = Field(
+        0.9, gt=0.0, le=1.0, description="Reject near-duplicates: estimated Jaccard similarity of word "
+        "3-grams (MinHash/LSH) at or above this, same tools and label; null = off.",
+    )
+    minhash_num_perm: int = Field(
+        128, ge=16, le=1024, description="MinHash permutations for near-duplicate and leakage checks."
+    )
+    leakage: Literal["remove", "report", "off"] = Field(
+        "remove", description="Rows of train whose prompt equals or nearly equals one in val/test (and "
+        "of val matching test): 'remove' rejects them, 'report' only lists them in the manifest.",
+    )
+    leakage_threshold: float | None = Field(
+        0.8, gt=0.0, le=1.0, description="Estimated Jaccard of prompts (word 3-grams) at or above "
+        "which rows in different splits count as leaked; null = exact prompt matches only.",
+    )
+    cache: bool = Field(
+        True, description="Reuse a prepared dataset when the input files (sha256), this section and "
+        "the tokenizer are unchanged (kept under <model.cache_dir>/data/).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_off(cls, data: Any) -> Any:
+        # YAML 1.1 reads a bare `leakage: off` as false (and `on`/`yes` as true)
+        if isinstance(data, dict) and isinstance(data.get("leakage"), bool):
+            data = {**data, "leakage": "remove" if data["leakage"] else "off"}
+        return data
 
 
 class LoraConfig(_Section):
@@ -71,16 +134,22 @@ class LoraConfig(_Section):
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear' (peft picks every linear)."
+        "all-linear", description="Module names to adapt, or 'all-linear' (auto-detected: every linear "
+        "layer except the output head)."
     )
-
+    modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full and saved beside the adapter (e.g. [lm_head, "
+        "embed_tokens]), for new tokens or a new head."
+    )
 
 class MethodConfig(_Section):
-    type: Literal["lora", "dora", "full"] = Field(
-        "lora", description="lora/dora train a peft adapter; full updates every weight."
+    type: Literal["lora", "dora", "qlora", "full"] = Field(
+        "lora", description="lora/dora train a peft adapter (dora: weight-decomposed LoRA); qlora trains "
+        "LoRA on a 4-bit (bitsandbytes) base and needs a CUDA GPU; full updates every weight."
     )
-    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter settings (lora, dora).")
-
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter settings (lora, dora, qlora).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="qlora: 4-bit data type of the base.")
+    double_quant: bool = Field(True, description="qlora: also quantise the quantisation constants.")
 
 class TrainConfig(_Section):
     epochs: int = Field(3, ge=1, description="Passes over the training split.")
@@ -96,10 +165,26 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1, description="Report training metrics every N steps.")
     eval_every: int = Field(50, ge=1, description="Validation loss every N steps.")
     checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
-
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16 autocast of forward/backward (weights and optimizer stay fp32; "
+        "DeepSpeed uses its bf16 mode). Needs a GPU with bf16 or a CPU with AVX512-BF16/AMX to be fast."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, about 30% more compute."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop when this many validations in a row fail to improve the best "
+        "val_loss by at least early_stopping_min_delta; null = off."
+    )
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0.0, description="Smallest val_loss decrease that counts as an improvement."
+    )
 
 class ScalingConfig(_Section):
-    strategy: Literal["ddp"] = Field("ddp", description="Data-parallel strategy.")
+    strategy: Literal["ddp", "fsdp2", "deepspeed"] = Field(
+        "ddp", description="ddp: replicate the model; fsdp2: shard parameters, gradients and optimizer "
+        "state (torch fully_shard); deepspeed: ZeRO (see zero_stage)."
+    )
     num_workers: int = Field(2, ge=1, description="Ray Train workers (processes).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(
@@ -112,9 +197,44 @@ class ScalingConfig(_Section):
     cache_shard_rows: int = Field(
         100_000,
         ge=0,
-        description="Shards of at most this many rows per worker are streamed once and replayed from "
-        "worker memory in later epochs; larger shards stream every epoch.",
+        description="Shards of at most this many rows per worker are read once into worker memory and "
+        "replayed in a seeded order (exact resume mid-epoch); larger shards stream every epoch "
+        "(resume skips the consumed batches of a fresh stream).",
     )
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="deepspeed: ZeRO stage (1 shards optimizer state, 2 also gradients, 3 also "
+        "parameters)."
+    )
+    offload_optimizer: bool = Field(False, description="deepspeed: keep optimizer state on CPU (ZeRO 1-3).")
+    offload_params: bool = Field(False, description="deepspeed: keep parameters on CPU (ZeRO 3).")
+    max_failures: int = Field(
+        0, ge=-1, description="Restart the workers this many times after a failure, resuming from the "
+        "newest checkpoint (-1 = without limit)."
+    )
+
+class CheckpointConfig(_Section):
+    num_to_keep: int | None = Field(
+        2, ge=1, description="Checkpoints kept: the newest K (score: null) or the K best by score; "
+        "the newest one is always kept too, to resume from. null keeps all."
+    )
+    score: Literal["val_loss"] | None = Field(
+        None, description="Rank checkpoints by this metric (lower is better); every checkpoint then "
+        "carries a validation loss."
+    )
+    final: Literal["last", "best"] = Field(
+        "last", description="Which checkpoint becomes run_dir/adapter (or model): the last, or the best "
+        "by val_loss (needs score: val_loss)."
+    )
+    storage_path: str | None = Field(
+        None, description="Where checkpoints persist (a shared dir or s3://bucket/prefix, endpoint from "
+        "AWS_ENDPOINT_URL); default: the run directory. Same run name + storage resumes."
+    )
+
+    @model_validator(mode="after")
+    def _best_needs_score(self) -> "CheckpointConfig":
+        if self.final == "best" and self.score is None:
+            raise ValueError("final: best needs score: val_loss")
+        return self
 
 
 class EvalConfig(_Section):
@@ -122,6 +242,69 @@ class EvalConfig(_Section):
     max_samples: int = Field(200, ge=1, description="Test rows evaluated (first N by content hash).")
     max_new_tokens: int = Field(24, ge=1, description="Generation budget per test prompt.")
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    temperature: float = Field(
+        0.0, ge=0.0, description="Sampling temperature for base and fine-tuned alike (0 = greedy)."
+    )
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (temperature > 0 only).")
+    seed: int = Field(0, description="Seed set before every generation batch, for both models.")
+    metrics: list[Literal["exact_match", "token_f1", "rouge_l", "bleu", "json_valid", "tool_call",
+                          "tool_name"]] | Literal["auto"] = Field(
+        "auto", description="Generation metrics, or 'auto': exact_match token_f1 rouge_l bleu, plus "
+        "json_valid when references are JSON and tool_call/tool_name when rows end in a tool call.",
+    )
+    backend: Literal["auto", "local", "ray"] = Field(
+        "auto", description="'local' evaluates in this process; 'ray' runs Ray Data map_batches over an "
+        "actor pool (one model load per actor); 'auto' picks ray when Ray is running and there are at "
+        "least eval.ray_min_items prompts.",
+    )
+    ray_min_items: int = Field(
+        512, ge=1, description="With backend=auto: fewer prompts (test rows + probes + text chunks) "
+        "than this are evaluated in-process.",
+    )
+    num_actors: int = Field(2, ge=1, description="Actors in the Ray evaluation pool (backend=ray).")
+    cpus_per_actor: float = Field(1.0, gt=0, description="Ray CPU reservation of each eval actor.")
+    gpus_per_actor: float = Field(0.0, ge=0, description="Ray GPU reservation of each eval actor.")
+    num_samples: int = Field(10, ge=0, description="Sample generations (base vs tuned) in the report.")
+    forgetting: bool = Field(
+        True, description="Measure perplexity on a general-text slice, base vs fine-tuned."
+    )
+    general_text: str | None = Field(
+        None, description="Plain-text file of the general slice (null: the one shipped in "
+        "oikyo_ray/eval/assets/general_text.txt).",
+    )
+    general_chunk_tokens: int = Field(
+        128, ge=8, description="Tokens per general-text chunk scored for perplexity."
+    )
+    max_forgetting: float = Field(
+        0.25, ge=0.0, description="Gate: forgetting is flagged when general-text perplexity rises by "
+        "more than this fraction (tuned / base - 1).",
+    )
+    probes: bool = Field(True, description="Run the safety/robustness probes, base vs fine-tuned.")
+    probes_path: str | None = Field(
+        None, description="JSONL of probes {id, kind: refuse|toxic|ood, prompt} (null: the shipped set).",
+    )
+    refusal_phrases_path: str | None = Field(
+        None, description="Text file, one refusal phrase per line (null: the shipped list)."
+    )
+    toxic_lexicon_path: str | None = Field(
+        None, description="Text file, one toxic word or phrase per line (null: the shipped lexicon)."
+    )
+    probe_max_new_tokens: int = Field(32, ge=1, description="Generation budget per probe prompt.")
+    max_probe_drop: float = Field(
+        0.1, ge=0.0, le=1.0, description="Gate: a probe kind regresses when its pass rate drops by "
+        "more than this (base - tuned).",
+    )
+    min_improvement: dict[Literal["loss", "perplexity", "exact_match", "token_f1", "rouge_l", "bleu", "json_valid",
+                              "tool_call", "tool_name"], float] = Field(
+        default_factory=lambda: {"loss": 0.0}, description="Gate: metric -> least improvement of "
+        "fine-tuned over base (tuned - base; base - tuned for loss and perplexity), e.g. "
+        "{exact_match: 0.05}; negative values tolerate a loss.",
+    )
+    min_tuned: dict[Literal["loss", "perplexity", "exact_match", "token_f1", "rouge_l", "bleu", "json_valid",
+                              "tool_call", "tool_name"], float] = Field(
+        default_factory=dict, description="Gate: metric -> least value the fine-tuned model must reach "
+        "(most, for loss and perplexity), e.g. {token_f1: 0.5}.",
+    )
 
 
 class ServeConfig(_Section):
@@ -131,7 +314,23 @@ class ServeConfig(_Section):
     adapters: dict[str, str] = Field(
         default_factory=dict, description="Adapter name -> adapter dir served beside the base model."
     )
+    adapter_root: str | None = Field(
+        None, description="Local dir or s3:// prefix; `model: NAME` loads NAME/ from here on first use."
+    )
     base_model_name: str = Field("base", description="The `model` name that selects the bare base.")
+    max_adapters_per_replica: int = Field(8, ge=1, description="Adapters kept loaded per replica (LRU).")
+    max_batch_size: int = Field(8, ge=1, description="Requests (any adapters) generated in one batch.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill up.")
+    min_replicas: int = Field(1, ge=0, description="Autoscaling floor of model replicas.")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling ceiling of model replicas.")
+    target_ongoing_requests: float = Field(4, gt=0, description="Autoscaling target per replica.")
+    cpus_per_replica: float = Field(1, ge=0, description="Ray CPUs reserved per model replica.")
+    gpus_per_replica: float = Field(0, ge=0, description="GPUs per model replica (0 on CPU).")
+    max_ongoing_requests: int = Field(8, ge=1, description="Requests a model replica works on at once.")
+    max_queued_requests: int = Field(
+        32, ge=-1, description="Requests queued beyond that; more get 503 with Retry-After (-1: no cap)."
+    )
+    request_timeout_s: float = Field(120, gt=0, description="A request still running after this gets 504.")
     auth: bool = Field(
         True, description="Require a bearer token; may be off only when host is a loopback address."
     )
@@ -161,6 +360,9 @@ class OikyoConfig(_Section):
     method: MethodConfig = Field(default_factory=MethodConfig, description="Fine-tuning method.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers.")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Checkpoint retention and storage."
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
     run: RunSection = Field(default_factory=RunSection, description="Run directory and naming.")
