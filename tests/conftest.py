@@ -48,32 +48,69 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def s3_server():
+    """A real S3-speaking server (moto) on 127.0.0.1; its endpoint and fake keys are exported
+    before the Ray head starts, so every Ray worker and replica reaches the same S3."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
+    yield endpoint
+    server.stop()
+
+
+def _stop_ray_head(temp_dir: str, address: str) -> None:
+    """Stop only this session's Ray processes (not `ray stop`, which ends every cluster here)."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if temp_dir in cmd or address in cmd:
+            procs += [p, *p.children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
     """One local Ray head (2 CPUs, dashboard on 127.0.0.1) started with `ray start`, shared by
     every Ray test: drivers connect to it, and `ray job submit` reaches its Jobs API."""
     import ray
 
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, metrics = _free_port(), _free_port(), _free_port()
+    temp_dir = f"/tmp/oikyo-ray-{os.getpid()}"  # own dir: other Ray clusters on this machine are left alone
     env = dict(os.environ, RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
     # `ray start` does not create a token (only ray.init does): make one on a fresh machine
     subprocess.run(["ray", "get-auth-token", "--generate"], check=True, env=env, capture_output=True, timeout=60)
-    subprocess.run(
+    r = subprocess.run(
         ["ray", "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, timeout=180,
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
     )
+    assert r.returncode == 0, f"ray start failed:\n{r.stdout}\n{r.stderr}"
     address = f"127.0.0.1:{gcs}"
     from oikyo_ray.cluster import init_ray
 
     os.environ["RAY_ADDRESS"] = address
     init_ray()
     try:
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}"}
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}",
+               "metrics": f"http://127.0.0.1:{metrics}/metrics", "s3": s3_server}
     finally:
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_ray_head(temp_dir, f":{gcs}")
 
 
 @pytest.fixture

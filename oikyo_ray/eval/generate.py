@@ -9,8 +9,10 @@ from oikyo_ray.model.chat_template import stop_token_ids
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> list[dict]:
-    """Complete each prompt; returns [{"text", "prompt_tokens", "completion_tokens", "finish_reason"}]."""
+             top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
+             **generate_kwargs) -> list[dict]:
+    """Complete each prompt; returns [{"text", "prompt_tokens", "completion_tokens", "finish_reason"}].
+    Extra keyword arguments go to `model.generate` (e.g. peft's per-row `adapter_names`)."""
     if seed is not None:
         torch.manual_seed(seed)
     tokenizer.padding_side = "left"  # decoder-only: pad on the left so answers start aligned
@@ -21,7 +23,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
               "eos_token_id": stops, "pad_token_id": tokenizer.pad_token_id}
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p)
-    out = model.generate(**enc, **kwargs)
+    out = model.generate(**enc, **kwargs, **generate_kwargs)
     results = []
     width = enc["input_ids"].shape[1]
     for i, row in enumerate(out[:, width:].tolist()):

@@ -1,57 +1,56 @@
-"""The transformers+peft engine: one base model, named adapters, chat/completion calls (Ray-free)."""
+"""The transformers+peft engine: one base model, many adapters, mixed-adapter batches (Ray-free).
+
+A batch may hold requests for different adapters and the base: peft's per-row `adapter_names`
+runs them in one `generate` call (rows with different sampling settings form separate groups).
+"""
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
+from typing import Iterator
 
 from oikyo_ray.config import ModelConfig
-from oikyo_ray.errors import OikyoError
+from oikyo_ray.serve.adapters import check_adapter_dir
 
-
-class UnknownModel(OikyoError):
-    """The requested model name is neither the base nor a loaded adapter."""
-
-
-def check_adapter_dir(path: str | Path) -> Path:
-    """An adapter dir must hold adapter_config.json and safetensors weights (never pickles)."""
-    p = Path(path).expanduser().resolve()
-    if not (p / "adapter_config.json").is_file():
-        raise OikyoError(f"{p} is not an adapter directory (no adapter_config.json)")
-    if not (p / "adapter_model.safetensors").is_file():
-        raise OikyoError(f"{p} has no adapter_model.safetensors; only safetensors adapters are served")
-    return p
+BASE_ROW = "__base__"  # peft's name for "no adapter" in adapter_names
 
 
 class Engine:
-    """Holds the base model and adapters; generation is serialised by a lock (one model copy)."""
-
-    def __init__(self, model_cfg: ModelConfig, model_path: str, adapters: dict[str, str], base_name: str = "base"):
+    def __init__(self, model_cfg: ModelConfig, model_path: str):
         from oikyo_ray.model.load import load_model, load_tokenizer
 
-        self.base_name = base_name
         self.tokenizer = load_tokenizer(model_cfg, model_path)
         self.model = load_model(model_cfg, model_path)
+        self.model.to("cuda" if _cuda() else "cpu")
         self.model.eval()
-        self.adapters: list[str] = []
-        self._lock = threading.Lock()
-        for name, path in adapters.items():
-            self.add_adapter(name, path)
+        self.loaded: list[str] = []
+        self._lock = threading.RLock()  # generation and adapter (un)loading never overlap
 
+    # adapters -------------------------------------------------------------------------------
     def add_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel
 
         p = check_adapter_dir(path)
-        if not self.adapters:
-            self.model = PeftModel.from_pretrained(self.model, str(p), adapter_name=name)
-        else:
-            self.model.load_adapter(str(p), adapter_name=name)
-        self.model.eval()
-        self.adapters.append(name)
+        with self._lock:
+            if name in self.loaded:
+                return
+            if not hasattr(self.model, "peft_config"):
+                self.model = PeftModel.from_pretrained(self.model, str(p), adapter_name=name)
+            else:
+                self.model.load_adapter(str(p), adapter_name=name)
+            self.model.eval()
+            self.loaded.append(name)
 
-    def model_names(self) -> list[str]:
-        return [self.base_name, *self.adapters]
+    def remove_adapter(self, name: str) -> None:
+        with self._lock:
+            if name not in self.loaded:
+                return
+            self.loaded.remove(name)
+            if self.loaded:  # peft cannot drop its last adapter; an unlisted one costs little
+                self.model.delete_adapter(name)
+                self.model.set_adapter(self.loaded[0])
 
+    # generation -----------------------------------------------------------------------------
     def render_chat(self, messages: list[dict]) -> str:
         from oikyo_ray.data.tokenize import render_prompt
 
@@ -60,16 +59,80 @@ class Engine:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def complete(self, model: str, prompts: list[str], **sampling) -> list[dict]:
+    def generate_many(self, items: list[dict]) -> list[dict]:
+        """items: {"adapter": name or None, "prompt": str, "sampling": dict}; outputs in order."""
         from oikyo_ray.eval.generate import generate
 
-        if model not in self.model_names():
-            raise UnknownModel(f"model '{model}' not found; available: {self.model_names()}")
+        out: list[dict | None] = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, it in enumerate(items):
+            key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in it["sampling"].items()))
+            groups.setdefault(key, []).append(i)
         with self._lock:
-            if model == self.base_name:
-                if self.adapters:
-                    with self.model.disable_adapter():
-                        return generate(self.model, self.tokenizer, prompts, **sampling)
-                return generate(self.model, self.tokenizer, prompts, **sampling)
-            self.model.set_adapter(model)
-            return generate(self.model, self.tokenizer, prompts, **sampling)
+            for idx in groups.values():
+                sampling = items[idx[0]]["sampling"]
+                prompts = [items[i]["prompt"] for i in idx]
+                extra = {}
+                if self.loaded:
+                    extra["adapter_names"] = [items[i]["adapter"] or BASE_ROW for i in idx]
+                for i, res in zip(idx, generate(self.model, self.tokenizer, prompts, **sampling, **extra)):
+                    out[i] = res
+        return out  # type: ignore[return-value]
+
+    def stream(self, adapter: str | None, prompt: str, sampling: dict) -> Iterator[str]:
+        """Yield text pieces as they are generated (one request; holds the model meanwhile)."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        from oikyo_ray.model.chat_template import stop_token_ids
+
+        stops = list(sampling.get("stop") or [])
+        kwargs = {"max_new_tokens": sampling["max_new_tokens"], "do_sample": sampling["temperature"] > 0,
+                  "eos_token_id": stop_token_ids(self.tokenizer), "pad_token_id": self.tokenizer.pad_token_id}
+        if sampling["temperature"] > 0:
+            kwargs.update(temperature=sampling["temperature"], top_p=sampling["top_p"])
+        if self.loaded:
+            kwargs["adapter_names"] = [adapter or BASE_ROW]
+        enc = self.tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        with self._lock:
+            if sampling.get("seed") is not None:
+                torch.manual_seed(sampling["seed"])
+            worker = threading.Thread(target=self._generate_quietly, args=(enc, streamer, kwargs), daemon=True)
+            worker.start()
+            text = ""
+            for piece in streamer:
+                text += piece
+                cut = min((text.index(s) for s in stops if s and s in text), default=None)
+                if cut is not None:
+                    yield piece[: max(0, len(piece) - (len(text) - cut))]
+                    break
+                if piece:
+                    yield piece
+            worker.join()
+
+    def _generate_quietly(self, enc, streamer, kwargs) -> None:
+        import torch
+
+        with torch.no_grad():
+            self.model.generate(**enc, streamer=streamer, **kwargs)
+
+    def healthy(self) -> bool:
+        """A one-token forward pass works (skipped while busy: a busy engine is a working one)."""
+        import torch
+
+        if not self._lock.acquire(blocking=False):
+            return True
+        try:
+            with torch.no_grad():
+                ids = torch.tensor([[self.tokenizer.pad_token_id or 0]], device=self.model.device)
+                logits = self.model(input_ids=ids).logits
+            return bool(torch.isfinite(logits).all())
+        finally:
+            self._lock.release()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

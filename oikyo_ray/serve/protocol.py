@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -60,3 +61,19 @@ def chat_response(model: str, out: dict) -> dict:
 
 def error_body(message: str, type_: str, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+def completion_chunk(rid: str, model: str, text: str | None, finish: str | None = None, role: bool = False) -> dict:
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
+
+
+def chat_chunk(rid: str, model: str, text: str | None, finish: str | None = None, role: bool = False) -> dict:
+    delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def sse(obj: dict) -> str:
+    """One server-sent event carrying a JSON object."""
+    return f"data: {json.dumps(obj)}\n\n"

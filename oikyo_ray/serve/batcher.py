@@ -1,0 +1,47 @@
+"""An asyncio micro-batcher that mixes adapters in one batch (Ray-free).
+
+Serve's `@serve.batch` splits a batch by multiplexed model id, which would serialise adapters;
+this queue batches whatever arrives within `wait_s` (up to `max_size`) regardless of adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable
+
+
+class MixedBatcher:
+    def __init__(self, run: Callable[[list], Awaitable[list]], max_size: int, wait_s: float):
+        self.run, self.max_size, self.wait_s = run, max_size, wait_s
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._worker: asyncio.Task | None = None
+
+    async def submit(self, item):
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((item, fut))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._loop())
+        return await fut
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.wait_s
+            while len(batch) < self.max_size:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            try:
+                results = await self.run([item for item, _ in batch])
+                for (_, fut), res in zip(batch, results):
+                    if not fut.done():
+                        fut.set_result(res)
+            except Exception as e:  # noqa: BLE001 - every waiter gets the batch's error
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)

@@ -1,0 +1,201 @@
+"""Ray Serve app on a real local Ray with real HTTP: adapters from a root (local and s3://),
+mixed-adapter batches, streaming, the openai client, errors, backpressure, recovery, metrics."""
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import pytest
+import torch
+
+from oikyo_ray.config import load_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+TOKEN = "serve-test-token-0123456789"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prompt(q: str) -> str:
+    return f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tiny_model, cache_dir, tmp_path_factory):
+    """alpha: LoRA trained briefly on the demo tasks; beta: a random LoRA (answers differently);
+    plus traps: a symlink out of the root and an adapter with pickled weights only."""
+    from peft import LoraConfig, get_peft_model
+
+    from oikyo_ray.data.curate import curate_file
+    from oikyo_ray.demo.tasks import ASSET
+    from oikyo_ray.model.load import load_model, load_tokenizer
+    from oikyo_ray.model.methods import apply_method
+    from oikyo_ray.train.loop import LoopHooks, collate, shuffled_batches, train_loop
+
+    root = tmp_path_factory.mktemp("adapters")
+    cfg = load_config(None, [f"model.cache_dir={cache_dir}", "train.lr=3e-3", "train.log_every=1000"])
+    tok = load_tokenizer(cfg.model, str(tiny_model))
+    recs = [r for r in curate_file(str(ASSET), ASSET.read_bytes(), cfg.data, tok) if r["status"] == "ok"]
+    torch.manual_seed(0)
+    alpha = apply_method(load_model(cfg.model, str(tiny_model)), cfg.method)
+    train_loop(alpha, lambda e: (collate(b, tok.pad_token_id) for b in shuffled_batches(recs, 16, e)),
+               cfg.train, 300, LoopHooks())
+    alpha.save_pretrained(root / "alpha")
+    torch.manual_seed(1)
+    beta = get_peft_model(load_model(cfg.model, str(tiny_model)),
+                          LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    beta.save_pretrained(root / "beta")
+    outside = tmp_path_factory.mktemp("outside")
+    beta.save_pretrained(outside / "gamma")
+    (root / "escape").symlink_to(outside / "gamma")
+    (root / "pickled").mkdir()
+    (root / "pickled" / "adapter_config.json").write_text((root / "beta" / "adapter_config.json").read_text())
+    (root / "pickled" / "adapter_model.bin").write_bytes(b"not really a pickle")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, adapter_root, cache_dir, tmp_path_factory):
+    from ray import serve
+
+    from oikyo_ray.model.load import resolve_model_path
+    from oikyo_ray.serve.app import start
+
+    tfile = tmp_path_factory.mktemp("tok") / "token"
+    tfile.write_text(TOKEN)
+    cfg = load_config(None, [f"model.cache_dir={cache_dir}", f"serve.port={_port()}", f"serve.token_file={tfile}",
+                             f"serve.adapter_root={adapter_root}", "serve.max_adapters_per_replica=2",
+                             "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.2",
+                             "serve.cpus_per_replica=0.5"])
+    url = start(cfg, resolve_model_path(cfg.model))
+    yield url
+    serve.shutdown()
+
+
+H = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _complete(url, model, q, **kw):
+    r = httpx.post(f"{url}/v1/completions", headers=H, timeout=120,
+                   json={"model": model, "prompt": _prompt(q), "max_tokens": 6, "temperature": 0, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_adapters_load_from_root_and_list(server):
+    assert _complete(server, "alpha", "What is the capital of Peru?") == "Lima"
+    ids = {m["id"] for m in httpx.get(f"{server}/v1/models", headers=H, timeout=30).json()["data"]}
+    assert {"base", "alpha", "beta", "escape", "pickled"} <= ids or {"base", "alpha", "beta"} <= ids
+
+
+def test_mixed_adapters_batch_together_and_answer_differently(server):
+    from ray import serve
+
+    q = "Opposite of hot?"
+    alone = {m: _complete(server, m, q) for m in ("alpha", "beta", "base")}
+    assert alone["alpha"] == "cold" and len(set(alone.values())) == 3
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as c:
+            reqs = [c.post(f"{server}/v1/completions", headers=H, json={
+                "model": m, "prompt": _prompt(q), "max_tokens": 6, "temperature": 0}) for m in ("alpha", "beta", "base") * 2]
+            return await asyncio.gather(*reqs)
+
+    rs = asyncio.run(burst())
+    texts = [r.json()["choices"][0]["text"] for r in rs]
+    assert texts == [alone[m] for m in ("alpha", "beta", "base") * 2]  # batching changes no answer
+    stats = serve.get_deployment_handle("Model", app_name="oikyo").stats.remote().result()
+    assert max(len(set(b)) for b in stats["batches"]) >= 2, stats  # adapters shared a generate() call
+
+
+def test_streaming_completions_and_chat(server):
+    full = _complete(server, "alpha", "Capital of Spain?")
+    with httpx.stream("POST", f"{server}/v1/completions", headers=H, timeout=120, json={
+            "model": "alpha", "prompt": _prompt("Capital of Spain?"), "max_tokens": 6, "temperature": 0,
+            "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full == "Madrid"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_openai_client_chat_and_stream(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=TOKEN)
+    msgs = [{"role": "user", "content": "What is the capital of Peru?"}]
+    out = client.chat.completions.create(model="alpha", messages=msgs, max_tokens=6, temperature=0)
+    assert out.choices[0].message.content == "Lima" and out.usage.completion_tokens > 0
+    stream = client.chat.completions.create(model="alpha", messages=msgs, max_tokens=6, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == "Lima"
+    assert {m.id for m in client.models.list()} >= {"base", "alpha"}
+
+
+@pytest.mark.parametrize("headers, body, status, words", [
+    ({}, {"model": "alpha", "prompt": "hi"}, 401, "token"),
+    ({"Authorization": "Bearer wrong"}, {"model": "alpha", "prompt": "hi"}, 401, "token"),
+    (H, {"model": "nope", "prompt": "hi"}, 404, "not found"),
+    (H, {"model": "../beta", "prompt": "hi"}, 400, "invalid adapter name"),
+    (H, {"model": "/etc", "prompt": "hi"}, 400, "invalid adapter name"),
+    (H, {"model": "escape", "prompt": "hi"}, 400, "outside the adapter root"),
+    (H, {"model": "pickled", "prompt": "hi"}, 400, "safetensors"),
+    (H, {"model": "alpha"}, 400, "prompt"),
+    (H, {"model": "alpha", "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
+    (H, {"model": "alpha", "prompt": "word " * 5000}, 400, "tokens > limit"),
+    (H, {"model": "alpha", "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    (H, "{not json", 400, "not valid JSON"),
+])
+def test_bad_requests_get_clear_errors(server, headers, body, status, words):
+    kw = {"content": body, "headers": {**headers, "Content-Type": "application/json"}} if isinstance(body, str) \
+        else {"json": body, "headers": headers}
+    r = httpx.post(f"{server}/v1/completions", timeout=60, **kw)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]
+
+
+def test_lru_eviction_keeps_answers_right(server):
+    # capacity 2: cycling three adapters evicts and reloads; answers stay those of each adapter
+    first = {m: _complete(server, m, "Capital of Peru?") for m in ("alpha", "beta")}
+    for m in ("beta", "alpha", "beta", "alpha"):
+        assert _complete(server, m, "Capital of Peru?") == first[m]
+
+
+def test_metrics_exported_per_adapter(server, ray_session):
+    _complete(server, "alpha", "Capital of Peru?")
+    deadline = time.time() + 60
+    text = ""
+    while time.time() < deadline:
+        text = httpx.get(ray_session["metrics"], timeout=10).text
+        if "oikyo_requests" in text and 'model="alpha"' in text:
+            break
+        time.sleep(2)
+    assert "oikyo_requests" in text and 'model="alpha"' in text and "oikyo_request_latency_ms" in text
+
+
+def test_replica_killed_app_recovers(server):
+    import ray
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if "SERVE_REPLICA" in a["name"] and "Model" in a["name"]]
+    assert replicas
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    deadline, last = time.time() + 120, None
+    while time.time() < deadline:
+        try:
+            r = httpx.post(f"{server}/v1/completions", headers=H, timeout=30, json={
+                "model": "alpha", "prompt": _prompt("Capital of Peru?"), "max_tokens": 6, "temperature": 0})
+            last = r.status_code
+            if r.status_code == 200 and r.json()["choices"][0]["text"] == "Lima":
+                return
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(2)
+    pytest.fail(f"app did not recover after the replica was killed (last: {last})")
