@@ -199,3 +199,57 @@ def test_replica_killed_app_recovers(server):
             last = repr(e)
         time.sleep(2)
     pytest.fail(f"app did not recover after the replica was killed (last: {last})")
+
+
+def _second_app(server, name, overrides, cache_dir, token_dir):
+    """Deploy another app on the same Serve proxy under /<name>."""
+    from oikyo_ray.model.load import resolve_model_path
+    from oikyo_ray.serve.app import start
+
+    port = int(server.rsplit(":", 1)[1])
+    tfile = token_dir / "token"
+    tfile.write_text(TOKEN)
+    cfg = load_config(None, [f"model.cache_dir={cache_dir}", f"serve.port={port}", f"serve.token_file={tfile}",
+                             f"serve.route_prefix=/{name}", "serve.cpus_per_replica=0.25", *overrides])
+    return start(cfg, resolve_model_path(cfg.model), name=name)
+
+
+def test_adapter_root_on_s3(server, adapter_root, ray_session, cache_dir, tmp_path):
+    import boto3
+    from ray import serve
+
+    s3 = boto3.client("s3", endpoint_url=ray_session["s3"])
+    s3.create_bucket(Bucket="adapters")
+    for f in (adapter_root / "alpha").iterdir():
+        s3.upload_file(str(f), "adapters", f"team/alpha/{f.name}")
+    url = _second_app(server, "s3app", ["serve.adapter_root=s3://adapters/team"], cache_dir, tmp_path)
+    try:
+        assert _complete(url, "alpha", "What is the capital of Peru?") == "Lima"
+        ids = {m["id"] for m in httpx.get(f"{url}/v1/models", headers=H, timeout=30).json()["data"]}
+        assert ids == {"base", "alpha"}
+        r = httpx.post(f"{url}/v1/completions", headers=H, timeout=60, json={"model": "beta", "prompt": "hi"})
+        assert r.status_code == 404  # not under the s3 root
+    finally:
+        serve.delete("s3app")
+
+
+def test_backpressure_answers_503_with_retry_after(server, cache_dir, tmp_path):
+    from ray import serve
+
+    url = _second_app(server, "tight", ["serve.max_ongoing_requests=1", "serve.max_queued_requests=1",
+                                        "serve.max_batch_size=1"], cache_dir, tmp_path)
+
+    async def flood():
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*[c.post(f"{url}/v1/completions", headers=H, json={
+                "model": "base", "prompt": _prompt("Capital of Peru?"), "max_tokens": 48, "temperature": 0})
+                for _ in range(10)])
+
+    try:
+        rs = asyncio.run(flood())
+        codes = [r.status_code for r in rs]
+        assert 200 in codes and 503 in codes, [r.text for r in rs]
+        busy = next(r for r in rs if r.status_code == 503)
+        assert busy.headers["Retry-After"] == "1" and "busy" in busy.json()["error"]["message"]
+    finally:
+        serve.delete("tight")

@@ -10,26 +10,28 @@ import asyncio
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from oikyo_ray.config import OikyoConfig
 from oikyo_ray.serve.batcher import MixedBatcher
+from oikyo_ray.serve.http_errors import HTTPError, error_dict, exception_status
 from oikyo_ray.serve.protocol import (ChatRequest, CompletionRequest, chat_chunk, chat_response,
-                                      completion_chunk, completion_response, error_body)
+                                      completion_chunk, completion_response)
 
 api = FastAPI(title="oikyo", docs_url=None, redoc_url=None)
 
 
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, type_: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.type, self.headers = status, type_, headers or {}
+class _Loaded:
+    """What the multiplexer caches per adapter; Serve calls __del__ on LRU eviction."""
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(str(self), self.type), status_code=self.status, headers=self.headers)
+    def __init__(self, engine, name: str):
+        self.engine, self.name = engine, name
+
+    def __del__(self):
+        self.engine.remove_adapter(self.name)
 
 
 @serve.deployment(name="Model", health_check_period_s=10)
@@ -68,7 +70,7 @@ class ModelServer:
         try:
             adapter = await self._adapter()
         except Exception as e:  # noqa: BLE001 - becomes a typed error dict for the ingress
-            return _error_dict(e)
+            return error_dict(e)
         return await self.batcher.submit({"adapter": adapter, "prompt": prompt, "sampling": sampling})
 
     async def _run_batch(self, items: list[dict]) -> list[dict]:
@@ -86,7 +88,7 @@ class ModelServer:
         try:
             adapter = await self._adapter()
         except Exception as e:  # noqa: BLE001
-            yield _error_dict(e)
+            yield error_dict(e)
             return
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -109,26 +111,6 @@ class ModelServer:
     def check_health(self):
         if not self.engine.healthy():
             raise RuntimeError("model produced non-finite logits")
-
-
-class _Loaded:
-    """What the multiplexer caches per adapter; Serve calls __del__ on LRU eviction."""
-
-    def __init__(self, engine, name: str):
-        self.engine, self.name = engine, name
-
-    def __del__(self):
-        self.engine.remove_adapter(self.name)
-
-
-def _error_dict(e: Exception) -> dict:
-    from oikyo_ray.errors import OikyoError
-    from oikyo_ray.serve.adapters import AdapterNotFound
-
-    # not found -> 404; any other refusal we raised (bad name, escape, pickled weights) -> 400
-    status = 404 if isinstance(e, AdapterNotFound) else 400 if isinstance(e, OikyoError) else 500
-    kind = {404: "model_not_found", 400: "invalid_request_error"}.get(status, "server_error")
-    return {"error": {"status": status, "message": str(e).split("\n")[0], "type": kind}}
 
 
 @serve.deployment(name="OpenAIIngress", max_ongoing_requests=256)
@@ -246,7 +228,7 @@ class OpenAIIngress:
             self.metrics.done(model, e.status, t0)
             return e.response()
         except Exception as e:  # noqa: BLE001 - backpressure and timeouts become HTTP answers
-            status, err = _exception_status(e)
+            status, err = exception_status(e)
             self.metrics.done(model, status, t0)
             return err.response()
 
@@ -277,17 +259,6 @@ class OpenAIIngress:
             self.metrics.done(req.model, 200, t0, [{"prompt_tokens": 0, "completion_tokens": n}])
 
         return StreamingResponse(events(), media_type="text/event-stream")
-
-
-def _exception_status(e: Exception) -> tuple[int, HTTPError]:
-    from ray.serve.exceptions import BackPressureError
-
-    if isinstance(e, BackPressureError):
-        return 503, HTTPError(503, "server busy: too many queued requests, retry shortly", "server_busy",
-                              {"Retry-After": "1"})
-    if isinstance(e, asyncio.TimeoutError):
-        return 504, HTTPError(504, "request timed out", "timeout")
-    return 500, HTTPError(500, f"internal error: {type(e).__name__}", "server_error")
 
 
 def build(cfg: OikyoConfig, model_path: str):
