@@ -1,0 +1,133 @@
+"""Serving benchmark: Serve overhead vs the engine called in-process, and 8 mixed adapters vs 1.
+
+Run as: python bench/serve_load.py [--requests 64] [--concurrency 8]
+Loopback only, bounded request counts. Writes bench/results/serve_overhead.json and
+bench/results/serve_multi_adapter.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench._common import percentile, write_result  # noqa: E402
+
+TOKEN = "bench-token-" + "x" * 24
+PROMPT = "<|im_start|>user\nWhat is the capital of Peru?<|im_end|>\n<|im_start|>assistant\n"
+MAX_TOKENS = 16
+
+
+def make_adapters(model_path: str, root: Path, n: int) -> list[str]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    names = []
+    for i in range(n):
+        torch.manual_seed(i)
+        m = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path),
+                           LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+        m.save_pretrained(root / f"a{i}")
+        names.append(f"a{i}")
+    return names
+
+
+def direct_latencies(model_path: str, adapter_dir: Path, n: int) -> list[float]:
+    """The baseline: the same engine, in-process, one request at a time, one thread (as a replica)."""
+    import torch
+
+    from oikyo_ray.config import ModelConfig
+    from oikyo_ray.serve.engine import Engine
+
+    torch.set_num_threads(1)
+    eng = Engine(ModelConfig(name_or_path=model_path), model_path)
+    eng.add_adapter("a0", str(adapter_dir))
+    sampling = {"max_new_tokens": MAX_TOKENS, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []}
+    eng.generate_many([{"adapter": "a0", "prompt": PROMPT, "sampling": sampling}])  # warm-up
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        eng.generate_many([{"adapter": "a0", "prompt": PROMPT, "sampling": sampling}])
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+async def load(url: str, models: list[str], requests: int, concurrency: int) -> dict:
+    import httpx
+
+    lat, tokens = [], 0
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+        async def one(i):
+            nonlocal tokens
+            async with sem:
+                t = time.perf_counter()
+                r = await c.post(f"{url}/v1/completions", json={
+                    "model": models[i % len(models)], "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0})
+                r.raise_for_status()
+                lat.append((time.perf_counter() - t) * 1000)
+                tokens += r.json()["usage"]["completion_tokens"]
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[one(i) for i in range(requests)])
+        wall = time.perf_counter() - t0
+    return {"p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), "tokens_per_s": tokens / wall,
+            "requests": requests, "concurrency": concurrency}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=8)
+    args = ap.parse_args()
+
+    from ray import serve
+
+    from oikyo_ray.cluster import init_ray
+    from oikyo_ray.config import load_config
+    from oikyo_ray.model.tiny import ensure_tiny_model
+    from oikyo_ray.serve.app import start
+
+    work = Path(tempfile.mkdtemp(prefix="oikyo-bench-"))
+    model_path = str(ensure_tiny_model(work / "cache"))
+    root = work / "adapters"
+    names = make_adapters(model_path, root, 8)
+    direct = direct_latencies(model_path, root / "a0", 30)
+
+    (work / "token").write_text(TOKEN)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_ray(num_cpus=2)
+    cfg = load_config(None, [f"model.name_or_path={model_path}", f"serve.port={port}",
+                             f"serve.token_file={work / 'token'}", f"serve.adapter_root={root}",
+                             "serve.max_adapters_per_replica=8", "serve.max_batch_size=8",
+                             "serve.batch_wait_timeout_s=0.005"])
+    url = start(cfg, model_path)
+    asyncio.run(load(url, names, 16, 8))  # warm-up: loads every adapter once
+    seq = asyncio.run(load(url, ["a0"], 30, 1))
+    single = asyncio.run(load(url, ["a0"], args.requests, args.concurrency))
+    mixed = asyncio.run(load(url, names, args.requests, args.concurrency))
+    serve.shutdown()
+
+    d50 = percentile(direct, 50)
+    write_result("serve_overhead", "ms p50 latency (lower is better)", seq["p50_ms"], d50,
+                 "Engine.generate_many called in-process", seq["p50_ms"] / d50,
+                 "serve p50 - direct p50 <= 5 ms", overhead_ms=seq["p50_ms"] - d50,
+                 direct_p99_ms=percentile(direct, 99), serve=seq, max_tokens=MAX_TOKENS)
+    write_result("serve_multi_adapter", "completion tokens/s (higher is better)", mixed["tokens_per_s"],
+                 single["tokens_per_s"], "same load on 1 adapter", mixed["tokens_per_s"] / single["tokens_per_s"],
+                 ">= 0.8", single_adapter=single, eight_adapters=mixed, max_tokens=MAX_TOKENS)
+
+
+if __name__ == "__main__":
+    main()

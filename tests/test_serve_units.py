@@ -1,0 +1,105 @@
+"""Serve pieces without Ray: the mixed batcher, adapter name/path safety, auth, the engine."""
+
+import asyncio
+import os
+
+import pytest
+
+from oikyo_ray.config import load_config
+from oikyo_ray.serve.adapters import AdapterNotFound, BadAdapterName, resolve_adapter, validate_name
+from oikyo_ray.serve.auth import authorized, load_token
+from oikyo_ray.serve.batcher import MixedBatcher
+
+
+def test_batcher_mixes_and_keeps_order():
+    seen = []
+
+    async def run(items):
+        seen.append(list(items))
+        await asyncio.sleep(0.05)
+        return [f"out-{i}" for i in items]
+
+    async def main():
+        b = MixedBatcher(run, max_size=4, wait_s=0.02)
+        first = await b.submit("solo")  # idle: runs alone at once
+        outs = await asyncio.gather(*[b.submit(i) for i in range(6)])
+        return first, outs
+
+    first, outs = asyncio.run(main())
+    assert first == "out-solo" and outs == [f"out-{i}" for i in range(6)]
+    assert seen[0] == ["solo"] and max(len(s) for s in seen[1:]) == 4 and sum(len(s) for s in seen) == 7
+
+
+def test_batcher_errors_reach_every_waiter():
+    async def run(items):
+        raise RuntimeError("boom")
+
+    async def main():
+        b = MixedBatcher(run, max_size=4, wait_s=0.01)
+        return await asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True)
+
+    assert [str(e) for e in asyncio.run(main())] == ["boom", "boom"]
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "/etc", ".hidden", "", "a" * 200, "x..y"])
+def test_adapter_names_cannot_be_paths(name):
+    with pytest.raises(BadAdapterName):
+        validate_name(name)
+
+
+def test_adapter_resolution_stays_in_root(tmp_path):
+    root = tmp_path / "root"
+    (root / "ok").mkdir(parents=True)
+    (root / "ok" / "adapter_config.json").write_text("{}")
+    (root / "ok" / "adapter_model.safetensors").write_bytes(b"")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    assert resolve_adapter("ok", {}, str(root), str(tmp_path)) == (root / "ok").resolve()
+    with pytest.raises(BadAdapterName, match="outside"):
+        resolve_adapter("link", {}, str(root), str(tmp_path))
+    with pytest.raises(AdapterNotFound):
+        resolve_adapter("missing", {}, str(root), str(tmp_path))
+    with pytest.raises(AdapterNotFound):
+        resolve_adapter("ok", {}, None, str(tmp_path))  # no root configured
+
+
+def test_token_from_env_or_file_never_config(tmp_path, monkeypatch):
+    monkeypatch.delenv("OIKYO_API_TOKEN", raising=False)
+    cfg = load_config(None).serve
+    with pytest.raises(Exception, match="no token is set"):
+        load_token(cfg)
+    f = tmp_path / "t"
+    f.write_text("from-file\n")
+    assert load_token(load_config(None, [f"serve.token_file={f}"]).serve) == "from-file"
+    monkeypatch.setenv("OIKYO_API_TOKEN", "from-env")
+    assert load_token(load_config(None, [f"serve.token_file={f}"]).serve) == "from-env"
+    assert load_token(load_config(None, ["serve.auth=false"]).serve) is None
+    assert authorized("s3cret", "Bearer s3cret") and not authorized("s3cret", "Bearer s3cre")
+    assert not authorized("s3cret", None) and not authorized("s3cret", "s3cret") and authorized(None, None)
+    assert not any("from-env" in str(v) for v in load_config(None).model_dump()["serve"].values())
+
+
+def test_engine_mixed_batch_equals_single_requests(tiny_model, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from oikyo_ray.serve.engine import Engine
+
+    for i in range(2):
+        torch.manual_seed(i)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                       LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).save_pretrained(tmp_path / f"a{i}")
+    eng = Engine(load_config(None).model, str(tiny_model))
+    eng.add_adapter("a0", str(tmp_path / "a0"))
+    eng.add_adapter("a1", str(tmp_path / "a1"))
+    s = {"max_new_tokens": 5, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []}
+    items = [{"adapter": a, "prompt": "Capital of Peru?", "sampling": s} for a in ("a0", "a1", None)]
+    alone = [eng.generate_many([it])[0]["text"] for it in items]
+    together = [o["text"] for o in eng.generate_many(items)]
+    assert together == alone and len(set(alone)) == 3
+    assert "".join(eng.stream("a1", "Capital of Peru?", s)) == alone[1]
+    eng.remove_adapter("a0")
+    assert eng.loaded == ["a1"] and eng.generate_many([items[1]])[0]["text"] == alone[1]
+    assert eng.healthy()
