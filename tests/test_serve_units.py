@@ -1,7 +1,7 @@
 """Serve pieces without Ray: the mixed batcher, adapter name/path safety, auth, the engine."""
 
 import asyncio
-import os
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +103,28 @@ def test_engine_mixed_batch_equals_single_requests(tiny_model, tmp_path):
     eng.remove_adapter("a0")
     assert eng.loaded == ["a1"] and eng.generate_many([items[1]])[0]["text"] == alone[1]
     assert eng.healthy()
+
+
+def test_vllm_export_is_a_valid_serve_config(tmp_path):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from oikyo_ray.cli import main
+    from oikyo_ray.errors import ConfigError
+    from oikyo_ray.serve.vllm import vllm_serve_config
+
+    out = tmp_path / "vllm.yaml"
+    demo = Path(__file__).resolve().parent.parent / "serve" / "serve_demo.yaml"
+    code = main(["serve", str(demo), "serve.adapter_root=s3://bucket/adapters",
+                 "model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct", "serve.max_replicas=4", "--export-vllm", str(out)])
+    assert code == 0
+    doc = yaml.safe_load(out.read_text())
+    ServeDeploySchema.model_validate(doc)
+    app = doc["applications"][0]
+    llm = app["args"]["llm_configs"][0]
+    assert app["import_path"] == "ray.serve.llm:build_openai_app"
+    assert llm["lora_config"]["dynamic_lora_loading_path"] == "s3://bucket/adapters"
+    assert llm["deployment_config"]["autoscaling_config"]["max_replicas"] == 4
+    assert "token" not in out.read_text().lower()  # no secret travels in the generated file
+    with pytest.raises(ConfigError, match="s3://"):
+        vllm_serve_config(load_config(None, ["serve.adapter_root=/local/dir"]))
