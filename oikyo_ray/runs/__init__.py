@@ -1,0 +1,1 @@
+"""Runs: one directory per run with config, lineage, metrics, adapter and reports."""
