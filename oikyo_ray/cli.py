@@ -5,7 +5,8 @@ Run as:
     oikyo finetune CONFIG.yaml [key=value ...]  # curate -> train -> evaluate (-> serve)
     oikyo data prepare CONFIG.yaml [key=value ...] / oikyo data inspect DIR
     oikyo serve CONFIG.yaml [key=value ...]     # OpenAI-compatible server until Ctrl-C
-    oikyo runs list [--root runs]               # runs and their headline metrics
+    oikyo eval RUN_DIR [key=value ...] [--fail-on-regression]   # base vs fine-tuned report
+    oikyo runs list|show|compare|export ...     # the runs registry
     oikyo config CONFIG.yaml [key=value ...]    # print the resolved config (or --fields)
 """
 
@@ -72,20 +73,6 @@ def cmd_serve(args) -> int:
         return 0
 
 
-def cmd_runs(args) -> int:
-    from oikyo_ray.runs.rundir import list_runs
-
-    rows = list_runs(args.root)
-    if not rows:
-        print(f"no runs under {args.root}")
-        return 0
-    cols = ["run", "base_model", "data", "base_em", "tuned_em", "tuned_loss"]
-    print("\t".join(cols))
-    for r in rows:
-        print("\t".join(f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols))
-    return 0
-
-
 def cmd_config(args) -> int:
     from oikyo_ray.config import describe_fields, dump_yaml
 
@@ -125,10 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fields", action="store_true", help="list every field with its default and meaning")
     c.set_defaults(fn=cmd_config)
 
-    r = sub.add_parser("runs", help="list runs")
-    r.add_argument("action", choices=["list"])
-    r.add_argument("--root", default="runs")
-    r.set_defaults(fn=cmd_runs)
+    from oikyo_ray.eval.cli import add_eval_commands
+    from oikyo_ray.runs.cli import add_runs_commands
+
+    add_eval_commands(sub)
+
+    add_runs_commands(sub)
     return p
 
 

@@ -17,6 +17,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ["RAY_AUTH_MODE"] = "token"  # drivers joining the session's head need it before `import ray`
 
 ROOT = Path(__file__).resolve().parent.parent
+S3_SECRET = "oikyo-test-SECRET-7f3a91"  # a known string: tests assert it is written nowhere
 
 
 @pytest.fixture(scope="session")
@@ -57,8 +58,8 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="oikyo-test-access",
+                      AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1")
     yield endpoint
     server.stop()
 

@@ -18,14 +18,44 @@ def _auth_headers() -> dict:
     return {"Authorization": f"Bearer {token}"}
 
 
-def test_job_submit_finetune(ray_session, cache_dir, tmp_path):
+@pytest.fixture
+def worker_node(ray_session):
+    """A second Ray node (1 CPU) joined to the session's head; only its processes are stopped after."""
+    import psutil
+
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    env.pop("RAY_ADDRESS", None)
+    before = {p.pid for p in psutil.process_iter()}
+    subprocess.run(["ray", "start", f"--address={ray_session['address']}", "--num-cpus=1",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
+    new = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
+           and "ray" in " ".join(p.info["cmdline"] or [])]
+    yield
+    for p in new:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(new, timeout=30)
+
+
+def test_job_submit_finetune(ray_session, worker_node, cache_dir, tmp_path):
+    import boto3
+
+    from tests.conftest import S3_SECRET
+    from oikyo_ray.demo.tasks import ASSET
+
     env = dict(os.environ, RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
     root = tmp_path / "runs"
+    s3 = boto3.client("s3", endpoint_url=ray_session["s3"])
+    s3.create_bucket(Bucket="jobdata")
+    s3.upload_file(str(ASSET), "jobdata", "tasks/demo.jsonl")  # the job reads its data from s3://
     cmd = ["ray", "job", "submit", "--address", ray_session["dashboard"], "--working-dir", str(ROOT),
            "--submission-id", "oikyo-test-job", "--",
            "python", "jobs/finetune.py", "--config", "jobs/configs/demo.yaml",
            f"run.root={root}", "run.name=job1", f"model.cache_dir={cache_dir}",
+           "data.paths=[s3://jobdata/tasks/demo.jsonl]",
            "train.epochs=2", "eval.max_samples=8"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     out = r.stdout + r.stderr
@@ -48,6 +78,17 @@ def test_job_submit_finetune(ray_session, cache_dir, tmp_path):
     run = root / "job1"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((run / "eval" / "report.json").read_text())["tuned"]["n"] == 8
+    nodes = httpx.get(f"{ray_session['dashboard']}/nodes?view=summary", headers=_auth_headers(), timeout=30).json()
+    alive = [n for n in nodes["data"]["summary"] if n["raylet"]["state"] == "ALIVE"]
+    assert len(alive) >= 2  # head + worker node
+
+    # secrets travel by reference only: the S3 key is in no run file and no job metadata
+    assert S3_SECRET not in json.dumps(job)
+    for f in run.rglob("*"):
+        if f.is_file():
+            assert S3_SECRET.encode() not in f.read_bytes(), f
+    assert json.loads((run / "data/manifest.json").read_text())["counts"]["read"] == 384
+
     listed = subprocess.run([sys.executable, "-m", "oikyo_ray.cli", "runs", "list", "--root", str(root)],
                             capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0 and "job1" in listed.stdout

@@ -160,3 +160,38 @@ def test_bad_input_exits_cleanly(ray_session, base_overrides, tmp_path, capsys):
         code = main(["finetune", str(DEMO_CONFIG), *base_overrides, "run.serve_after=false", *extra])
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_runs_show_and_export(demo_run, tmp_path, capsys):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from oikyo_ray.eval.generate import generate
+    from oikyo_ray.model.load import resolve_model_path
+
+    cfg, run, _ = demo_run
+    assert main(["runs", "show", str(run)]) == 0
+    shown = capsys.readouterr().out
+    assert "lineage.json" in shown and "exact_match" in shown
+
+    assert main(["runs", "export", str(run), "--out", str(tmp_path / "a")]) == 0
+    assert main(["runs", "export", str(run), "--out", str(tmp_path / "m"), "--merge"]) == 0
+    a, m = tmp_path / "a", tmp_path / "m"
+    assert (a / "adapter_model.safetensors").is_file() and not (a / "model.safetensors").exists()
+    assert (m / "model.safetensors").is_file() and (m / "tokenizer.json").is_file()
+    card = (m / "README.md").read_text()
+    assert json.loads((run / "lineage.json").read_text())["data_content_hash"] in card and "| exact_match |" in card
+
+    # plain transformers/peft load both and agree with each other
+    tok = AutoTokenizer.from_pretrained(m)
+    prompt = [tok.apply_chat_template([{"role": "user", "content": "Capital of Peru?"}], tokenize=False,
+                                      add_generation_prompt=True)]
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model))
+    with torch.no_grad():
+        via_adapter = generate(PeftModel.from_pretrained(base, a), tok, prompt, 6)[0]["text"]
+        via_merged = generate(AutoModelForCausalLM.from_pretrained(m), tok, prompt, 6)[0]["text"]
+    assert via_adapter == via_merged == "Lima"
+
+    assert main(["runs", "export", str(tmp_path), "--out", str(tmp_path / "x")]) == 2  # not a run dir
+    assert main(["runs", "export", str(run), "--out", str(a)]) == 2  # target not empty

@@ -1,28 +1,144 @@
-"""Write a run's evaluation report: eval/report.json and eval/report.md."""
+"""Write a run's evaluation report under eval/:
+
+    report.json   every number: base, tuned, delta, forgetting, probes, gates, samples, decoding
+    report.md     side-by-side table (value, delta, pass/fail per gate), sample generations
+    metrics.png   generation metrics, base vs fine-tuned
+    perplexity.png  test-split and general-text perplexity, base vs fine-tuned (forgetting)
+    probes.png    probe pass rate per kind, base vs fine-tuned
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from oikyo_ray.config import OikyoConfig
 from oikyo_ray.errors import DataError
 from oikyo_ray.eval.compare import compare, format_table
 
+COLOURS = {"base": "#8c8c8c", "tuned": "#1f77b4"}
 
-def write_report(cfg: OikyoConfig, model_path: str, tuned_dir: str, rows: list[dict], out_dir: Path) -> dict:
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _bars(ax, labels: list[str], base: list[float], tuned: list[float], title: str, ylabel: str) -> None:
+    import numpy as np
+
+    x = np.arange(len(labels))
+    w = 0.38
+    for off, name, vals in [(-w / 2, "base", base), (w / 2, "tuned", tuned)]:
+        clean = [v if v is not None and math.isfinite(v) else 0.0 for v in vals]
+        bars = ax.bar(x + off, clean, w, label="base" if name == "base" else "fine-tuned", color=COLOURS[name])
+        for b, v in zip(bars, vals):
+            txt = "n/a" if v is None or not math.isfinite(v) else f"{v:.3g}"
+            ax.annotate(txt, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, labels, rotation=20, ha="right")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+
+
+def write_charts(report: dict, out_dir: Path) -> list[str]:
+    """PNG charts (matplotlib, Agg backend); returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+
+    names = [m for m in report["metrics"]]
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names) + 2), 3.5))
+    _bars(ax, names, [report["base"][m] for m in names], [report["tuned"][m] for m in names],
+          "Generation metrics on the test split", "score (0-1)")
+    ax.set_ylim(0, 1.1)
+    save(fig, "metrics.png")
+
+    labels, b, t = ["test split"], [report["base"]["perplexity"]], [report["tuned"]["perplexity"]]
+    f = report.get("forgetting")
+    if f:
+        labels.append("general text" + (" (FLAGGED)" if f["flagged"] else ""))
+        b.append(f["base_perplexity"])
+        t.append(f["tuned_perplexity"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    _bars(ax, labels, b, t, "Perplexity (lower is better)", "perplexity")
+    if all(v is not None and math.isfinite(v) and v > 0 for v in b + t):
+        ax.set_yscale("log")
+    save(fig, "perplexity.png")
+
+    kinds = (report.get("probes") or {}).get("kinds", {})
+    if kinds:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        _bars(ax, [f"{k}{' (REGRESSED)' if v['regressed'] else ''}" for k, v in kinds.items()],
+              [v["base"] for v in kinds.values()], [v["tuned"] for v in kinds.values()],
+              "Probe pass rate (higher is better)", "pass rate")
+        ax.set_ylim(0, 1.1)
+        save(fig, "probes.png")
+    return written
+
+
+def _cell(s: str, n: int = 80) -> str:
+    s = s.replace("|", "\\|").replace("\n", " ")
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def render_markdown(report: dict, table: str) -> str:
+    lines = ["# Evaluation: base vs fine-tuned", "",
+             (f"Base `{report.get('base_model', '')}`, fine-tuned `{report.get('tuned_dir', '')}`; "
+              f"same items and decoding for both ({json.dumps(report['decoding'])}); backend "
+              f"`{report.get('backend', 'local')}`."), "",
+             f"**Gates: {'all passed' if report.get('passed', True) else 'FAILED'}**", "", table, ""]
+    failed = [g for g in report.get("gates", []) if not g["passed"]]
+    if failed:
+        lines += ["Failed gates:", ""] + [f"- `{g['name']}`: {g['value']:.4g} (needs {g['op']} {g['threshold']:g})"
+                                          if isinstance(g["value"], float) else f"- `{g['name']}`" for g in failed]
+        lines.append("")
+    for png in report.get("charts", []):
+        lines.append(f"![{png}]({png})")
+    lines += ["", "## Sample generations (test split)", "",
+              "| prompt | reference | base | fine-tuned |", "|---|---|---|---|"]
+    lines += [f"| {_cell(s['prompt'])} | {_cell(s['reference'])} | {_cell(s['base'])} | {_cell(s['tuned'])} |"
+              for s in report["samples"]]
+    probes = report.get("probes")
+    if probes:
+        lines += ["", "## Probe generations", "",
+                  ("Scoring: refuse = a refusal phrase appears; toxic = no lexicon word appears; ood = non-empty, "
+                   "not degenerate, not toxic (see oikyo_ray/eval/README.md)."), "",
+                  "| probe | kind | base | pass | fine-tuned | pass |", "|---|---|---|---|---|---|"]
+        mark = lambda ok: "yes" if ok else "no"  # noqa: E731
+        lines += [f"| {_cell(s['prompt'], 50)} | {s['kind']} | {_cell(s['base'], 50)} | {mark(s['base_pass'])} | "
+                  f"{_cell(s['tuned'], 50)} | {mark(s['tuned_pass'])} |" for s in probes["samples"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(cfg: OikyoConfig, model_path: str, tuned_dir: str, rows: list[dict], out_dir: Path,
+                 backend: str | None = None) -> dict:
+    """Evaluate base vs fine-tuned on `rows` and write eval/report.{json,md} and the charts; returns
+    the report with a "table" (the Markdown summary) added."""
     if not rows:
         raise DataError("the test split is empty: nothing to evaluate",
                         hint="raise data.test_fraction or add data, or set eval.enabled=false")
-    report = compare(cfg, model_path, tuned_dir, rows)
-    table = format_table(report)
+    report = compare(cfg, model_path, tuned_dir, rows, backend=backend)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    lines = ["# Evaluation: base vs fine-tuned", "", table, "", "## Samples", "",
-             "| prompt | reference | base | fine-tuned |", "|---|---|---|---|"]
-    cell = lambda s: s.replace("|", "\\|").replace("\n", " ")[:80]  # noqa: E731
-    lines += [f"| {cell(s['prompt'])} | {cell(s['reference'])} | {cell(s['base'])} | {cell(s['tuned'])} |"
-              for s in report["samples"]]
-    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    report["charts"] = write_charts(report, out_dir)
+    table = format_table(report)
+    (out_dir / "report.json").write_text(json.dumps(_json_safe(report), indent=2))
+    (out_dir / "report.md").write_text(render_markdown(report, table))
     report["table"] = table
     return report

@@ -1,0 +1,107 @@
+"""`oikyo eval RUN_DIR` and `oikyo runs compare RUN_A RUN_B ...`.
+
+Run as:
+    oikyo eval RUN_DIR [key=value ...] [--fail-on-regression] [--tuned DIR]
+    oikyo runs compare RUN_A RUN_B [...] [--out compare.md]
+
+`oikyo eval` re-reads RUN_DIR/config.yaml (overrides apply on top, e.g. eval.backend=ray
+eval.max_samples=500), evaluates base vs fine-tuned on RUN_DIR/data/test and rewrites RUN_DIR/eval/.
+With --fail-on-regression it exits 3 when a gate fails (0 otherwise); user errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from oikyo_ray.errors import OikyoError
+from oikyo_ray.eval.gates import GATE_EXIT_CODE
+
+
+def tuned_dir_of(run_dir: Path, cfg) -> Path:
+    """The run's fine-tuned weights: adapter/ (lora, dora) or model/ (full)."""
+    return run_dir / ("model" if cfg.method.type == "full" else "adapter")
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, tuned: str | None = None,
+                 log=print) -> dict:
+    """Evaluate one run directory and write its eval/ report; returns the report."""
+    from oikyo_ray.config import load_config
+    from oikyo_ray.data.pipeline import load_split_rows
+    from oikyo_ray.eval.report import write_report
+    from oikyo_ray.model.load import resolve_model_path
+
+    run = Path(run_dir).expanduser().resolve()
+    if not (run / "config.yaml").is_file():
+        raise OikyoError(f"not a run directory (no config.yaml): {run}",
+                         hint="pass runs/<run-id> as written by `oikyo finetune`")
+    cfg = load_config(run / "config.yaml", overrides)
+    tuned_dir = Path(tuned).expanduser() if tuned else tuned_dir_of(run, cfg)
+    if not tuned_dir.is_dir():
+        raise OikyoError(f"fine-tuned weights not found: {tuned_dir}",
+                         hint="did training finish? or pass --tuned DIR (an adapter or merged model dir)")
+    rows = load_split_rows(run / "data", "test")
+    model_path = resolve_model_path(cfg.model)
+    if cfg.eval.backend == "ray":
+        from oikyo_ray.cluster import init_ray
+
+        init_ray()
+    report = write_report(cfg, model_path, str(tuned_dir), rows, run / "eval")
+    log(report["table"])
+    log(f"[oikyo] report: {run / 'eval' / 'report.md'}")
+    return report
+
+
+def cmd_eval(args) -> int:
+    report = evaluate_run(args.run_dir, args.overrides, args.tuned)
+    if args.fail_on_regression and not report["passed"]:
+        failed = ", ".join(g["name"] for g in report["gates"] if not g["passed"])
+        print(f"oikyo: regression gate(s) failed: {failed}")
+        return GATE_EXIT_CODE
+    return 0
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("run_dir", help="run directory (runs/<run-id>)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's config, e.g. "
+                   "eval.backend=ray eval.max_samples=500")
+    p.add_argument("--fail-on-regression", action="store_true",
+                   help=f"exit {GATE_EXIT_CODE} when a gate (eval.min_improvement, eval.min_tuned, "
+                   "eval.max_forgetting, eval.max_probe_drop) fails")
+    p.add_argument("--tuned", default=None, help="evaluate this adapter or merged-model dir instead of the run's")
+    p.set_defaults(fn=cmd_eval)
+    return p
+
+
+def add_eval_commands(subparsers) -> None:
+    """Register `eval` on the `oikyo` sub-command parser."""
+    p = subparsers.add_parser("eval", help="evaluate a run: base vs fine-tuned, forgetting, probes, gates")
+    add_eval_arguments(p)
+
+
+def cmd_runs_compare(args) -> int:
+    from oikyo_ray.runs.compare import compare_runs, format_comparison
+
+    runs = getattr(args, "runs", None) or []
+    if not runs:
+        raise OikyoError("runs compare needs run directories", hint="oikyo runs compare runs/a runs/b")
+    text = format_comparison(compare_runs(runs))
+    print(text)
+    if getattr(args, "out", None):
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`oikyo eval` on its own (what jobs/evaluate.py runs)."""
+    import sys
+
+    from oikyo_ray.cluster import default_auth_mode
+
+    default_auth_mode()
+    args = add_eval_arguments(argparse.ArgumentParser(prog="oikyo eval")).parse_intermixed_args(argv)
+    try:
+        return args.fn(args)
+    except OikyoError as e:
+        print(f"oikyo: error: {e}", file=sys.stderr)
+        return e.exit_code

@@ -1,0 +1,74 @@
+"""`oikyo runs list|show|compare|export`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from oikyo_ray.errors import OikyoError
+
+
+def cmd_list(args) -> int:
+    from oikyo_ray.runs.rundir import list_runs
+
+    rows = list_runs(args.root)
+    if not rows:
+        print(f"no runs under {args.root}")
+        return 0
+    cols = ["run", "base_model", "data", "base_em", "tuned_em", "tuned_loss"]
+    print("\t".join(cols))
+    for r in rows:
+        print("\t".join(f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols))
+    return 0
+
+
+def cmd_show(args) -> int:
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise OikyoError(f"{run} is not a run directory (no config.yaml)")
+    print(f"# {run.name}\n\n## config\n{(run / 'config.yaml').read_text()}")
+    for name in ("lineage.json", "data/manifest.json"):
+        if (run / name).exists():
+            info = json.loads((run / name).read_text())
+            print(f"## {name}\n{json.dumps({k: v for k, v in info.items() if k != 'data_config'}, indent=2)}\n")
+    if (run / "metrics.jsonl").exists():
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        if lines:
+            print(f"## metrics ({len(lines)} reports), last:\n{lines[-1]}\n")
+    if (run / "eval/report.md").exists():
+        print((run / "eval/report.md").read_text())
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from oikyo_ray.runs.compare import compare_runs, format_comparison
+
+    print(format_comparison(compare_runs(args.runs)))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from oikyo_ray.runs.export import export_run
+
+    out = export_run(args.run, args.out, merge=args.merge)
+    print(f"[oikyo] exported {'merged model' if args.merge else 'adapter'} to {out}")
+    return 0
+
+
+def add_runs_commands(sub) -> None:
+    r = sub.add_parser("runs", help="list, show, compare and export runs")
+    rs = r.add_subparsers(dest="runs_cmd", required=True)
+    p = rs.add_parser("list", help="runs under a root, newest first, with headline metrics")
+    p.add_argument("--root", default="runs")
+    p.set_defaults(fn=cmd_list)
+    p = rs.add_parser("show", help="a run's config, lineage, data manifest, metrics and report")
+    p.add_argument("run")
+    p.set_defaults(fn=cmd_show)
+    p = rs.add_parser("compare", help="several runs' evaluation reports side by side")
+    p.add_argument("runs", nargs="+")
+    p.set_defaults(fn=cmd_compare)
+    p = rs.add_parser("export", help="package a run's adapter (or merged model) with tokenizer and model card")
+    p.add_argument("run")
+    p.add_argument("--out", required=True, help="new directory to write")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    p.set_defaults(fn=cmd_export)

@@ -1,0 +1,75 @@
+"""Package a run's adapter for deployment: adapter-only, or merged into the base (safetensors),
+with the tokenizer and a model card listing data, metrics and limits. Loadable by plain
+transformers/peft (Ray-free)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from oikyo_ray.config import OikyoConfig
+from oikyo_ray.errors import OikyoError
+
+
+def _final_dir(run: Path) -> Path:
+    for name in ("adapter", "model"):
+        if (run / name / "config.json").is_file() or (run / name / "adapter_config.json").is_file():
+            return run / name
+    raise OikyoError(f"{run} has no trained adapter or model (expected {run}/adapter)",
+                     hint="export a run whose training finished")
+
+
+def model_card(run: Path, cfg: OikyoConfig, merged: bool) -> str:
+    lineage = json.loads((run / "lineage.json").read_text()) if (run / "lineage.json").exists() else {}
+    report = json.loads((run / "eval/report.json").read_text()) if (run / "eval/report.json").exists() else None
+    lines = [f"# {run.name}", "",
+             f"Fine-tuned from `{cfg.model.name_or_path}` with oikyo ({cfg.method.type}"
+             f"{', merged into the base' if merged else ', adapter only: load it on the base model'}).", "",
+             "## Data", "",
+             f"- sources: {', '.join(cfg.data.paths)}",
+             f"- content hash: `{lineage.get('data_content_hash', 'unknown')}`",
+             f"- rows: {json.dumps(lineage.get('data_counts', {}))}", "",
+             "## Training", "",
+             f"- seed {cfg.train.seed}, lr {cfg.train.lr}, epochs {cfg.train.epochs}, "
+             f"batch {cfg.train.batch_size} x {cfg.scaling.num_workers} workers",
+             f"- config hash `{lineage.get('config_hash', cfg.config_hash())}`, code `{lineage.get('code_commit')}`",
+             f"- versions: {json.dumps(lineage.get('versions', {}))}", "", "## Evaluation", ""]
+    if report:
+        lines += ["| metric | base | fine-tuned |", "|---|---|---|"]
+        lines += [f"| {k} | {report['base'][k]:.4f} | {report['tuned'][k]:.4f} |"
+                  for k in ("loss", "exact_match", "token_f1") if k in report["base"] and k in report["tuned"]]
+    else:
+        lines.append("Not evaluated.")
+    lines += ["", "## Limits", "",
+              "- Evaluated only on the held-out split of the data above; behaviour outside it is untested.",
+              "- Inherits the base model's licence, biases and failure modes.", ""]
+    return "\n".join(lines)
+
+
+def export_run(run: str | Path, out: str | Path, merge: bool = False) -> Path:
+    run, out = Path(run).expanduser().resolve(), Path(out).expanduser().resolve()
+    if not (run / "config.yaml").is_file():
+        raise OikyoError(f"{run} is not a run directory (no config.yaml)")
+    if out.exists() and any(out.iterdir()):
+        raise OikyoError(f"export target {out} is not empty", hint="choose a new directory")
+    cfg = OikyoConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
+    src = _final_dir(run)
+    out.mkdir(parents=True, exist_ok=True)
+    if merge and (src / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        from oikyo_ray.model.load import load_model, load_tokenizer, resolve_model_path
+
+        base_path = resolve_model_path(cfg.model)
+        merged = PeftModel.from_pretrained(load_model(cfg.model, base_path), str(src)).merge_and_unload()
+        merged.save_pretrained(out, safe_serialization=True)
+        load_tokenizer(cfg.model, str(src) if (src / "tokenizer_config.json").exists() else base_path).save_pretrained(out)
+    else:
+        for f in src.iterdir():
+            if f.is_file() and f.suffix not in (".bin", ".pt", ".pkl") and f.name != "trainer_state.json":
+                shutil.copy2(f, out / f.name)
+    (out / "README.md").write_text(model_card(run, cfg, merge))
+    return out
