@@ -4,6 +4,7 @@ Run as:
     oikyo demo                                  # the whole pipeline on the embedded default
     oikyo finetune CONFIG.yaml [key=value ...]  # curate -> train -> evaluate (-> serve)
     oikyo data prepare CONFIG.yaml [key=value ...] / oikyo data inspect DIR
+    oikyo sweep CONFIG.yaml [key=value ...] [--resume]   # ASHA on Ray Tune, best trial promoted
     oikyo serve CONFIG.yaml [key=value ...]     # OpenAI-compatible server until Ctrl-C
     oikyo eval RUN_DIR [key=value ...] [--fail-on-regression]   # base vs fine-tuned report
     oikyo runs list|show|compare|export ...     # the runs registry
@@ -39,6 +40,13 @@ def cmd_finetune(args) -> int:
 
     cfg = _load(args)
     run_finetune(cfg)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from oikyo_ray.sweep.tuner import run_sweep
+
+    run_sweep(_load(args), resume=args.resume)
     return 0
 
 
@@ -97,11 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     for name, fn, help_ in [("finetune", cmd_finetune, "curate, train, evaluate one config"),
+                            ("sweep", cmd_sweep, "ASHA hyperparameter sweep over the config's sweep.space"),
                             ("serve", cmd_serve, "serve base + adapters (OpenAI API)")]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
         s.set_defaults(fn=fn)
+        if name == "sweep":
+            s.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same run.name")
         if name == "serve":
             s.add_argument("--export-vllm", metavar="PATH",
                            help="write a ray.serve.llm (vLLM) Serve config for GPU clusters instead of serving")

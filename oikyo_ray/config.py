@@ -211,6 +211,10 @@ class ScalingConfig(_Section):
         0, ge=-1, description="Restart the workers this many times after a failure, resuming from the "
         "newest checkpoint (-1 = without limit)."
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="Where workers go: PACK fills few nodes, SPREAD spreads over nodes, "
+        "STRICT_SPREAD puts each worker on a different node."
+    )
 
 class CheckpointConfig(_Section):
     num_to_keep: int | None = Field(
@@ -354,6 +358,44 @@ class RunSection(_Section):
     serve_after: bool = Field(False, description="Serve the new adapter and send one request (demo).")
 
 
+class SearchDim(_Section):
+    type: Literal["loguniform", "uniform", "randint", "choice"] = Field(
+        ..., description="Distribution: loguniform/uniform/randint over [low, high), or choice over values."
+    )
+    low: float | None = Field(None, description="Lower bound (loguniform, uniform, randint).")
+    high: float | None = Field(None, description="Upper bound (loguniform, uniform, randint).")
+    values: list[Any] | None = Field(None, description="Candidates (choice).")
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> "SearchDim":
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("choice needs a non-empty `values` list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"{self.type} needs low < high")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+
+class SweepConfig(_Section):
+    space: dict[str, SearchDim] = Field(
+        default_factory=dict, description="Dotted config path -> distribution, e.g. {train.lr: {type: "
+        "loguniform, low: 1e-4, high: 1e-2}, method.lora.r: {type: choice, values: [8, 16]}}.",
+    )
+    metric: str = Field("val_loss", description="Trial metric ASHA and the promotion compare.")
+    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher metric is better.")
+    num_samples: int = Field(4, ge=1, description="Trials drawn from the space.")
+    search: Literal["random", "optuna"] = Field("random", description="Search algorithm (optuna if installed).")
+    seed: int = Field(0, description="Seed of the search algorithm's sampling.")
+    grace_period: int = Field(20, ge=1, description="ASHA: steps every trial runs before it may be stopped.")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor at each rung.")
+    max_t: int | None = Field(None, ge=1, description="ASHA: step budget per trial (default: the trial's steps).")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Trials at once (default: as many as the cluster's CPUs/GPUs fit)."
+    )
+
+
 class OikyoConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     data: DataConfig = Field(default_factory=DataConfig, description="Data sources and curation.")
@@ -366,6 +408,7 @@ class OikyoConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
     run: RunSection = Field(default_factory=RunSection, description="Run directory and naming.")
+    sweep: SweepConfig = Field(default_factory=SweepConfig, description="Hyperparameter sweep (oikyo sweep).")
 
     def config_hash(self) -> str:
         """Stable hash of every setting except where the run is written."""

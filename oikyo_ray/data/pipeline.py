@@ -33,6 +33,7 @@ from oikyo_ray.errors import DataError
 from oikyo_ray.storage import filesystem
 
 SPLITS = mf.SPLITS
+IN_MEMORY_SPLIT_BYTES = 256 * 2**20  # splits up to this size skip Ray Data's read stage
 SUFFIXES = (".json", ".jsonl", ".ndjson", ".parquet", ".csv")
 TRAIN_COLUMNS = ["input_ids", "labels"]
 
@@ -269,7 +270,15 @@ def read_split(data_dir: Path, split: str):
     """A prepared split as a Ray Dataset of TRAIN_COLUMNS (streamed to workers)."""
     import ray
 
-    return ray.data.read_parquet(str(data_dir / split), columns=TRAIN_COLUMNS)
+    files = sorted((data_dir / split).glob("*.parquet"))
+    if sum(f.stat().st_size for f in files) <= IN_MEMORY_SPLIT_BYTES:
+        # Small splits go to the object store straight from here: Ray Data's file listing task
+        # wants a whole CPU (fixed in Ray 2.60), which training workers and sweep trials that
+        # hold the cluster's CPUs would otherwise starve forever.
+        import pyarrow.parquet as pq
+
+        return ray.data.from_arrow(pq.ParquetDataset([str(f) for f in files]).read(columns=TRAIN_COLUMNS))
+    return ray.data.read_parquet(str(data_dir / split), columns=TRAIN_COLUMNS, num_cpus=0.25)
 
 
 def load_split_rows(data_dir: Path, split: str) -> list[dict]:

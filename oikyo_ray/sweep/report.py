@@ -1,0 +1,144 @@
+"""Sweep results: table (CSV + Markdown), metric-vs-step PNG, and promotion of the best trial."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+
+from oikyo_ray.config import OikyoConfig
+from oikyo_ray.errors import OikyoError
+
+
+_TRIAL_ID = re.compile(r"[0-9a-f]{5}_\d{5}")
+
+
+def _metric_history(trial_dir: Path, metric: str) -> list[tuple[int, float]]:
+    f = trial_dir / "metrics.jsonl"
+    if not f.exists():
+        return []
+    rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    return [(r["step"], r[metric]) for r in rows if metric in r]
+
+
+def trial_rows(cfg: OikyoConfig, sweep_dir: Path, grid, rows_per_worker: int) -> list[dict]:
+    from oikyo_ray.sweep.space import with_params
+    from oikyo_ray.train.loop import total_steps
+
+    metric, sign = cfg.sweep.metric, (1 if cfg.sweep.mode == "min" else -1)
+    out = []
+    for res in grid:
+        tid = (res.metrics or {}).get("trial_id") or _TRIAL_ID.search(res.path or "").group(0)
+        params = (res.config or {}).get("params", {})
+        trial_dir = sweep_dir / "trials" / tid
+        hist = _metric_history(trial_dir, metric)
+        budget = total_steps(with_params(cfg.model_dump(mode="json"), params).train, rows_per_worker)
+        budget = min(budget, cfg.sweep.max_t or budget)
+        last_step = hist[-1][0] if hist else 0
+        if res.error:
+            status = f"failed: {str(res.error).splitlines()[0][:200]}"
+        elif last_step >= budget:
+            status = "completed"
+        else:
+            status = "early-stopped"
+        best = min((sign * v for _, v in hist), default=math.inf) * sign if hist else math.nan
+        out.append({"trial": trial_dir.name, "status": status, "steps": last_step, "budget": budget,
+                    f"best_{metric}": best, "last_" + metric: hist[-1][1] if hist else math.nan,
+                    **{f"param:{k}": v for k, v in params.items()}, "dir": str(trial_dir)})
+    return out
+
+
+def write_table(rows: list[dict], sweep_dir: Path) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "dir"))
+    with (sweep_dir / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    md = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    md += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    table = "\n".join(md)
+    (sweep_dir / "results.md").write_text(table + "\n")
+    return table
+
+
+def plot(rows: list[dict], metric: str, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        hist = _metric_history(Path(r["dir"]), metric)
+        if not hist:
+            continue
+        xs, ys = zip(*hist)
+        stopped = r["status"] != "completed"
+        ax.plot(xs, ys, linestyle="--" if stopped else "-", marker="x" if stopped else None,
+                label=f"{r['trial']} ({r['status'].split(':')[0]})")
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title("sweep: dashed = stopped early or failed")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def promote(cfg: OikyoConfig, sweep_dir: Path, best: dict, model_path: str) -> Path:
+    """Copy the best trial into the runs registry as <sweep>-best, with its lineage."""
+    from oikyo_ray.runs.rundir import write_lineage
+
+    src = Path(best["dir"])
+    trial_cfg = OikyoConfig.model_validate(yaml.safe_load((src / "config.yaml").read_text()))
+    dest = sweep_dir.parent / f"{sweep_dir.name}-best"
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir()
+    for name in ("config.yaml", "metrics.jsonl", "params.json", "loss.png"):
+        if (src / name).exists():
+            shutil.copy2(src / name, dest / name)
+    final = "adapter" if trial_cfg.method.type != "full" else "model"
+    if (src / final).exists():
+        shutil.copytree(src / final, dest / final)
+    else:  # Tune may end a trial at its last report, before fit() copies the final checkpoint
+        from oikyo_ray.train.checkpoint import TRAINING_ONLY
+
+        ckpts = sorted(p for p in (src / "checkpoints").glob("checkpoint_*") if p.is_dir())
+        if not ckpts:
+            raise OikyoError(f"best trial {best['trial']} left no checkpoint in {src / 'checkpoints'}")
+        shutil.copytree(ckpts[-1], dest / final, ignore=shutil.ignore_patterns(*TRAINING_ONLY))
+    shutil.copytree(sweep_dir / "data", dest / "data")
+    manifest = json.loads((dest / "data" / "manifest.json").read_text())
+    write_lineage(dest, trial_cfg, manifest, model_path,
+                  parent={"sweep": str(sweep_dir), "trial": best["trial"],
+                          "params": {k[6:]: v for k, v in best.items() if k.startswith("param:")}})
+    if cfg.eval.enabled:
+        from oikyo_ray.data.pipeline import load_split_rows
+        from oikyo_ray.eval.report import write_report
+
+        write_report(trial_cfg, model_path, str(dest / final), load_split_rows(dest / "data", "test"), dest / "eval")
+    return dest
+
+
+def summarise(cfg: OikyoConfig, sweep_dir: Path, grid, rows_per_worker: int, model_path: str, log=print) -> Path:
+    rows = trial_rows(cfg, sweep_dir, grid, rows_per_worker)
+    table = write_table(rows, sweep_dir)
+    plot(rows, cfg.sweep.metric, sweep_dir / f"{cfg.sweep.metric}_vs_step.png")
+    log(table)
+    key = f"best_{cfg.sweep.metric}"
+    done = [r for r in rows if r["status"] == "completed" and not math.isnan(r[key])]
+    if not done:
+        raise OikyoError(f"no trial completed; see {sweep_dir / 'results.md'}")
+    best = (min if cfg.sweep.mode == "min" else max)(done, key=lambda r: r[key])
+    dest = promote(cfg, sweep_dir, best, model_path)
+    (sweep_dir / "best.json").write_text(json.dumps({**best, "promoted_to": str(dest)}, indent=2, default=str))
+    (sweep_dir / "best_config.yaml").write_text((dest / "config.yaml").read_text())
+    log(f"[oikyo] sweep: best trial {best['trial']} ({key}={best[key]:.4f}) promoted to {dest}")
+    return sweep_dir

@@ -1,0 +1,118 @@
+"""The sweep on Ray Tune: each trial is a full oikyo training run (Ray Train inside Tune), ASHA
+stops weak trials early, the best completed trial is promoted into the runs registry.
+
+    run_sweep(cfg, resume=False) -> sweep_dir
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from oikyo_ray.config import OikyoConfig, dump_yaml
+from oikyo_ray.errors import OikyoError
+
+TRIAL_CPU = 0.01  # the trial function only waits on its TorchTrainer; workers hold the real CPUs
+
+
+def _trial(tc: dict) -> None:
+    """One Tune trial: a whole training run in sweep_dir/trials/<trial id>, reporting to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from oikyo_ray.sweep.space import with_params
+    from oikyo_ray.train.trainer import fit
+
+    cfg = with_params(tc["base"], tc["params"])
+    # ASHA compares the metric at each report: make every report an evaluation
+    cfg.train.log_every = cfg.train.checkpoint_every = cfg.train.eval_every
+    sweep_dir = Path(tc["sweep_dir"])
+    run_dir = sweep_dir / "trials" / tune.get_context().get_trial_id()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "data").exists():
+        (run_dir / "data").symlink_to(sweep_dir / "data", target_is_directory=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    (run_dir / "params.json").write_text(json.dumps(tc["params"], indent=2))
+    fit(cfg, run_dir, tc["model_path"], tc["manifest"], log=lambda s: None, callbacks=(TuneReportCallback(),))
+
+
+def _concurrency(cfg: OikyoConfig) -> int:
+    import ray
+
+    if cfg.sweep.max_concurrent_trials:
+        return cfg.sweep.max_concurrent_trials
+    sc, res = cfg.scaling, ray.cluster_resources()
+    if sc.use_gpu:
+        return max(1, int(res.get("GPU", 0) // sc.num_workers))
+    # Ray Data's file-listing task takes one whole CPU (not configurable in Ray 2.60): keep one free
+    spare = res.get("CPU", 1) - 1.0
+    return max(1, int(spare // (sc.num_workers * sc.cpus_per_worker + TRIAL_CPU)))
+
+
+def _search(cfg: OikyoConfig, concurrency: int):
+    """The search algorithm, limited to `concurrency` live trials (an explicit searcher is not
+    limited by TuneConfig.max_concurrent_trials)."""
+    from ray import tune
+
+    if cfg.sweep.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            raise OikyoError("sweep.search=optuna needs optuna: pip install optuna") from None
+        return tune.search.ConcurrencyLimiter(OptunaSearch(seed=cfg.sweep.seed), max_concurrent=concurrency)
+    return tune.search.BasicVariantGenerator(random_state=cfg.sweep.seed, max_concurrent=concurrency)
+
+
+def run_sweep(cfg: OikyoConfig, resume: bool = False, log=print) -> Path:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from oikyo_ray.cluster import init_ray
+    from oikyo_ray.data.pipeline import expand_paths, prepare
+    from oikyo_ray.model.load import load_tokenizer, resolve_model_path
+    from oikyo_ray.sweep.report import summarise
+    from oikyo_ray.sweep.space import tune_domains, validate_space
+    from oikyo_ray.train.loop import total_steps
+
+    validate_space(cfg)  # before Ray starts: bad paths and values name the field
+    model_path = resolve_model_path(cfg.model)
+    load_tokenizer(cfg.model, model_path)
+    expand_paths(cfg.data.paths)
+    sweep_dir = Path(cfg.run.root).expanduser().resolve() / (cfg.run.name or f"sweep-{cfg.config_hash()[:8]}")
+    tune_dir = sweep_dir / "tune"
+    if sweep_dir.exists() and not resume:
+        raise OikyoError(f"sweep directory exists: {sweep_dir}", hint="pass --resume to continue it, or a new run.name")
+    if resume and not tune_dir.exists():
+        raise OikyoError(f"nothing to resume in {sweep_dir}")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "config.yaml").write_text(dump_yaml(cfg))
+    init_ray()
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+    if not (sweep_dir / "data" / "manifest.json").exists():
+        log("[oikyo] sweep: preparing data once for every trial")
+        prepare(cfg, model_path, sweep_dir / "data")
+    manifest = json.loads((sweep_dir / "data" / "manifest.json").read_text())
+    rows_per_worker = manifest["counts"]["train"] // cfg.scaling.num_workers
+    max_t = cfg.sweep.max_t or total_steps(cfg.train, rows_per_worker)
+
+    trainable = tune.with_resources(_trial, {"cpu": TRIAL_CPU})
+    if resume and tune.Tuner.can_restore(str(tune_dir)):
+        log(f"[oikyo] sweep: resuming {tune_dir}")
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(cfg.sweep.grace_period, max_t),
+                                  reduction_factor=cfg.sweep.reduction_factor)
+        conc = _concurrency(cfg)
+        log(f"[oikyo] sweep: {cfg.sweep.num_samples} trials, up to {conc} at once, ASHA over {max_t} steps")
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"params": tune_domains(cfg), "base": cfg.model_dump(mode="json"),
+                         "model_path": model_path, "sweep_dir": str(sweep_dir), "manifest": manifest},
+            tune_config=tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
+                                        scheduler=scheduler, search_alg=_search(cfg, conc)),
+            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)),
+        )
+    grid = tuner.fit()
+    return summarise(cfg, sweep_dir, grid, rows_per_worker, model_path, log=log)

@@ -1,0 +1,96 @@
+"""Sweeps: bad search spaces fail before Ray; ASHA on a real local Ray stops weak trials,
+promotes the best, and resumes after the driver dies."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from oikyo_ray.cli import main
+from oikyo_ray.config import load_config
+from oikyo_ray.errors import ConfigError
+from oikyo_ray.sweep.space import validate_space, with_params
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEP = ROOT / "jobs/configs/sweep_demo.yaml"
+
+
+@pytest.mark.parametrize("space, words", [
+    ("{}", "sweep.space is empty"),
+    ("{train.lrr: {type: loguniform, low: 1e-4, high: 1e-2}}", "unknown config field 'train.lrr'"),
+    ("{train: {type: choice, values: [1]}}", "is a section"),
+    ("{train.lr.x: {type: choice, values: [1]}}", "is a field, not a section"),
+    ("{run.name: {type: choice, values: [a]}}", "cannot be swept"),
+    ("{method.lora.r: {type: choice, values: [8, sixteen]}}", "method.lora.r: value 'sixteen' is invalid"),
+    ("{method.lora.r: {type: randint, low: 0, high: 4}}", "method.lora.r: value 0 is invalid"),
+    ("{train.epochs: {type: choice, values: []}}", "non-empty"),
+    ("{train.lr: {type: uniform, low: 1, high: 1}}", "low < high"),
+    ("{train.lr: {type: loguniform, low: 0, high: 1}}", "low > 0"),
+    ("{train.lr: {type: normal, low: 0, high: 1}}", "sweep.space.train.lr.type"),
+])
+def test_bad_search_spaces_name_the_field(space, words):
+    with pytest.raises(ConfigError) as e:
+        validate_space(load_config(SWEEP, [f"sweep.space={space}"]))
+    assert words in str(e.value)
+
+
+def test_bad_space_fails_in_cli_before_ray(capsys):
+    code = main(["sweep", str(SWEEP), "sweep.space={train.lrr: {type: choice, values: [1]}}"])
+    assert code == 2 and "train.lrr" in capsys.readouterr().err
+
+
+def test_trial_params_land_in_the_config():
+    cfg = load_config(SWEEP)
+    t = with_params(cfg.model_dump(mode="json"), {"train.lr": 0.01, "method.lora.r": 4})
+    assert t.train.lr == 0.01 and t.method.lora.r == 4 and t.data == cfg.data
+
+
+def _sweep_args(root: Path, cache_dir: Path, name: str) -> list[str]:
+    # lr 1e-5 cannot learn in 60 steps, 3e-3 can: ASHA has something to stop
+    return [str(SWEEP), f"run.root={root}", f"run.name={name}", f"model.cache_dir={cache_dir}",
+            "train.epochs=3", "train.eval_every=10", "sweep.grace_period=10", "sweep.num_samples=4",
+            "sweep.space={train.lr: {type: choice, values: [0.003, 0.00001]}}", "sweep.seed=1",
+            "eval.max_samples=8"]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_asha_sweep_stops_weak_trials_and_promotes_best(ray_session, cache_dir, tmp_path):
+    assert main(["sweep", *_sweep_args(tmp_path, cache_dir, "s")]) == 0
+    sweep = tmp_path / "s"
+    best = json.loads((sweep / "best.json").read_text())
+    table = (sweep / "results.md").read_text()
+    rows = [line for line in (sweep / "results.csv").read_text().splitlines()[1:] if line]
+    assert len(rows) == 4 and "early-stopped" in table and "completed" in table
+    assert best["param:train.lr"] == 0.003 and best["status"] == "completed"
+    promoted = Path(best["promoted_to"])
+    assert promoted == tmp_path / "s-best" and (promoted / "adapter/adapter_model.safetensors").is_file()
+    lineage = json.loads((promoted / "lineage.json").read_text())
+    assert lineage["parent"]["sweep"] == str(sweep) and lineage["parent"]["params"] == {"train.lr": 0.003}
+    assert (promoted / "eval/report.json").is_file() and (sweep / "val_loss_vs_step.png").stat().st_size > 1000
+    assert load_config(sweep / "best_config.yaml").train.lr == 0.003
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sweep_resumes_after_the_driver_dies(ray_session, cache_dir, tmp_path):
+    cmd = [sys.executable, "-m", "oikyo_ray.cli", "sweep", *_sweep_args(tmp_path, cache_dir, "r")]
+    env = dict(os.environ)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    trials = tmp_path / "r" / "trials"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(p.stat().st_size for p in trials.glob("*/metrics.jsonl")):
+        time.sleep(2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
+    proc.wait()
+    assert not (tmp_path / "r" / "best.json").exists()
+    assert main(["sweep", *_sweep_args(tmp_path, cache_dir, "r")]) == 2  # exists: must ask for --resume
+    assert main(["sweep", *_sweep_args(tmp_path, cache_dir, "r"), "--resume"]) == 0
+    rows = (tmp_path / "r" / "results.csv").read_text().splitlines()[1:]
+    assert len([r for r in rows if r]) == 4 and (tmp_path / "r" / "best.json").exists()
