@@ -1,21 +1,24 @@
 """The training loop as plain functions: collate, optimiser, schedule, step, eval, loop (Ray-free).
 
-`train_loop` takes iterables of batches and two callbacks (report, checkpoint), so the same code
-runs under Ray Train, in a plain process, or on a GPU box without Ray.
+`train_loop` takes iterables of batches, an engine (engine.py: local, DDP, FSDP2, DeepSpeed) and
+hooks (report + checkpoint state, per-step), so the same code runs under Ray Train, in a plain
+process, or on a GPU box without Ray; checkpoint.py writes and restores what a resume needs.
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
 from oikyo_ray.config import TrainConfig
 from oikyo_ray.data.tokenize import IGNORE
+from oikyo_ray.train.checkpoint import TrainState
+from oikyo_ray.train.engine import build_optimizer, build_scheduler  # noqa: F401 (re-exported)
 
 
 def collate(batch: dict, pad_id: int) -> dict[str, torch.Tensor]:
@@ -38,31 +41,6 @@ def shuffled_batches(rows: list[dict], batch_size: int, seed: int):
     for i in range(0, len(order) - batch_size + 1, batch_size):
         chunk = [rows[j] for j in order[i:i + batch_size]]
         yield {"input_ids": [r["input_ids"] for r in chunk], "labels": [r["labels"] for r in chunk]}
-
-
-def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
-
-
-def build_scheduler(opt, cfg: TrainConfig, total_steps: int):
-    warmup = int(cfg.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if cfg.lr_schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def total_steps(cfg: TrainConfig, rows_per_worker: int) -> int:
@@ -96,54 +74,108 @@ def eval_loss(model, batches: Iterable[dict], all_reduce: Callable[[torch.Tensor
 
 @dataclass
 class LoopHooks:
-    """What the loop calls out to; defaults do nothing (a bare local run)."""
+    """What the loop calls out to; defaults do nothing (a bare local run).
 
-    report: Callable[[dict, bool], None] = lambda metrics, checkpoint: None
+    `report(metrics, ckpt)`: every log/eval/checkpoint step; `ckpt` is the TrainState to save with
+    this report (all ranks get it: saving may be collective), or None. `on_step(state)` runs after
+    every optimizer step, before its report (fault injection in tests, profiling)."""
+
+    report: Callable[[dict, TrainState | None], None] = lambda metrics, ckpt: None
     val_batches: Callable[[], Iterable[dict]] | None = None
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     world_size: int = 1
+    on_step: Callable[[TrainState], None] | None = None
+    eval_at_checkpoint: bool = False  # every checkpoint carries val_loss (checkpoint score)
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: CUDA allocations when on GPU, else the peak resident set."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except ImportError:  # pragma: no cover - Windows
+        return float("nan")
+
+
+def _improved(state: TrainState, val: float, cfg: TrainConfig) -> bool:
+    better = val < state.best_val - cfg.early_stopping_min_delta
+    if val < state.best_val:
+        state.best_val, state.best_step = val, state.step
+    return better
 
 
 def train_loop(model, train_epochs: Callable[[int], Iterable[dict]], cfg: TrainConfig,
-               steps: int, hooks: LoopHooks, eval_model=None) -> dict:
-    """Run `steps` optimiser steps over `train_epochs(epoch)` batches; return the last metrics.
+               steps: int, hooks: LoopHooks, eval_model=None, engine=None,
+               state: TrainState | None = None) -> dict:
+    """Run optimiser steps up to `steps` over `train_epochs(epoch)` batches; return the last metrics.
 
-    `hooks.report(metrics, checkpoint)` is called every log/eval/checkpoint step; the caller
-    saves the checkpoint when asked. `eval_model` is the unwrapped model (no DDP hooks).
+    `engine` (engine.py) wraps the model for its strategy; default: this process alone. `state`
+    resumes a checkpointed run: its epoch's first `state.micro` batches are skipped, so a run
+    resumed from step k with the same data, seed and restored optimizer ends where an
+    uninterrupted run would. Early stopping on val_loss (train.early_stopping_*) ends it sooner.
     """
-    opt = build_optimizer(model, cfg)
-    sched = build_scheduler(opt, cfg, steps)
-    eval_model = eval_model or model
-    model.train()
-    step, epoch, tokens, t0 = 0, 0, 0, time.perf_counter()
+    from oikyo_ray.train.engine import TorchEngine
+
+    engine = engine or TorchEngine(model, cfg, steps, wrap=False)
+    eval_model = eval_model or engine.eval_model
+    state = state or TrainState()
+    engine.model.train()
+    tokens, t0 = 0, time.perf_counter()
     metrics: dict = {}
-    while step < steps:
-        micro = 0
-        for batch in train_epochs(epoch):
-            loss, n = loss_on(model, batch)
-            (loss / cfg.grad_accum).backward()
+    first_report = state.resumed_from is not None
+    while state.step < steps and not state.stopped_early:
+        skip, micro, losses = state.micro, 0, []
+        for batch in itertools.islice(train_epochs(state.epoch), skip, None):
+            last = (skip + micro + 1) % cfg.grad_accum == 0
+            with engine.no_sync(last), engine.autocast():
+                loss, _ = loss_on(engine.model, batch)
+            grad_norm = engine.micro_step(loss, last)
+            losses.append(float(loss.detach()))
             tokens += int(batch["attention_mask"].sum())
             micro += 1
-            if micro % cfg.grad_accum:
+            if not last:
                 continue
-            params = [p for p in model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            metrics = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
-                       "grad_norm": float(grad_norm)}
-            do_eval = hooks.val_batches is not None and (step % cfg.eval_every == 0 or step == steps)
+            state.step += 1
+            state.micro = skip + micro
+            metrics = {"step": state.step, "epoch": state.epoch, "loss": sum(losses) / len(losses),
+                       "lr": engine.lr(), "grad_norm": grad_norm}
+            losses = []
+            if hooks.on_step is not None:
+                hooks.on_step(state)
+            do_ckpt = state.step % cfg.checkpoint_every == 0 or state.step == steps
+            do_eval = hooks.val_batches is not None and (
+                state.step % cfg.eval_every == 0 or state.step == steps or (do_ckpt and hooks.eval_at_checkpoint))
             if do_eval:
-                metrics["val_loss"] = eval_loss(eval_model, hooks.val_batches(), hooks.all_reduce)
-            do_ckpt = step % cfg.checkpoint_every == 0 or step == steps
-            if step % cfg.log_every == 0 or do_eval or do_ckpt:
+                with engine.autocast():
+                    metrics["val_loss"] = eval_loss(eval_model, hooks.val_batches(), hooks.all_reduce)
+                engine.model.train()
+                if _improved(state, metrics["val_loss"], cfg):
+                    state.bad_evals = 0
+                else:
+                    state.bad_evals += 1
+                if cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience:
+                    state.stopped_early = do_ckpt = True
+                    metrics.update(stopped_early=True, best_step=state.best_step)
+            if state.step % cfg.log_every == 0 or do_eval or do_ckpt:
                 dt = time.perf_counter() - t0
                 metrics["tokens_per_s"] = tokens * hooks.world_size / max(dt, 1e-9)
+                metrics["mem_peak_mb"] = peak_memory_mb()
+                if first_report:
+                    metrics["resumed_from"], first_report = state.resumed_from, False
                 tokens, t0 = 0, time.perf_counter()
-                hooks.report(metrics, do_ckpt)
-            if step >= steps:
+                if do_ckpt:
+                    state.scheduler = engine.scheduler.state_dict()
+                hooks.report(metrics, state if do_ckpt else None)
+            if state.step >= steps or state.stopped_early:
                 break
-        epoch += 1
+        else:
+            # the epoch is exhausted: gradients of an unfinished accumulation window are dropped
+            engine.drop_partial()
+            if skip == 0 and micro < cfg.grad_accum:
+                raise ValueError(f"an epoch has {micro} micro-batches, fewer than train.grad_accum="
+                                 f"{cfg.grad_accum}: no optimizer step is possible")
+            state.epoch, state.micro = state.epoch + 1, 0
     return metrics

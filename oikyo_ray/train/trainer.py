@@ -17,7 +17,7 @@ from pathlib import Path
 
 from oikyo_ray.config import OikyoConfig
 from oikyo_ray.errors import OikyoError
-from oikyo_ray.train.worker import train_func  # noqa: F401 (the TorchTrainer entry point)
+from oikyo_ray.train.worker import train_func
 
 TEST_FAIL_ENV = "OIKYO_TEST_FAIL_AT"  # test-only: "<step>[,<step>...]:<marker prefix>": rank 0 raises once per step
 

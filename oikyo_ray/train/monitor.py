@@ -1,0 +1,68 @@
+"""Monitoring files in the run directory (Ray-free): TensorBoard events and a loss-curve PNG.
+
+    tb = TensorBoardLog(run_dir / "tensorboard"); tb.write(metrics)   one scalar per numeric metric
+    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+SKIP = {"step", "epoch", "time", "resumed_from", "best_step"}
+
+
+class TensorBoardLog:
+    def __init__(self, log_dir: Path):
+        self.log_dir, self._w = Path(log_dir), None
+
+    def write(self, metrics: dict) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self._w is None:
+            self._w = SummaryWriter(str(self.log_dir))
+        step = int(metrics.get("step", 0))
+        for k, v in metrics.items():
+            if k not in SKIP and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self._w.add_scalar(f"train/{k}" if k != "val_loss" else "val/loss", v, step)
+        self._w.flush()
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, out: Path) -> Path | None:
+    """Training and validation loss against step (the last value per step wins after a resume)."""
+    rows = read_metrics(metrics_path)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = {r["step"]: r["loss"] for r in rows if "loss" in r}
+    val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train loss")
+    if val:
+        ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="val loss")
+    for r in rows:
+        if "resumed_from" in r:
+            ax.axvline(r["resumed_from"], color="grey", linestyle=":", label="resumed")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
