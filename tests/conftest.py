@@ -18,6 +18,11 @@ os.environ["RAY_AUTH_MODE"] = "token"  # drivers joining the session's head need
 
 ROOT = Path(__file__).resolve().parent.parent
 S3_SECRET = "oikyo-test-SECRET-7f3a91"  # a known string: tests assert it is written nowhere
+# Logical CPUs of the session head (the machine has 2 cores). Ray Data's internal tasks (file
+# listing, block metadata) each want a whole CPU; Ray Train worker placement groups of trials
+# that Tune stopped are released late. Two spare logical CPUs keep sweeps and Serve apps from
+# starving on that bookkeeping; the real compute still runs on the 2 cores.
+LOGICAL_CPUS = 4
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +88,7 @@ def _stop_ray_head(temp_dir: str, address: str) -> None:
 
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
-    """One local Ray head (2 CPUs, dashboard on 127.0.0.1) started with `ray start`, shared by
+    """One local Ray head (LOGICAL_CPUS, dashboard on 127.0.0.1) started with `ray start`, shared by
     every Ray test: drivers connect to it, and `ray job submit` reaches its Jobs API."""
     import ray
 
@@ -94,7 +99,7 @@ def ray_session(s3_server):
     # `ray start` does not create a token (only ray.init does): make one on a fresh machine
     subprocess.run(["ray", "get-auth-token", "--generate"], check=True, env=env, capture_output=True, timeout=60)
     r = subprocess.run(
-        ["ray", "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+        ["ray", "start", "--head", f"--port={gcs}", f"--num-cpus={LOGICAL_CPUS}", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180,

@@ -55,7 +55,7 @@ def _sweep_args(root: Path, cache_dir: Path, name: str) -> list[str]:
     return [str(SWEEP), f"run.root={root}", f"run.name={name}", f"model.cache_dir={cache_dir}",
             "train.epochs=3", "train.eval_every=10", "sweep.grace_period=10", "sweep.num_samples=4",
             "sweep.space={train.lr: {type: choice, values: [0.003, 0.00001]}}", "sweep.seed=1",
-            "eval.max_samples=8"]
+            "eval.max_samples=8", "sweep.max_concurrent_trials=1"]  # serial: ASHA decisions are deterministic
 
 
 @pytest.mark.slow
