@@ -90,7 +90,9 @@ def strategy_worker(rank: int, world: int, port: int, tiny_model: str, cache_dir
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      TORCH_EXTENSIONS_DIR=str(Path(cache_dir) / "torch_extensions"))
+                      # DeepSpeed JIT-builds its CPU shm-comm op (~1 min): keep it across sessions
+                      TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR")
+                      or str(Path("~/.cache/oikyo/torch_extensions").expanduser()))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from oikyo_ray.config import OikyoConfig
     from oikyo_ray.train.engine import build_engine
