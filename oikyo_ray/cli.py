@@ -39,7 +39,7 @@ def cmd_finetune(args) -> int:
     from oikyo_ray.finetune import run_finetune
 
     cfg = _load(args)
-    run_finetune(cfg)
+    run_finetune(cfg, resume=args.resume)
     return 0
 
 
@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("config", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
         s.set_defaults(fn=fn)
-        if name == "sweep":
-            s.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same run.name")
+        if name in ("sweep", "finetune"):
+            s.add_argument("--resume", action="store_true",
+                           help=f"continue an interrupted {name} of the same run.name from its newest checkpoint")
         if name == "serve":
             s.add_argument("--export-vllm", metavar="PATH",
                            help="write a ray.serve.llm (vLLM) Serve config for GPU clusters instead of serving")

@@ -18,7 +18,23 @@ def _step(log, name: str):
     return lambda extra="": log(f"[oikyo] {name} done in {time.perf_counter() - t0:.1f}s {extra}".rstrip())
 
 
-def run_finetune(cfg: OikyoConfig, log=print) -> Path:
+def _resume_dir(cfg: OikyoConfig) -> Path:
+    """The existing run directory to continue: same run.root and run.name, same settings."""
+    from oikyo_ray.config import load_config
+    from oikyo_ray.errors import OikyoError
+
+    if not cfg.run.name:
+        raise OikyoError("--resume needs run.name (the run to continue)")
+    run_dir = Path(cfg.run.root).expanduser().resolve() / cfg.run.name
+    if not (run_dir / "config.yaml").is_file():
+        raise OikyoError(f"nothing to resume: {run_dir} is not a run directory")
+    if load_config(run_dir / "config.yaml").config_hash() != cfg.config_hash():
+        raise OikyoError(f"{run_dir} was started with other settings; resume it with its own config.yaml",
+                         hint=f"oikyo finetune {run_dir / 'config.yaml'} --resume")
+    return run_dir
+
+
+def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False) -> Path:
     from oikyo_ray.cluster import init_ray
     from oikyo_ray.data.pipeline import expand_paths, load_split_rows, prepare
     from oikyo_ray.model.load import load_tokenizer, resolve_model_path
@@ -31,14 +47,17 @@ def run_finetune(cfg: OikyoConfig, log=print) -> Path:
     load_tokenizer(cfg.model, model_path)
     done(f"({model_path})")
     expand_paths(cfg.data.paths)
-    run_dir = create_run_dir(cfg)
-    log(f"[oikyo] run directory: {run_dir}")
+    run_dir = _resume_dir(cfg) if resume else create_run_dir(cfg)
+    log(f"[oikyo] run directory: {run_dir}{' (resuming from its newest checkpoint)' if resume else ''}")
     init_ray()
 
-    done = _step(log, "data: read, normalise, validate, split, tokenise (Ray Data)")
-    manifest = prepare(cfg, model_path, run_dir / "data")
-    done(json.dumps(manifest["counts"]))
-    write_lineage(run_dir, cfg, manifest, model_path)
+    if resume and (run_dir / "data" / "manifest.json").is_file():
+        manifest = json.loads((run_dir / "data" / "manifest.json").read_text())  # the same rows
+    else:
+        done = _step(log, "data: read, normalise, validate, split, tokenise (Ray Data)")
+        manifest = prepare(cfg, model_path, run_dir / "data")
+        done(json.dumps(manifest["counts"]))
+        write_lineage(run_dir, cfg, manifest, model_path)
 
     done = _step(log, "train (Ray Train)")
     final = fit(cfg, run_dir, model_path, manifest, log=log)

@@ -99,3 +99,18 @@ def test_cli_reports_bad_config_without_traceback():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "train.lrr: unknown field" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_finetune_resume_refuses_what_it_cannot_continue(tmp_path, cache_dir, capsys):
+    from oikyo_ray.cli import main
+
+    demo = str(ROOT / "jobs/configs/demo.yaml")
+    base = [f"run.root={tmp_path}", f"model.cache_dir={cache_dir}"]
+    assert main(["finetune", demo, *base, "--resume"]) == 2
+    assert "needs run.name" in capsys.readouterr().err
+    assert main(["finetune", demo, *base, "run.name=gone", "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.yaml").write_text("train: {lr: 0.5}\n")
+    assert main(["finetune", demo, *base, "run.name=other", "--resume"]) == 2
+    assert "other settings" in capsys.readouterr().err
