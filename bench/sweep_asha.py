@@ -44,6 +44,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=6)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="oikyo-sweep-bench-"))
+    from oikyo_ray.cluster import init_ray
+
+    init_ray(num_cpus=4)  # logical CPUs: see tests/conftest.py LOGICAL_CPUS (Ray Data bookkeeping tasks)
     asha = sweep(root, "asha", args.samples, asha=True)
     full = sweep(root, "full", args.samples, asha=False)
     write_result("sweep_asha", "total training steps (lower is better)", asha["steps"], full["steps"],

@@ -78,6 +78,13 @@ def _stop_ray_head(temp_dir: str, address: str) -> None:
         cmd = " ".join(p.info["cmdline"] or [])
         if temp_dir in cmd or address in cmd:
             procs += [p, *p.children(recursive=True)]
+    kill_processes(procs)
+
+
+def kill_processes(procs) -> None:
+    """SIGKILL these psutil processes (gone ones are fine) and wait for them."""
+    import psutil
+
     for p in procs:
         try:
             p.kill()

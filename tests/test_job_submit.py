@@ -9,6 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import kill_processes
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,12 +33,7 @@ def worker_node(ray_session):
     new = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
            and "ray" in " ".join(p.info["cmdline"] or [])]
     yield
-    for p in new:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(new, timeout=30)
+    kill_processes(new)
 
 
 def test_job_submit_finetune(ray_session, worker_node, cache_dir, tmp_path):
