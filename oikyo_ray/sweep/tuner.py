@@ -89,6 +89,9 @@ def run_sweep(cfg: OikyoConfig, resume: bool = False, log=print) -> Path:
     (sweep_dir / "config.yaml").write_text(dump_yaml(cfg))
     init_ray()
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # A trial restored after the driver died may end with a bare "done" result (its training had
+    # already reached the last step); ASHA skips results without the metric, Tune must not fail.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
     if not (sweep_dir / "data" / "manifest.json").exists():
         log("[oikyo] sweep: preparing data once for every trial")
