@@ -32,9 +32,3 @@ def download_dir(uri: str, dest: Path) -> Path:
     pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     (dest / ".complete").touch()
     return dest
-
-
-def upload_dir(src: Path, uri: str) -> None:
-    fs, path = filesystem(uri)
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(str(src), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

@@ -105,9 +105,6 @@ class ModelServer:
             yield piece
         await task
 
-    def count_tokens(self, text: str) -> int:
-        return self.engine.count_tokens(text)
-
     def check_health(self):
         if not self.engine.healthy():
             raise RuntimeError("model produced non-finite logits")

@@ -51,14 +51,6 @@ class Engine:
                 self.model.set_adapter(self.loaded[0])
 
     # generation -----------------------------------------------------------------------------
-    def render_chat(self, messages: list[dict]) -> str:
-        from oikyo_ray.data.tokenize import render_prompt
-
-        return render_prompt(self.tokenizer, messages)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     def generate_many(self, items: list[dict]) -> list[dict]:
         """items: {"adapter": name or None, "prompt": str, "sampling": dict}; outputs in order."""
         from oikyo_ray.eval.generate import generate
