@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from oikyo_ray.errors import ConfigError
 
@@ -115,6 +115,14 @@ class DataConfig(_Section):
         0.8, gt=0.0, le=1.0, description="Estimated Jaccard of prompts (word 3-grams) at or above "
         "which rows in different splits count as leaked; null = exact prompt matches only.",
     )
+    packing: bool = Field(
+        False, description="Pack training rows into fixed-length blocks (data.pack_length tokens) "
+        "instead of padding each batch; samples in a block keep their own position ids and do not "
+        "attend to each other. Validation and test rows stay unpacked.",
+    )
+    pack_length: int | None = Field(
+        None, ge=8, description="Tokens per packed block (null = data.max_length); at least max_length."
+    )
     cache: bool = Field(
         True, description="Reuse a prepared dataset when the input files (sha256), this section and "
         "the tokenizer are unchanged (kept under <model.cache_dir>/data/).",
@@ -127,6 +135,18 @@ class DataConfig(_Section):
         if isinstance(data, dict) and isinstance(data.get("leakage"), bool):
             data = {**data, "leakage": "remove" if data["leakage"] else "off"}
         return data
+
+    @model_validator(mode="after")
+    def _pack_fits(self) -> DataConfig:
+        if self.pack_length is not None and self.pack_length < self.max_length:
+            raise ValueError(f"data.pack_length={self.pack_length} is shorter than data.max_length="
+                             f"{self.max_length}: a row would not fit a block")
+        return self
+
+    @property
+    def block_length(self) -> int:
+        """Tokens per packed block."""
+        return self.pack_length or self.max_length
 
 
 class LoraConfig(_Section):
@@ -351,11 +371,24 @@ class ServeConfig(_Section):
 
 
 class RunSection(_Section):
-    root: str = Field("runs", description="Directory holding one sub-directory per run.")
+    root: str = Field(
+        "runs", description="Directory or s3://bucket/prefix holding one sub-directory per run (s3: "
+        "staged under <model.cache_dir>/runs-staging/, uploaded after each stage; endpoint from "
+        "AWS_ENDPOINT_URL).",
+    )
     name: str | None = Field(
         None, description="Run name (default: <timestamp>-<config hash>).", pattern=r"^[A-Za-z0-9._-]+$"
     )
     serve_after: bool = Field(False, description="Serve the new adapter and send one request (demo).")
+
+    @field_validator("root")
+    @classmethod
+    def _local_or_s3(cls, v: str) -> str:
+        # caught here, before Ray starts, not as a path named "gs:/..." after training
+        scheme, sep, rest = v.partition("://")
+        if sep and (scheme != "s3" or not rest.split("/", 1)[0]):
+            raise ValueError(f"must be a local directory or s3://bucket[/prefix], got '{v}'")
+        return v
 
 
 class SearchDim(_Section):

@@ -53,3 +53,26 @@ def test_prepare_on_ray_matches_the_local_stage(ray_session, tiny_model, tmp_pat
     with pytest.raises(DataError) as e:
         prepare(config(tmp_path, ["dups.jsonl", "truncated.json"]), str(tiny_model), tmp_path / "bad")
     assert "truncated.json: invalid JSON at line 2 column 23 (byte 60)" in str(e.value)
+
+
+@pytest.mark.ray
+def test_packing_on_ray_matches_the_local_stage(ray_session, tiny_model, tmp_path):
+    """Ray packs each curated block where it lies; blocks equal the in-process stage's for one file."""
+    import pyarrow.parquet as pq
+
+    from oikyo_ray.data.cli import format_report
+    from oikyo_ray.data.packing import PACKED_COLUMNS
+
+    files = ["sharegpt_tools.json"]
+    m = prepare(config(tmp_path, files, "data.packing=true", "data.pack_length=512"), str(tiny_model), tmp_path / "r")
+    local = prepare_local(config(tmp_path, files, "data.packing=true", "data.pack_length=512", "data.cache=false"),
+                          str(tiny_model), tmp_path / "l")
+    assert m["packing"] == local["packing"] and m["packing"]["rows"] == m["counts"]["train"]
+
+    def blocks(d):
+        return sorted(map(str, pq.read_table(d / "train_packed").to_pylist()))
+
+    assert blocks(tmp_path / "r") == blocks(tmp_path / "l")
+    ds = read_split(tmp_path / "r", "train", packed=True)
+    assert ds.columns() == PACKED_COLUMNS and ds.count() == m["packing"]["blocks"]
+    assert "packing:" in format_report(m, [], tmp_path / "r")

@@ -41,6 +41,14 @@ def make_run(root: Path, tiny_model: Path, cache_dir: Path, overrides: list[str]
         table = pa.table({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
         pq.write_table(table, d / "part-0.parquet")
     manifest = {"counts": {"train": n_train, "val": n_val, "test": 0}, "content_hash": "test"}
+    if cfg.data.packing:
+        from oikyo_ray.data.packing import pack_rows
+
+        rows = enc[:n_train]
+        blocks = pack_rows([r["input_ids"] for r in rows], [r["labels"] for r in rows], cfg.data.block_length, 0)
+        (run_dir / "data" / "train_packed").mkdir(exist_ok=True)
+        pq.write_table(pa.table(blocks), run_dir / "data" / "train_packed" / "part-0.parquet")
+        manifest["packing"] = {"blocks": len(blocks["input_ids"])}
     return cfg, run_dir, manifest
 
 

@@ -48,6 +48,8 @@ def cmd_data_prepare(args) -> int:
     from oikyo_ray.model.load import resolve_model_path
 
     cfg = load_config(args.config, args.overrides)  # validated before Ray starts
+    if not args.out and cfg.run.root.startswith("s3://"):
+        raise DataError(f"run.root is {cfg.run.root}: data prepare writes locally", hint="pass --out DIR")
     out = Path(args.out) if args.out else Path(cfg.run.root) / "data" / data_config_hash(cfg.data)
     tokenizer_path = resolve_model_path(cfg.model)
     if args.no_ray:
@@ -153,6 +155,11 @@ def format_report(manifest: dict, rejects: list[dict], d: Path, top: int = 8) ->
         lines += ["", f"tokens: total {t['total']:,}, mean {t['mean']:.1f}, max {t['max']}, "
                       f"truncated at data.max_length={max_length}: {t.get('truncated', 0)}"]
         lines += _text_histogram(t.get("histogram"))
+    pk = manifest.get("packing")
+    if pk:
+        lines += ["", f"packing: {pk['rows']} train rows in {pk['blocks']} blocks of {pk['length']} tokens, "
+                      f"{pk['efficiency']:.1%} real tokens (right-padded batches of {pk['padded_batch_size']}: "
+                      f"{pk['padded_efficiency']:.1%})"]
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 FORMAT_VERSION = 2
 CURATION_VERSION = "2"  # bump when curation logic changes what is kept: invalidates cached datasets
 SPLITS = ("train", "val", "test")
+PACKED = "train_packed"  # the train split packed into blocks (data.packing)
 HIST_BINS = 16
 CHUNK = 1 << 20
 _TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template",
@@ -89,7 +90,7 @@ def content_hash(kept: list[dict]) -> str:
 
 
 def output_hashes(out_dir: Path) -> dict[str, str]:
-    names = [out_dir / "rejects.jsonl"] + [f for s in SPLITS for f in sorted((out_dir / s).glob("*.parquet"))]
+    names = [out_dir / "rejects.jsonl"] + [f for s in (*SPLITS, PACKED) for f in sorted((out_dir / s).glob("*.parquet"))]
     return {str(f.relative_to(out_dir)): file_sha256(f) for f in names if f.is_file()}
 
 

@@ -105,6 +105,15 @@ def _split_rows(batch: pa.Table, split: str, removed: frozenset) -> pa.Table:
     return batch.filter(mask).select(OUTPUT_COLUMNS)
 
 
+def _pack_table(batch: pa.Table, length: int, pad_id: int) -> pa.Table:
+    """Tokenised rows -> packed blocks (packing.PACKED_COLUMNS)."""
+    from oikyo_ray.data.packing import pack_rows
+
+    cols = pack_rows(batch["input_ids"].to_pylist(), batch["labels"].to_pylist(), length, pad_id)
+    return pa.table({k: pa.array(v, type=pa.int64() if k == "num_tokens" else pa.list_(pa.int64()))
+                     for k, v in cols.items()})
+
+
 class _RayCuration:
     def __init__(self, groups: dict[str, list[str]], cfg: OikyoConfig, tokenizer_path: str):
         import ray
@@ -122,6 +131,13 @@ class _RayCuration:
         sub = self.ds.map_batches(_split_rows, batch_format="pyarrow", batch_size=None,
                                   fn_kwargs={"split": split, "removed": removed})
         sub.write_parquet(str(out))
+
+    def write_packed(self, removed: frozenset, out: Path, length: int, pad_id: int) -> None:
+        # one call per block of curated rows (a file, or a part of a big one): deterministic blocks
+        sub = self.ds.map_batches(_split_rows, batch_format="pyarrow", batch_size=None,
+                                  fn_kwargs={"split": "train", "removed": removed})
+        sub.map_batches(_pack_table, batch_format="pyarrow", batch_size=None,
+                        fn_kwargs={"length": length, "pad_id": pad_id}).write_parquet(str(out))
 
 
 class _LocalCuration:
@@ -147,6 +163,13 @@ class _LocalCuration:
         if table.num_rows:
             out.mkdir(parents=True, exist_ok=True)
             pq.write_table(table, out / "part-00000.parquet")
+
+    def write_packed(self, removed: frozenset, out: Path, length: int, pad_id: int) -> None:
+        import pyarrow.parquet as pq
+
+        table = _split_rows(pa.Table.from_pylist(self.records, schema=SCHEMA), "train", removed)
+        out.mkdir(parents=True, exist_ok=True)
+        pq.write_table(_pack_table(table, length, pad_id), out / "part-00000.parquet")
 
 
 # ---- the stage ---------------------------------------------------------------------------------------
@@ -188,7 +211,7 @@ def _prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, backend) -> d
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # no stale manifest beside new outputs
-    for split in SPLITS:
+    for split in (*SPLITS, mf.PACKED):
         shutil.rmtree(out_dir / split, ignore_errors=True)  # never mix in shards of an earlier run
     _write_text(out_dir / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
     if not any(r["split"] == "train" for r in kept):
@@ -201,13 +224,43 @@ def _prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, backend) -> d
         target = out_dir / split
         cur.write_split(split, removed, target)
         target.mkdir(parents=True, exist_ok=True)  # an empty split is an empty directory
+    if data.packing:
+        cur.write_packed(removed, out_dir / mf.PACKED, data.block_length, _pad_id(tokenizer_path, cfg))
 
     manifest = mf.build(inputs=inputs, summary=summary, kept=kept, rejects=rejects, stats=result.stats,
                         leaks=result.leaks, data=data, tokenizer_path=tokenizer_path, key=key, out_dir=out_dir)
+    if data.packing:
+        manifest["packing"] = packing_report(out_dir, data.block_length, cfg.train.batch_size, cfg.train.seed)
     _write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
     if cache is not None:
         _store(out_dir, cache)
     return manifest
+
+
+def _pad_id(tokenizer_path: str, cfg: OikyoConfig) -> int:
+    from oikyo_ray.data.curate import _tokenizer
+
+    tok = _tokenizer(tokenizer_path, cfg.model.trust_remote_code)
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def packing_report(out_dir: Path, length: int, batch_size: int, seed: int) -> dict:
+    """Blocks, rows and the non-pad token share packed vs right-padded batches of the same rows
+    (shuffled with the training seed, as the loader would)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from oikyo_ray.data.packing import efficiency, padded_efficiency
+
+    def column(split: str, name: str) -> list[int]:
+        d = out_dir / split
+        return pq.read_table(str(d), columns=[name])[name].to_pylist() if any(d.glob("*.parquet")) else []
+
+    blocks, rows = column(mf.PACKED, "num_tokens"), column("train", "num_tokens")
+    shuffled = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
+    return {"length": length, "rows": len(rows), "blocks": len(blocks),
+            "efficiency": round(efficiency(blocks, length), 4),
+            "padded_efficiency": round(padded_efficiency(shuffled, batch_size), 4), "padded_batch_size": batch_size}
 
 
 # ---- cache ---------------------------------------------------------------------------------------
@@ -249,7 +302,7 @@ def _store(out_dir: Path, cache: Path) -> None:
 
 def _restore(cache: Path, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in [*SPLITS, "rejects.jsonl"]:
+    for name in [*SPLITS, mf.PACKED, "rejects.jsonl"]:
         target = out_dir / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -266,10 +319,15 @@ def _restore(cache: Path, out_dir: Path) -> dict:
 
 # ---- readers of a prepared dataset -----------------------------------------------------------------
 
-def read_split(data_dir: Path, split: str):
-    """A prepared split as a Ray Dataset of TRAIN_COLUMNS (streamed to workers)."""
+def read_split(data_dir: Path, split: str, packed: bool = False):
+    """A prepared split as a Ray Dataset of TRAIN_COLUMNS (streamed to workers); `packed`: the
+    train split's packed blocks (packing.PACKED_COLUMNS) instead."""
     import ray
 
+    from oikyo_ray.data.packing import PACKED_COLUMNS
+
+    columns = PACKED_COLUMNS if packed else TRAIN_COLUMNS
+    split = mf.PACKED if packed else split
     files = sorted((data_dir / split).glob("*.parquet"))
     if sum(f.stat().st_size for f in files) <= IN_MEMORY_SPLIT_BYTES:
         # Small splits go to the object store straight from here: Ray Data's file listing task
@@ -277,8 +335,8 @@ def read_split(data_dir: Path, split: str):
         # hold the cluster's CPUs would otherwise starve forever.
         import pyarrow.parquet as pq
 
-        return ray.data.from_arrow(pq.ParquetDataset([str(f) for f in files]).read(columns=TRAIN_COLUMNS))
-    return ray.data.read_parquet(str(data_dir / split), columns=TRAIN_COLUMNS, num_cpus=0.25)
+        return ray.data.from_arrow(pq.ParquetDataset([str(f) for f in files]).read(columns=columns))
+    return ray.data.read_parquet(str(data_dir / split), columns=columns, num_cpus=0.25)
 
 
 def load_split_rows(data_dir: Path, split: str) -> list[dict]:

@@ -22,7 +22,15 @@ from oikyo_ray.train.engine import build_optimizer, build_scheduler  # noqa: F40
 
 
 def collate(batch: dict, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch of variable-length rows (dict of arrays of lists) to its longest row."""
+    """Right-pad a batch of variable-length rows (dict of arrays of lists) to its longest row, or
+    stack packed blocks (rows with `position_ids`, all one length: no attention mask, so the model
+    masks across samples from the restarting positions; see data/packing.py).
+    `num_tokens` counts the real (non-pad) tokens of each row."""
+    if "position_ids" in batch:
+        out = {k: torch.from_numpy(np.stack([np.asarray(x, dtype=np.int64) for x in batch[k]]))
+               for k in ("input_ids", "labels", "position_ids")}
+        out["num_tokens"] = torch.as_tensor(np.asarray(batch["num_tokens"], dtype=np.int64))
+        return out
     ids = [np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]
     labels = [np.asarray(x, dtype=np.int64) for x in batch["labels"]]
     n = max(len(x) for x in ids)
@@ -32,7 +40,7 @@ def collate(batch: dict, pad_id: int) -> dict[str, torch.Tensor]:
     for i, (a, b) in enumerate(zip(ids, labels)):
         out_ids[i, : len(a)], out_lab[i, : len(b)], mask[i, : len(a)] = a, b, 1
     return {"input_ids": torch.from_numpy(out_ids), "labels": torch.from_numpy(out_lab),
-            "attention_mask": torch.from_numpy(mask)}
+            "attention_mask": torch.from_numpy(mask), "num_tokens": torch.from_numpy(mask.sum(1))}
 
 
 def shuffled_batches(rows: list[dict], batch_size: int, seed: int):
@@ -40,7 +48,7 @@ def shuffled_batches(rows: list[dict], batch_size: int, seed: int):
     order = np.random.default_rng(seed).permutation(len(rows))
     for i in range(0, len(order) - batch_size + 1, batch_size):
         chunk = [rows[j] for j in order[i:i + batch_size]]
-        yield {"input_ids": [r["input_ids"] for r in chunk], "labels": [r["labels"] for r in chunk]}
+        yield {k: [r[k] for r in chunk] for k in rows[0]}
 
 
 def total_steps(cfg: TrainConfig, rows_per_worker: int) -> int:
@@ -51,8 +59,11 @@ def total_steps(cfg: TrainConfig, rows_per_worker: int) -> int:
 
 
 def loss_on(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean next-token loss over labelled tokens, and how many tokens that was."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    """Mean next-token loss over labelled tokens, and how many tokens that was. Packed batches
+    carry position_ids and no attention mask; the KV cache stays off, or transformers would not
+    derive the per-sample mask from the positions."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in batch}
+    out = model(**inputs, use_cache=False)
     n = int((batch["labels"][:, 1:] != IGNORE).sum())
     return out.loss, n
 
@@ -134,7 +145,7 @@ def train_loop(model, train_epochs: Callable[[int], Iterable[dict]], cfg: TrainC
                 loss, _ = loss_on(engine.model, batch)
             grad_norm = engine.micro_step(loss, last)
             losses.append(float(loss.detach()))
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["num_tokens"].sum())
             micro += 1
             if not last:
                 continue

@@ -111,10 +111,15 @@ def fit(cfg: OikyoConfig, run_dir: Path, model_path: str, manifest: dict, log=pr
     check_before_ray(cfg)
     sc, ck = cfg.scaling, cfg.checkpoint
     counts = manifest["counts"]
-    rows_per_worker = counts["train"] // sc.num_workers
+    packed = cfg.data.packing
+    if packed and "packing" not in manifest:
+        raise OikyoError("data.packing=true but the prepared data has no packed split",
+                         hint="prepare the data again with data.packing=true")
+    n_train = manifest["packing"]["blocks"] if packed else counts["train"]
+    rows_per_worker = n_train // sc.num_workers
     if rows_per_worker < cfg.train.batch_size * cfg.train.grad_accum:
         raise OikyoError(
-            f"{counts['train']} training rows across {sc.num_workers} workers is less than one optimizer "
+            f"{n_train} training {'blocks' if packed else 'rows'} across {sc.num_workers} workers is less than one optimizer "
             f"step of train.batch_size={cfg.train.batch_size} x train.grad_accum={cfg.train.grad_accum} per worker",
             hint="add data, lower train.batch_size, train.grad_accum or scaling.num_workers",
         )
@@ -123,7 +128,7 @@ def fit(cfg: OikyoConfig, run_dir: Path, model_path: str, manifest: dict, log=pr
     if (ck.score or cfg.train.early_stopping_patience) and not has_val:
         raise OikyoError(f"{counts['val']} validation rows: too few for val_loss on {sc.num_workers} workers",
                          hint="raise data.val_fraction or turn off checkpoint.score / early stopping")
-    datasets = {"train": read_split(run_dir / "data", "train")}
+    datasets = {"train": read_split(run_dir / "data", "train", packed=packed)}
     if has_val:
         datasets["val"] = read_split(run_dir / "data", "val")
     log(f"train: {sc.num_workers} worker(s) x {cfg.train.batch_size} rows, {steps} steps, "

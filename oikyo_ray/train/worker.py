@@ -32,7 +32,7 @@ def _load(cfg: OikyoConfig, model_path: str, ckpt_dir: Path | None):
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quantization_config(
-            cfg.method), use_safetensors=True)
+            cfg.method, cfg.scaling.use_gpu), use_safetensors=True)
     else:
         base = load_model(cfg.model, model_path)
     model = apply_method(base, cfg.method, cfg.train.gradient_checkpointing)
@@ -59,7 +59,7 @@ def make_epochs(shard, cfg: OikyoConfig, pad: int, to_device, cache: bool):
         if cache:
             if not rows:
                 for b in shard.iter_batches(batch_size=1024, batch_format="numpy"):
-                    rows.extend({"input_ids": i, "labels": lab} for i, lab in zip(b["input_ids"], b["labels"]))
+                    rows.extend(dict(zip(b, vals)) for vals in zip(*b.values()))
                 rows.sort(key=_rows_key)
             yield from (to_device(collate(b, pad)) for b in shuffled_batches(rows, tc.batch_size, tc.seed + epoch))
             return
