@@ -106,12 +106,14 @@ def curate_row(raw, data: DataConfig, tokenizer, norm=None) -> dict:
     }
 
 
-def curate_file(source: str, data_bytes: bytes, data: DataConfig, tokenizer) -> list[dict]:
-    """All records of one file; a broken file gives a single FILE_ERROR record naming why."""
+def curate_file(source: str, data_bytes: bytes, data: DataConfig, tokenizer, first_row: int = 1,
+                whole: bool = True) -> list[dict]:
+    """All records of one file (or of a line-aligned piece of a jsonl file starting at line
+    `first_row`); a broken file gives a single FILE_ERROR record naming why."""
     out = []
     norm = normaliser(data)
     try:
-        for n, raw, reason in iter_rows(source, data_bytes, max_row_bytes(data)):
+        for n, raw, reason in iter_rows(source, data_bytes, max_row_bytes(data), first_row, whole):
             if raw is BAD:
                 kind = "not_utf8" if reason.startswith("not UTF-8") else \
                     "too_long" if reason.startswith("row is ") else "invalid_json"
@@ -131,11 +133,15 @@ def to_table(records: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(records, schema=SCHEMA)
 
 
-def curate_batch(batch: dict, data: dict, tokenizer_path: str, trust_remote_code: bool) -> pa.Table:
-    """Ray Data `map_batches` UDF over read_binary_files rows (columns: bytes, path)."""
+def curate_pieces(batch: dict, data: dict, tokenizer_path: str, trust_remote_code: bool) -> pa.Table:
+    """Ray Data `map_batches` UDF over pieces of input files (columns of `pieces.Piece`): each
+    worker reads its own byte range, so no process ever holds more than a piece."""
+    from oikyo_ray.data.pieces import read_piece
+
     cfg = DataConfig.model_validate(data)
     tok = _tokenizer(tokenizer_path, trust_remote_code)
     recs = []
-    for path, blob in zip(batch["path"], batch["bytes"]):
-        recs.extend(curate_file(str(path), bytes(blob), cfg, tok))
+    for piece in (dict(zip(batch, vals)) for vals in zip(*batch.values())):
+        blob = read_piece(piece)
+        recs.extend(curate_file(str(piece["path"]), blob, cfg, tok, int(piece["first_row"]), bool(piece["whole"])))
     return to_table(recs)

@@ -4,7 +4,8 @@
     prepare_local(cfg, tokenizer_path, out_dir) -> manifest dict   (same result, in-process, no Ray)
 
 Steps: hash the inputs (sha256) and look the result up in the cache; curate every file (Ray Data
-`read_binary_files` + `map_batches(curate_batch)`: one record per row, accepted or rejected);
+`from_items(pieces)` + `map_batches(curate_pieces)`: big jsonl files are cut at line ends into
+~16 MiB pieces, each read by its own task; one record per row, accepted or rejected);
 collect the small per-row summary on the driver and run the global pass there (exact and near
 duplicates, leakage across splits: `quality.global_filter`); write what is kept per split.
 
@@ -27,7 +28,8 @@ import pyarrow.fs as pafs
 
 from oikyo_ray.config import DEMO_DATA, OikyoConfig
 from oikyo_ray.data import manifest as mf
-from oikyo_ray.data.curate import FILE_ERROR, OUTPUT_COLUMNS, SCHEMA, SUMMARY_COLUMNS, curate_batch
+from oikyo_ray.data.curate import FILE_ERROR, OUTPUT_COLUMNS, SCHEMA, SUMMARY_COLUMNS, curate_pieces
+from oikyo_ray.data.pieces import plan
 from oikyo_ray.data.quality import global_filter
 from oikyo_ray.errors import DataError
 from oikyo_ray.storage import filesystem
@@ -71,20 +73,8 @@ def expand_paths(paths: list[str]) -> dict[str, list[str]]:
     return {k: v for k, v in groups.items() if v}
 
 
-def _fs(kind: str):
-    return filesystem("s3://x")[0] if kind == "s3" else pafs.LocalFileSystem()
 
 
-def hash_inputs(groups: dict[str, list[str]]) -> list[dict]:
-    """[{path, sha256, bytes}] of every input file, streamed (files are never held whole)."""
-    out = []
-    for kind, files in groups.items():
-        fs = _fs(kind)
-        for path in files:
-            with fs.open_input_stream(path) as f:
-                digest, size = mf.sha256_stream(f.read)
-            out.append({"path": path, "sha256": digest, "bytes": size})
-    return out
 
 
 # ---- curation backends: records for every row, then the kept rows written per split ---------------
@@ -115,14 +105,12 @@ def _pack_table(batch: pa.Table, length: int, pad_id: int) -> pa.Table:
 
 
 class _RayCuration:
-    def __init__(self, groups: dict[str, list[str]], cfg: OikyoConfig, tokenizer_path: str):
+    def __init__(self, pieces: list[dict], cfg: OikyoConfig, tokenizer_path: str):
         import ray
 
-        parts = [ray.data.read_binary_files(files, include_paths=True, filesystem=_fs(kind))
-                 for kind, files in groups.items()]
-        ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-        # one file per call: row numbers stay per file
-        self.ds = ds.map_batches(curate_batch, batch_size=1, fn_kwargs=_fn_kwargs(cfg, tokenizer_path)).materialize()
+        # one piece per task, read by the task itself: big jsonl files spread over every core
+        ds = ray.data.from_items(pieces, override_num_blocks=len(pieces))
+        self.ds = ds.map_batches(curate_pieces, batch_size=1, fn_kwargs=_fn_kwargs(cfg, tokenizer_path)).materialize()
 
     def summary(self) -> list[dict]:
         return self.ds.select_columns(SUMMARY_COLUMNS).take_all()
@@ -141,17 +129,14 @@ class _RayCuration:
 
 
 class _LocalCuration:
-    def __init__(self, groups: dict[str, list[str]], cfg: OikyoConfig, tokenizer_path: str):
+    def __init__(self, pieces: list[dict], cfg: OikyoConfig, tokenizer_path: str):
         from oikyo_ray.data.curate import _tokenizer, curate_file
+        from oikyo_ray.data.pieces import read_piece
 
         tok = _tokenizer(tokenizer_path, cfg.model.trust_remote_code)
         self.records = []
-        for kind, files in groups.items():
-            fs = _fs(kind)
-            for path in files:
-                with fs.open_input_file(path) as f:
-                    blob = f.readall()
-                self.records.extend(curate_file(path, blob, cfg.data, tok))
+        for p in pieces:
+            self.records.extend(curate_file(p["path"], read_piece(p), cfg.data, tok, p["first_row"], p["whole"]))
 
     def summary(self) -> list[dict]:
         return [{k: r[k] for k in SUMMARY_COLUMNS} for r in self.records]
@@ -188,13 +173,13 @@ def _prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, backend) -> d
     data = cfg.data
     groups = expand_paths(data.paths)
     files = [p for fs in groups.values() for p in fs]
-    inputs = hash_inputs(groups)
+    inputs, pieces = plan(groups)
     key = mf.cache_key(inputs, data, tokenizer_path, cfg.model.trust_remote_code)
     cache = cache_dir(cfg) / key if data.cache else None
     if cache is not None and (cache / "manifest.json").is_file():
         return _restore(cache, out_dir)
 
-    cur = backend(groups, cfg, tokenizer_path)
+    cur = backend(pieces, cfg, tokenizer_path)
     summary = cur.summary()
     bad_files = [r for r in summary if r["status"] == FILE_ERROR]
     if bad_files:

@@ -34,15 +34,22 @@ def _empty(path: str) -> DataError:
     return DataError(f"{path}: empty file (no rows)", hint=HINT_EMPTY)
 
 
-def iter_rows(path: str, data: bytes, max_row_bytes: int | None = None) -> Iterator[tuple[int, object, str | None]]:
+def is_jsonl(path: str) -> bool:
+    return path.lower().endswith((".jsonl", ".ndjson"))
+
+
+def iter_rows(path: str, data: bytes, max_row_bytes: int | None = None, first_row: int = 1,
+              whole: bool = True) -> Iterator[tuple[int, object, str | None]]:
     """Yield (row_number, row, reject_reason); row is BAD when reject_reason is set.
 
     `max_row_bytes`: jsonl lines longer than this are rejected without being parsed (a bound on
     memory: a line far beyond data.max_chars is never turned into Python objects).
+    `first_row`, `whole`: `data` is a line-aligned piece of a jsonl file whose first line is line
+    `first_row`; a piece other than the whole file may hold no rows.
     """
     lower = path.lower()
-    if lower.endswith((".jsonl", ".ndjson")):
-        yield from _jsonl(path, data, max_row_bytes)
+    if is_jsonl(lower):
+        yield from _jsonl(path, data, max_row_bytes, first_row, whole)
     elif lower.endswith(".json"):
         text = _decode(data, path)
         if not text.strip():
@@ -72,11 +79,11 @@ def iter_rows(path: str, data: bytes, max_row_bytes: int | None = None) -> Itera
         raise DataError(f"{path}: unsupported file type", hint="use .json, .jsonl, .parquet or .csv")
 
 
-def _jsonl(path: str, data: bytes, max_row_bytes: int | None):
+def _jsonl(path: str, data: bytes, max_row_bytes: int | None, first_row: int = 1, whole: bool = True):
     if data.startswith(BOM):
         data = data[len(BOM):]
-    seen = False
-    for i, line in enumerate(data.splitlines(), start=1):
+    seen = not whole
+    for i, line in enumerate(data.splitlines(), start=first_row):
         if not line.strip():
             continue
         seen = True
