@@ -165,7 +165,8 @@ class LoraConfig(_Section):
 class MethodConfig(_Section):
     type: Literal["lora", "dora", "qlora", "full"] = Field(
         "lora", description="lora/dora train a peft adapter (dora: weight-decomposed LoRA); qlora trains "
-        "LoRA on a 4-bit (bitsandbytes) base and needs a CUDA GPU; full updates every weight."
+        "LoRA on a 4-bit (bitsandbytes) base, GPU or CPU (CPU: float32 compute, bnb's eval-time weight "
+        "repack kept off so LoRA grads survive evals); full updates every weight."
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter settings (lora, dora, qlora).")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="qlora: 4-bit data type of the base.")

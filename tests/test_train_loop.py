@@ -103,12 +103,17 @@ def test_grad_accum_checkpointing_bf16_still_learn(tiny_model, cache_dir):
     assert sum(r["loss"] for r in reports[-3:]) < sum(r["loss"] for r in reports[:3]) - 0.5
 
 
-def test_qlora_on_cpu_is_refused_with_a_reason():
+def test_qlora_without_bitsandbytes_is_refused_with_a_reason(monkeypatch):
+    """qlora trains on CPU too (tests/test_qlora.py), but only with bitsandbytes installed."""
+    import sys
+
     from oikyo_ray.config import load_config
     from oikyo_ray.errors import ModelError
     from oikyo_ray.model.methods import check_method
 
     cfg = load_config(None, ["method.type=qlora"])
-    with pytest.raises(ModelError, match="CUDA GPU.*LoRA gradients silently become None"):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    with pytest.raises(ModelError, match="qlora needs bitsandbytes") as e:
         check_method(cfg.method, use_gpu=False)
+    assert "pip install bitsandbytes" in str(e.value)
     check_method(load_config(None, ["method.type=dora"]).method, use_gpu=False)

@@ -3,35 +3,32 @@
 from __future__ import annotations
 
 from oikyo_ray.config import MethodConfig
-from oikyo_ray.errors import ModelError
-
-QLORA_CPU = ("qlora needs a CUDA GPU (scaling.use_gpu=true) and bitsandbytes: on CPU the bitsandbytes "
-             "4-bit kernels repack the weights after any no-grad eval forward and the LoRA gradients "
-             "silently become None, so training would stop learning")
 
 
 def check_method(method: MethodConfig, use_gpu: bool) -> None:
-    """Refuse what cannot train correctly, before Ray starts."""
+    """Refuse what cannot train correctly, before Ray starts. qlora runs on CPU too (bitsandbytes'
+    CPU backend), guarded by qlora.keep_trainable in apply_method."""
     if method.type != "qlora":
         return
-    if not use_gpu:
-        raise ModelError(QLORA_CPU, hint="use method.type=lora on CPU, or run on GPUs")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ModelError("qlora needs bitsandbytes", hint="pip install bitsandbytes") from None
+    from oikyo_ray.model.qlora import require_bitsandbytes
+
+    require_bitsandbytes()
 
 
-def quantization_config(method: MethodConfig):
-    """The transformers BitsAndBytesConfig for loading a qlora base (None for other methods)."""
+def quantization_config(method: MethodConfig, use_gpu: bool | None = None):
+    """The transformers BitsAndBytesConfig for loading a qlora base (None for other methods);
+    compute dtype bf16 on GPU, float32 on CPU (use_gpu None: whether CUDA is available)."""
     if method.type != "qlora":
         return None
     import torch
     from transformers import BitsAndBytesConfig
 
+    from oikyo_ray.model.qlora import compute_dtype
+
+    gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method.quant_type,
                               bnb_4bit_use_double_quant=method.double_quant,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=compute_dtype(gpu))
 
 
 def apply_method(model, method: MethodConfig, gradient_checkpointing: bool = False):
@@ -46,7 +43,8 @@ def apply_method(model, method: MethodConfig, gradient_checkpointing: bool = Fal
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if method.type == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = method.lora
     peft_cfg = LoraConfig(
         r=lora.r,
@@ -57,7 +55,12 @@ def apply_method(model, method: MethodConfig, gradient_checkpointing: bool = Fal
         use_dora=method.type == "dora",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
+    model = get_peft_model(model, peft_cfg)
+    if method.type == "qlora":  # bnb's CPU eval repack would cut the LoRA gradients (qlora.py)
+        from oikyo_ray.model.qlora import keep_trainable
+
+        keep_trainable(model)
+    return model
 
 
 def trainable_parameters(model) -> tuple[int, int]:
