@@ -69,8 +69,9 @@ def response_text(msgs: list[dict], plain_only: bool = False) -> str:
 
 
 def alnum_ratio(text: str) -> tuple[float, int]:
-    chars = [c for c in text if not c.isspace()]
-    return (sum(c.isalnum() for c in chars) / len(chars) if chars else 1.0), len(chars)
+    """(share of letters and digits among non-space characters, non-space characters)."""
+    n = len(text) - sum(map(str.isspace, text))
+    return (sum(map(str.isalnum, text)) / n if n else 1.0), n
 
 
 def repetition(text: str) -> tuple[float, int]:

@@ -26,21 +26,26 @@ def encode_messages(tokenizer, msgs: list[dict], max_length: int, train_on_promp
     """{"input_ids", "labels", "full_length"}: right-truncated to max_length (full_length is the
     length before truncation); at least one label survives or the caller gets a ValueError (a row
     with no learnable token after truncation is useless)."""
-    ids: list[int] = []
-    labels: list[int] = []
+    pieces: list[tuple[str, bool]] = []  # (text, learned), tokenised together below
     prev = ""
     for i, m in enumerate(msgs):
         if m["role"] == "assistant":
             head = _render(tokenizer, msgs[:i], add_generation_prompt=True, tools=tools) if i else ""
             if not head.startswith(prev):
                 raise ValueError("chat template is not prefix-stable; cannot mask prompts")
-            _extend(tokenizer, head[len(prev):], ids, labels, learn=train_on_prompt)
+            pieces.append((head[len(prev):], train_on_prompt))
             prev = head
         text = _render(tokenizer, msgs[: i + 1], tools=tools)
         if not text.startswith(prev):
             raise ValueError("chat template is not prefix-stable; cannot mask prompts")
-        _extend(tokenizer, text[len(prev):], ids, labels, learn=train_on_prompt or m["role"] == "assistant")
+        pieces.append((text[len(prev):], train_on_prompt or m["role"] == "assistant"))
         prev = text
+    ids: list[int] = []
+    labels: list[int] = []
+    pieces = [(t, learn) for t, learn in pieces if t]
+    for new, (_, learn) in zip(_encode_pieces(tokenizer, [t for t, _ in pieces]), pieces):
+        ids.extend(new)
+        labels.extend(new if learn else [IGNORE] * len(new))
     full, full_labels = len(ids), labels
     ids, labels = ids[:max_length], labels[:max_length]
     if all(x == IGNORE for x in labels):
@@ -52,9 +57,12 @@ def encode_messages(tokenizer, msgs: list[dict], max_length: int, train_on_promp
     return {"input_ids": ids, "labels": labels, "full_length": full}
 
 
-def _extend(tokenizer, text: str, ids: list, labels: list, learn: bool) -> None:
-    if not text:
-        return
-    new = tokenizer(text, add_special_tokens=False)["input_ids"]
-    ids.extend(new)
-    labels.extend(new if learn else [IGNORE] * len(new))
+def _encode_pieces(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens added; one call into a fast tokenizer's Rust
+    backend per conversation (the Python wrapper per piece cost more than the tokenising)."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
