@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from functools import lru_cache
 
 import pyarrow as pa
@@ -138,6 +139,9 @@ def curate_pieces(batch: dict, data: dict, tokenizer_path: str, trust_remote_cod
     worker reads its own byte range, so no process ever holds more than a piece."""
     from oikyo_ray.data.pieces import read_piece
 
+    # a conversation is a handful of short texts: the tokenizer's thread pool costs more than it
+    # saves, and the pipeline already runs a task per core
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     cfg = DataConfig.model_validate(data)
     tok = _tokenizer(tokenizer_path, trust_remote_code)
     recs = []

@@ -5,7 +5,7 @@
 
 Steps: hash the inputs (sha256) and look the result up in the cache; curate every file (Ray Data
 `from_items(pieces)` + `map_batches(curate_pieces)`: big jsonl files are cut at line ends into
-~16 MiB pieces, each read by its own task; one record per row, accepted or rejected);
+~4 MiB pieces, each read by its own task; one record per row, accepted or rejected);
 collect the small per-row summary on the driver and run the global pass there (exact and near
 duplicates, leakage across splits: `quality.global_filter`); write what is kept per split.
 
@@ -105,31 +105,44 @@ def _pack_table(batch: pa.Table, length: int, pad_id: int) -> pa.Table:
 
 
 class _RayCuration:
-    def __init__(self, pieces: list[dict], cfg: OikyoConfig, tokenizer_path: str):
+    """Curated records go to parquet under `work` as each task finishes (Ray's object store holds
+    only blocks in flight, so memory stays flat as the data grows); the summary and the splits
+    are read back from there."""
+
+    def __init__(self, pieces: list[dict], cfg: OikyoConfig, tokenizer_path: str, work: Path):
         import ray
 
+        self.work = work
+        shutil.rmtree(work, ignore_errors=True)
         # one piece per task, read by the task itself: big jsonl files spread over every core
         ds = ray.data.from_items(pieces, override_num_blocks=len(pieces))
-        self.ds = ds.map_batches(curate_pieces, batch_size=1, fn_kwargs=_fn_kwargs(cfg, tokenizer_path)).materialize()
+        ds.map_batches(curate_pieces, batch_size=1, fn_kwargs=_fn_kwargs(cfg, tokenizer_path)).write_parquet(str(work))
 
     def summary(self) -> list[dict]:
-        return self.ds.select_columns(SUMMARY_COLUMNS).take_all()
+        import pyarrow.parquet as pq
+
+        return pq.read_table(str(self.work), columns=SUMMARY_COLUMNS).to_pylist()
+
+    def _rows(self, split: str, removed: frozenset):
+        import ray
+
+        return ray.data.read_parquet(str(self.work)).map_batches(
+            _split_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={"split": split, "removed": removed})
 
     def write_split(self, split: str, removed: frozenset, out: Path) -> None:
-        sub = self.ds.map_batches(_split_rows, batch_format="pyarrow", batch_size=None,
-                                  fn_kwargs={"split": split, "removed": removed})
-        sub.write_parquet(str(out))
+        self._rows(split, removed).write_parquet(str(out))
 
     def write_packed(self, removed: frozenset, out: Path, length: int, pad_id: int) -> None:
-        # one call per block of curated rows (a file, or a part of a big one): deterministic blocks
-        sub = self.ds.map_batches(_split_rows, batch_format="pyarrow", batch_size=None,
-                                  fn_kwargs={"split": "train", "removed": removed})
-        sub.map_batches(_pack_table, batch_format="pyarrow", batch_size=None,
-                        fn_kwargs={"length": length, "pad_id": pad_id}).write_parquet(str(out))
+        # one call per block of curated rows (a piece of a file): deterministic blocks
+        self._rows("train", removed).map_batches(_pack_table, batch_format="pyarrow", batch_size=None,
+                                                 fn_kwargs={"length": length, "pad_id": pad_id}).write_parquet(str(out))
+
+    def close(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)
 
 
 class _LocalCuration:
-    def __init__(self, pieces: list[dict], cfg: OikyoConfig, tokenizer_path: str):
+    def __init__(self, pieces: list[dict], cfg: OikyoConfig, tokenizer_path: str, work: Path):
         from oikyo_ray.data.curate import _tokenizer, curate_file
         from oikyo_ray.data.pieces import read_piece
 
@@ -156,6 +169,9 @@ class _LocalCuration:
         out.mkdir(parents=True, exist_ok=True)
         pq.write_table(_pack_table(table, length, pad_id), out / "part-00000.parquet")
 
+    def close(self) -> None:
+        pass
+
 
 # ---- the stage ---------------------------------------------------------------------------------------
 
@@ -171,15 +187,27 @@ def prepare_local(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path) -> dict:
 
 def _prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, backend) -> dict:
     data = cfg.data
-    groups = expand_paths(data.paths)
-    files = [p for fs in groups.values() for p in fs]
-    inputs, pieces = plan(groups)
+    inputs, pieces = plan(expand_paths(data.paths))
     key = mf.cache_key(inputs, data, tokenizer_path, cfg.model.trust_remote_code)
     cache = cache_dir(cfg) / key if data.cache else None
     if cache is not None and (cache / "manifest.json").is_file():
         return _restore(cache, out_dir)
 
-    cur = backend(pieces, cfg, tokenizer_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cur = backend(pieces, cfg, tokenizer_path, out_dir / ".curated")
+    try:
+        manifest = _write_outputs(cur, cfg, tokenizer_path, out_dir, inputs, key)
+    finally:
+        cur.close()
+    if cache is not None:
+        _store(out_dir, cache)
+    return manifest
+
+
+def _write_outputs(cur, cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, inputs: list[dict], key: str) -> dict:
+    """The global pass over the curated records, then rejects, splits, packed blocks, manifest."""
+    data = cfg.data
+    files = [i["path"] for i in inputs]
     summary = cur.summary()
     bad_files = [r for r in summary if r["status"] == FILE_ERROR]
     if bad_files:
@@ -217,8 +245,6 @@ def _prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, backend) -> d
     if data.packing:
         manifest["packing"] = packing_report(out_dir, data.block_length, cfg.train.batch_size, cfg.train.seed)
     _write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
-    if cache is not None:
-        _store(out_dir, cache)
     return manifest
 
 

@@ -1,0 +1,181 @@
+"""Data-stage throughput and memory: `oikyo data prepare` (Ray Data) vs single-process `datasets.map`,
+and packing efficiency on alpaca_en_demo.
+
+Run as: python bench/data_prepare.py [--rows 1000000] [--shared ../shared]
+A synthetic alpaca jsonl of --rows distinct rows; both sides do the same per-row work: normalise to
+messages, validate, chat template with prompt masking, tokenise (the embedded tiny tokenizer).
+The baseline is what a user writes without oikyo: `datasets.load_dataset("json")` + one
+`map(batched=True)` in one process. oikyo runs its whole stage (validation, rejects, exact dedupe
+and leakage check, content-hash splits, parquet + manifest), MinHash near-duplicate checks off
+because the baseline has none. Each side runs in its own process; peak memory is the peak summed
+PSS (shared pages such as Ray's object store counted once) of that process and its children (Ray's
+workers included), sampled every 0.2 s. TOKENIZERS_PARALLELISM=false on both sides (faster for both).
+Writes bench/results/data_prepare.json and bench/results/packing_efficiency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the faster setting for both sides: the tokenizer's thread pool only adds overhead on short texts
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("river stone light market window garden paper engine winter letter music signal forest "
+         "number bridge summer orange planet silver story method animal travel energy doctor "
+         "island camera coffee rocket marble pencil thunder velvet harbor lantern meadow canyon").split()
+
+
+def synth(path: Path, n: int, seed: int = 0) -> None:
+    """n distinct alpaca rows (a row id keeps them distinct; lengths vary like instruction data)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = np.array(WORDS)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            a, b, c = rng.integers(4, 18), rng.integers(0, 10), rng.integers(6, 60)
+            row = {"instruction": f"Task {i}: " + " ".join(words[rng.integers(0, len(words), a)]) + "?",
+                   "input": " ".join(words[rng.integers(0, len(words), b)]),
+                   "output": " ".join(words[rng.integers(0, len(words), c)]) + "."}
+            f.write(json.dumps(row) + "\n")
+
+
+def _baseline(path: str, model: str, work: str) -> dict:
+    import datasets
+
+    from oikyo_ray.config import load_config
+    from oikyo_ray.data.curate import _tokenizer
+    from oikyo_ray.data.formats import normaliser
+    from oikyo_ray.data.tokenize import encode_messages
+    from oikyo_ray.data.validate import validate_messages
+
+    data = load_config(None, []).data
+    tok = _tokenizer(model, False)
+    norm = normaliser(data)
+
+    def fn(batch: dict) -> dict:
+        out = {"input_ids": [], "labels": [], "num_tokens": []}
+        for row in (dict(zip(batch, v)) for v in zip(*batch.values())):
+            msgs, meta = norm.normalise(row, "alpaca")
+            validate_messages(msgs, data.max_chars, meta)
+            enc = encode_messages(tok, msgs, data.max_length)
+            out["input_ids"].append(enc["input_ids"])
+            out["labels"].append(enc["labels"])
+            out["num_tokens"].append(len(enc["input_ids"]))
+        return out
+
+    ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=work)
+    ds = ds.map(fn, batched=True, batch_size=1000, remove_columns=ds.column_names)
+    ds.to_parquet(str(Path(work) / "out.parquet"))
+    return {"rows": len(ds)}
+
+
+def _oikyo(path: str, model: str, work: str) -> dict:
+    from oikyo_ray.cluster import init_ray
+    from oikyo_ray.config import load_config
+    from oikyo_ray.data.pipeline import prepare
+
+    cfg = load_config(None, [f"data.paths=[{path}]", f"model.cache_dir={work}", "data.cache=false",
+                             "data.near_dup_threshold=null", "data.leakage_threshold=null"])
+    t0 = time.perf_counter()
+    init_ray()
+    t1 = time.perf_counter()
+    m = prepare(cfg, model, Path(work) / "out")
+    return {"rows": m["counts"]["accepted"], "ray_start_s": round(t1 - t0, 2), "stage_s": round(time.perf_counter() - t1, 2)}
+
+
+def side(which: str, path: str, model: str) -> None:
+    """One contender, in this process; prints its JSON result on the last line."""
+    with tempfile.TemporaryDirectory() as work:
+        t0 = time.perf_counter()
+        res = (_baseline if which == "baseline" else _oikyo)(path, model, work)
+        res["wall_s"] = round(time.perf_counter() - t0, 2)
+    print(json.dumps(res))
+
+
+def measure(which: str, path: Path, model: str) -> dict:
+    """Run one side in a fresh process; wall time, its result and the peak RSS of its tree."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, __file__, "--side", which, "--file", str(path), "--model", model],
+                            stdout=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample() -> None:
+        p = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                tree = [p, *p.children(recursive=True)]
+                peak[0] = max(peak[0], sum(q.memory_full_info().pss for q in tree if q.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    out, _ = proc.communicate()
+    t.join()
+    if proc.returncode:
+        raise SystemExit(f"{which} failed (exit {proc.returncode})")
+    res = json.loads(out.strip().splitlines()[-1])
+    res["peak_pss_mb"] = round(peak[0] / 2**20)
+    return res
+
+
+def packing_efficiency(shared: Path, model: str) -> None:
+    """Non-pad token share of alpaca_en_demo: packed blocks vs right-padded batches."""
+    from bench._common import write_result
+    from oikyo_ray.config import load_config
+    from oikyo_ray.data.pipeline import prepare_local
+
+    src = shared / "datasets" / "alpaca_en_demo.json"
+    with tempfile.TemporaryDirectory() as work:
+        cfg = load_config(None, [f"data.paths=[{src}]", f"model.cache_dir={work}", "data.packing=true",
+                                 "data.max_length=512", "data.pack_length=2048", "train.batch_size=8"])
+        p = prepare_local(cfg, model, Path(work) / "out")["packing"]
+    write_result("packing_efficiency", "share of non-pad tokens", p["efficiency"], p["padded_efficiency"],
+                 "right-padded batches of 8 (shuffled)", round(p["efficiency"] / p["padded_efficiency"], 2),
+                 "packed > padded", dataset=str(src.name), **p)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--shared", default=str(Path(__file__).resolve().parent.parent.parent / "shared"))
+    ap.add_argument("--side", choices=["baseline", "oikyo"])
+    ap.add_argument("--file")
+    ap.add_argument("--model")
+    args = ap.parse_args()
+    if args.side:
+        return side(args.side, args.file, args.model)
+
+    from bench._common import write_result
+    from oikyo_ray.model.tiny import ensure_tiny_model
+
+    model = str(ensure_tiny_model(Path("~/.cache/oikyo").expanduser()))
+    if Path(args.shared, "datasets").is_dir():
+        packing_efficiency(Path(args.shared), model)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "synthetic.jsonl"
+        synth(path, args.rows)
+        base = measure("baseline", path, model)
+        ours = measure("oikyo", path, model)
+    rate = lambda r: r["rows"] / r["wall_s"]  # noqa: E731
+    write_result("data_prepare", "rows/s (higher is better)", round(rate(ours)), round(rate(base)),
+                 "datasets.map, one process", round(rate(ours) / rate(base), 2), ">= 1.5x on 2 cores, flat memory",
+                 rows=args.rows, oikyo_run=ours, baseline_run=base,
+                 memory_ratio=round(ours["peak_pss_mb"] / base["peak_pss_mb"], 2))
+
+
+if __name__ == "__main__":
+    main()
