@@ -1,6 +1,6 @@
 """The whole pipeline for one config: curate (Ray Data) -> train (Ray Train) -> evaluate -> serve.
 
-    run_finetune(cfg) -> run_dir
+    run_finetune(cfg) -> run_dir (local; for an s3:// run.root the staging copy of what was uploaded)
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from oikyo_ray.config import OikyoConfig
+from oikyo_ray.runs import store
 
 
 def _step(log, name: str):
@@ -22,12 +23,13 @@ def _resume_dir(cfg: OikyoConfig) -> Path:
     """The existing run directory to continue: same run.root and run.name, same settings."""
     from oikyo_ray.config import load_config
     from oikyo_ray.errors import OikyoError
+    from oikyo_ray.runs.rundir import existing_run_dir
 
     if not cfg.run.name:
         raise OikyoError("--resume needs run.name (the run to continue)")
-    run_dir = Path(cfg.run.root).expanduser().resolve() / cfg.run.name
+    run_dir = existing_run_dir(cfg, cfg.run.name)
     if not (run_dir / "config.yaml").is_file():
-        raise OikyoError(f"nothing to resume: {run_dir} is not a run directory")
+        raise OikyoError(f"nothing to resume: {store.join(cfg.run.root, cfg.run.name)} is not a run directory")
     if load_config(run_dir / "config.yaml").config_hash() != cfg.config_hash():
         raise OikyoError(f"{run_dir} was started with other settings; resume it with its own config.yaml",
                          hint=f"oikyo finetune {run_dir / 'config.yaml'} --resume")
@@ -38,7 +40,7 @@ def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False) -> Path:
     from oikyo_ray.cluster import init_ray
     from oikyo_ray.data.pipeline import expand_paths, load_split_rows, prepare
     from oikyo_ray.model.load import load_tokenizer, resolve_model_path
-    from oikyo_ray.runs.rundir import create_run_dir, write_lineage
+    from oikyo_ray.runs.rundir import create_run_dir, publishing, write_lineage
     from oikyo_ray.train.trainer import fit
 
     # Everything a user can get wrong is checked here, before Ray starts and before a run dir exists.
@@ -48,32 +50,37 @@ def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False) -> Path:
     done(f"({model_path})")
     expand_paths(cfg.data.paths)
     run_dir = _resume_dir(cfg) if resume else create_run_dir(cfg)
-    log(f"[oikyo] run directory: {run_dir}{' (resuming from its newest checkpoint)' if resume else ''}")
-    init_ray()
+    where = store.join(cfg.run.root, run_dir.name)
+    staged = f" (staged in {run_dir})" if store.is_remote(cfg.run.root) else ""
+    log(f"[oikyo] run directory: {where}{staged}{' (resuming from its newest checkpoint)' if resume else ''}")
+    with publishing(cfg, run_dir, log) as publish:  # s3 run.root: uploaded after each stage
+        init_ray()
 
-    if resume and (run_dir / "data" / "manifest.json").is_file():
-        manifest = json.loads((run_dir / "data" / "manifest.json").read_text())  # the same rows
-    else:
-        done = _step(log, "data: read, normalise, validate, split, tokenise (Ray Data)")
-        manifest = prepare(cfg, model_path, run_dir / "data")
-        done(json.dumps(manifest["counts"]))
-        write_lineage(run_dir, cfg, manifest, model_path)
+        if resume and (run_dir / "data" / "manifest.json").is_file():
+            manifest = json.loads((run_dir / "data" / "manifest.json").read_text())  # the same rows
+        else:
+            done = _step(log, "data: read, normalise, validate, split, tokenise (Ray Data)")
+            manifest = prepare(cfg, model_path, run_dir / "data")
+            done(json.dumps(manifest["counts"]))
+            write_lineage(run_dir, cfg, manifest, model_path)
+            publish()
 
-    done = _step(log, "train (Ray Train)")
-    final = fit(cfg, run_dir, model_path, manifest, log=log)
-    done(f"-> {final}")
+        done = _step(log, "train (Ray Train)")
+        final = fit(cfg, run_dir, model_path, manifest, log=log)
+        done(f"-> {final}")
+        publish()
 
-    if cfg.eval.enabled:
-        from oikyo_ray.eval.report import write_report
+        if cfg.eval.enabled:
+            from oikyo_ray.eval.report import write_report
 
-        done = _step(log, "evaluate base vs fine-tuned on the test split")
-        rows = load_split_rows(run_dir / "data", "test")
-        report = write_report(cfg, model_path, str(final), rows, run_dir / "eval")
-        done()
-        log(report["table"])
+            done = _step(log, "evaluate base vs fine-tuned on the test split")
+            rows = load_split_rows(run_dir / "data", "test")
+            report = write_report(cfg, model_path, str(final), rows, run_dir / "eval")
+            done()
+            log(report["table"])
 
-    if cfg.run.serve_after:
-        from oikyo_ray.serve.demo_call import serve_and_ask
+        if cfg.run.serve_after:
+            from oikyo_ray.serve.demo_call import serve_and_ask
 
-        serve_and_ask(cfg, model_path, final, log=log)
+            serve_and_ask(cfg, model_path, final, log=log)
     return run_dir

@@ -53,20 +53,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def fix_complete_multipart(app):
+    """moto 5.2.1 answers CompleteMultipartUpload with the root tag ...Response instead of ...Result
+    (getmoto/moto#10055): boto3 shrugs, pyarrow's S3 client (uploads, Ray Train) retries and fails."""
+    def wrapped(environ, start_response):
+        got = {}
+
+        def capture(status, headers, exc_info=None):
+            got.update(status=status, headers=headers)
+            return lambda data: None
+
+        body = b"".join(app(environ, capture))
+        headers = got["headers"]
+        if b"<CompleteMultipartUploadResponse" in body:  # (HEAD answers keep their Content-Length)
+            body = body.replace(b"CompleteMultipartUploadResponse", b"CompleteMultipartUploadResult")
+            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
+            headers.append(("Content-Length", str(len(body))))
+        start_response(got["status"], headers)
+        return [body]
+
+    return wrapped
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-speaking server (moto) on 127.0.0.1; its endpoint and fake keys are exported
     before the Ray head starts, so every Ray worker and replica reaches the same S3."""
-    from moto.server import ThreadedMotoServer
+    import threading
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, fix_complete_multipart(DomainDispatcherApplication(create_backend_app)),
+                         threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_port}"
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="oikyo-test-access",
                       AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1")
     yield endpoint
-    server.stop()
+    server.shutdown()
+    thread.join(timeout=10)
 
 
 def _stop_ray_head(temp_dir: str, address: str) -> None:

@@ -25,7 +25,23 @@ def tuned_dir_of(run_dir: Path, cfg) -> Path:
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, tuned: str | None = None,
                  log=print) -> dict:
-    """Evaluate one run directory and write its eval/ report; returns the report."""
+    """Evaluate one run directory (or s3:// run: fetched, then its eval/ uploaded) and write its
+    eval/ report; returns the report."""
+    from oikyo_ray.runs import store
+
+    if store.is_remote(run_dir):
+        import tempfile
+
+        if not store.exists(store.join(run_dir, "config.yaml")):
+            raise OikyoError(f"not a run directory (no config.yaml): {run_dir}")
+        with tempfile.TemporaryDirectory(prefix="oikyo-eval-") as tmp:
+            local = store.download(str(run_dir), Path(tmp) / store.run_name(run_dir),
+                                   skip=("checkpoints", "tensorboard"))
+            report = evaluate_run(local, overrides, tuned, log)
+            store.upload(local, store.join(run_dir))
+            log(f"[oikyo] uploaded the report to {store.join(run_dir, 'eval')}")
+            return report
+
     from oikyo_ray.config import load_config
     from oikyo_ray.data.pipeline import load_split_rows
     from oikyo_ray.eval.report import write_report

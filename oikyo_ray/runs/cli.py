@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from oikyo_ray.errors import OikyoError
 
@@ -23,20 +22,22 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
-    run = Path(args.run)
-    if not (run / "config.yaml").is_file():
-        raise OikyoError(f"{run} is not a run directory (no config.yaml)")
-    print(f"# {run.name}\n\n## config\n{(run / 'config.yaml').read_text()}")
+    from oikyo_ray.runs.store import join, read_text, run_name
+
+    read = lambda name: read_text(join(args.run, name))  # noqa: E731  (local dir or s3:// run)
+    config = read("config.yaml")
+    if config is None:
+        raise OikyoError(f"{args.run} is not a run directory (no config.yaml)")
+    print(f"# {run_name(args.run)}\n\n## config\n{config}")
     for name in ("lineage.json", "data/manifest.json"):
-        if (run / name).exists():
-            info = json.loads((run / name).read_text())
+        if (text := read(name)) is not None:
+            info = json.loads(text)
             print(f"## {name}\n{json.dumps({k: v for k, v in info.items() if k != 'data_config'}, indent=2)}\n")
-    if (run / "metrics.jsonl").exists():
-        lines = (run / "metrics.jsonl").read_text().splitlines()
-        if lines:
-            print(f"## metrics ({len(lines)} reports), last:\n{lines[-1]}\n")
-    if (run / "eval/report.md").exists():
-        print((run / "eval/report.md").read_text())
+    lines = (read("metrics.jsonl") or "").splitlines()
+    if lines:
+        print(f"## metrics ({len(lines)} reports), last:\n{lines[-1]}\n")
+    if (report := read("eval/report.md")) is not None:
+        print(report)
     return 0
 
 
@@ -59,10 +60,10 @@ def add_runs_commands(sub) -> None:
     r = sub.add_parser("runs", help="list, show, compare and export runs")
     rs = r.add_subparsers(dest="runs_cmd", required=True)
     p = rs.add_parser("list", help="runs under a root, newest first, with headline metrics")
-    p.add_argument("--root", default="runs")
+    p.add_argument("--root", default="runs", help="a directory or s3://bucket/prefix")
     p.set_defaults(fn=cmd_list)
     p = rs.add_parser("show", help="a run's config, lineage, data manifest, metrics and report")
-    p.add_argument("run")
+    p.add_argument("run", help="a run directory or s3://bucket/prefix/<run>")
     p.set_defaults(fn=cmd_show)
     p = rs.add_parser("compare", help="several runs' evaluation reports side by side")
     p.add_argument("runs", nargs="+")

@@ -1,6 +1,6 @@
 """Several runs' evaluation reports side by side (Ray-free).
 
-    compare_runs([run_dir, ...]) -> {"runs": [...], "rows": [...]}
+    compare_runs([run_dir or s3:// run, ...]) -> {"runs": [...], "rows": [...]}
     format_comparison(result) -> Markdown table: one column per run, one row per metric, each cell
                                  "fine-tuned value (delta vs that run's base)"
 """
@@ -12,15 +12,18 @@ import math
 from pathlib import Path
 
 from oikyo_ray.errors import OikyoError
+from oikyo_ray.runs.store import join, read_text, run_name
 
 
 def load_report(run_dir: str | Path) -> dict:
-    p = Path(run_dir).expanduser() / "eval" / "report.json"
-    if not p.is_file():
+    """A run's eval/report.json: local dir or s3:// run."""
+    p = join(run_dir, "eval", "report.json")
+    text = read_text(p)
+    if text is None:
         raise OikyoError(f"no evaluation report in {run_dir} (looked for {p})",
                          hint=f"run `oikyo eval {run_dir}` first")
     try:
-        return json.loads(p.read_text())
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise OikyoError(f"{p} is not valid JSON ({e.msg})") from None
 
@@ -38,7 +41,7 @@ def compare_runs(run_dirs: list[str | Path]) -> dict:
     if len(run_dirs) < 1:
         raise OikyoError("give at least one run directory to compare")
     reports = [load_report(d) for d in run_dirs]
-    names = [Path(d).expanduser().resolve().name for d in run_dirs]
+    names = [run_name(d) for d in run_dirs]
     metrics: list[str] = ["loss", "perplexity"]
     for r in reports:
         metrics += [m for m in r.get("metrics", ["exact_match", "token_f1"]) if m not in metrics]

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
 
 from oikyo_ray.config import OikyoConfig
 from oikyo_ray.errors import OikyoError
+from oikyo_ray.runs import store
+
+EXPORT_PARTS = ("config.yaml", "lineage.json", "eval/report.json", "adapter", "model")  # all export reads
 
 
 def _final_dir(run: Path) -> Path:
@@ -50,11 +54,19 @@ def model_card(run: Path, cfg: OikyoConfig, merged: bool) -> str:
 
 
 def export_run(run: str | Path, out: str | Path, merge: bool = False) -> Path:
-    run, out = Path(run).expanduser().resolve(), Path(out).expanduser().resolve()
-    if not (run / "config.yaml").is_file():
-        raise OikyoError(f"{run} is not a run directory (no config.yaml)")
+    """Export a local run directory, or an s3:// run (the files export needs, fetched to a temp dir)."""
+    out = Path(out).expanduser().resolve()
     if out.exists() and any(out.iterdir()):
         raise OikyoError(f"export target {out} is not empty", hint="choose a new directory")
+    if store.is_remote(run):
+        if not store.exists(store.join(run, "config.yaml")):
+            raise OikyoError(f"{run} is not a run directory (no config.yaml)")
+        with tempfile.TemporaryDirectory(prefix="oikyo-export-") as tmp:
+            local = store.download(str(run), Path(tmp) / store.run_name(run), only=EXPORT_PARTS)
+            return export_run(local, out, merge)
+    run = Path(run).expanduser().resolve()
+    if not (run / "config.yaml").is_file():
+        raise OikyoError(f"{run} is not a run directory (no config.yaml)")
     cfg = OikyoConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
     src = _final_dir(run)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ import yaml
 
 from oikyo_ray.config import OikyoConfig
 from oikyo_ray.errors import OikyoError
+from oikyo_ray.runs import store
+from oikyo_ray.runs.rundir import publish
 
 
 _TRIAL_ID = re.compile(r"[0-9a-f]{5}_\d{5}")
@@ -117,7 +119,7 @@ def promote(cfg: OikyoConfig, sweep_dir: Path, best: dict, model_path: str) -> P
     shutil.copytree(sweep_dir / "data", dest / "data")
     manifest = json.loads((dest / "data" / "manifest.json").read_text())
     write_lineage(dest, trial_cfg, manifest, model_path,
-                  parent={"sweep": str(sweep_dir), "trial": best["trial"],
+                  parent={"sweep": store.join(cfg.run.root, sweep_dir.name), "trial": best["trial"],
                           "params": {k[6:]: v for k, v in best.items() if k.startswith("param:")}})
     if cfg.eval.enabled:
         from oikyo_ray.data.pipeline import load_split_rows
@@ -138,7 +140,12 @@ def summarise(cfg: OikyoConfig, sweep_dir: Path, grid, rows_per_worker: int, mod
         raise OikyoError(f"no trial completed; see {sweep_dir / 'results.md'}")
     best = (min if cfg.sweep.mode == "min" else max)(done, key=lambda r: r[key])
     dest = promote(cfg, sweep_dir, best, model_path)
-    (sweep_dir / "best.json").write_text(json.dumps({**best, "promoted_to": str(dest)}, indent=2, default=str))
+    where = store.join(cfg.run.root, dest.name)
+    if store.is_remote(where):  # replace an earlier promotion (a resumed sweep) entirely
+        if store.exists(where):
+            store.delete_dir(where)
+        publish(cfg, dest)
+    (sweep_dir / "best.json").write_text(json.dumps({**best, "promoted_to": where}, indent=2, default=str))
     (sweep_dir / "best_config.yaml").write_text((dest / "config.yaml").read_text())
-    log(f"[oikyo] sweep: best trial {best['trial']} ({key}={best[key]:.4f}) promoted to {dest}")
+    log(f"[oikyo] sweep: best trial {best['trial']} ({key}={best[key]:.4f}) promoted to {where}")
     return sweep_dir

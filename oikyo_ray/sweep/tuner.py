@@ -12,6 +12,7 @@ from pathlib import Path
 
 from oikyo_ray.config import OikyoConfig, dump_yaml
 from oikyo_ray.errors import OikyoError
+from oikyo_ray.runs import store
 
 TRIAL_CPU = 0.01  # the trial function only waits on its TorchTrainer; workers hold the real CPUs
 
@@ -65,28 +66,40 @@ def _search(cfg: OikyoConfig, concurrency: int):
 
 
 def run_sweep(cfg: OikyoConfig, resume: bool = False, log=print) -> Path:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    from oikyo_ray.cluster import init_ray
-    from oikyo_ray.data.pipeline import expand_paths, prepare
+    from oikyo_ray.data.pipeline import expand_paths
     from oikyo_ray.model.load import load_tokenizer, resolve_model_path
-    from oikyo_ray.sweep.report import summarise
-    from oikyo_ray.sweep.space import tune_domains, validate_space
-    from oikyo_ray.train.loop import total_steps
+    from oikyo_ray.runs.rundir import create_run_dir, existing_run_dir, publishing, run_exists
+    from oikyo_ray.sweep.space import validate_space
 
     validate_space(cfg)  # before Ray starts: bad paths and values name the field
     model_path = resolve_model_path(cfg.model)
     load_tokenizer(cfg.model, model_path)
     expand_paths(cfg.data.paths)
-    sweep_dir = Path(cfg.run.root).expanduser().resolve() / (cfg.run.name or f"sweep-{cfg.config_hash()[:8]}")
+    name = cfg.run.name or f"sweep-{cfg.config_hash()[:8]}"
+    where = store.join(cfg.run.root, name)
+    if not resume and run_exists(cfg, name):
+        raise OikyoError(f"sweep directory exists: {where}", hint="pass --resume to continue it, or a new run.name")
+    # an s3:// run.root: the sweep is staged locally and uploaded after data prep and at the end
+    sweep_dir = existing_run_dir(cfg, name) if resume else create_run_dir(cfg, name)
     tune_dir = sweep_dir / "tune"
-    if sweep_dir.exists() and not resume:
-        raise OikyoError(f"sweep directory exists: {sweep_dir}", hint="pass --resume to continue it, or a new run.name")
     if resume and not tune_dir.exists():
-        raise OikyoError(f"nothing to resume in {sweep_dir}")
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+        raise OikyoError(f"nothing to resume in {where}")
     (sweep_dir / "config.yaml").write_text(dump_yaml(cfg))
+    with publishing(cfg, sweep_dir, log) as publish:
+        return _tune(cfg, sweep_dir, model_path, resume, publish, log)
+
+
+def _tune(cfg: OikyoConfig, sweep_dir: Path, model_path: str, resume: bool, publish, log) -> Path:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from oikyo_ray.cluster import init_ray
+    from oikyo_ray.data.pipeline import prepare
+    from oikyo_ray.sweep.report import summarise
+    from oikyo_ray.sweep.space import tune_domains
+    from oikyo_ray.train.loop import total_steps
+
+    tune_dir = sweep_dir / "tune"
     init_ray()
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     # A trial restored after the driver died may end with a bare "done" result (its training had
@@ -96,6 +109,7 @@ def run_sweep(cfg: OikyoConfig, resume: bool = False, log=print) -> Path:
     if not (sweep_dir / "data" / "manifest.json").exists():
         log("[oikyo] sweep: preparing data once for every trial")
         prepare(cfg, model_path, sweep_dir / "data")
+        publish()
     manifest = json.loads((sweep_dir / "data" / "manifest.json").read_text())
     rows_per_worker = manifest["counts"]["train"] // cfg.scaling.num_workers
     max_t = cfg.sweep.max_t or total_steps(cfg.train, rows_per_worker)
