@@ -14,7 +14,8 @@ from oikyo_ray.eval.metrics import exact_match, normalise_answer, token_f1
 CORE = ["oikyo_ray.config", "oikyo_ray.data.formats", "oikyo_ray.data.readers", "oikyo_ray.data.validate",
         "oikyo_ray.data.split", "oikyo_ray.data.tokenize", "oikyo_ray.data.curate", "oikyo_ray.model.load",
         "oikyo_ray.model.methods", "oikyo_ray.model.tiny", "oikyo_ray.train.loop", "oikyo_ray.eval.metrics",
-        "oikyo_ray.eval.generate", "oikyo_ray.eval.compare", "oikyo_ray.serve.engine", "oikyo_ray.runs.rundir"]
+        "oikyo_ray.eval.generate", "oikyo_ray.eval.compare", "oikyo_ray.serve.engine", "oikyo_ray.runs.rundir",
+        "oikyo_ray.runs.store", "oikyo_ray.data.packing", "oikyo_ray.data.pieces", "oikyo_ray.model.qlora"]
 
 
 def test_core_imports_without_ray():
