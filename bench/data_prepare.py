@@ -9,7 +9,7 @@ The baseline is what a user writes without oikyo: `datasets.load_dataset("json")
 and leakage check, content-hash splits, parquet + manifest), MinHash near-duplicate checks off
 because the baseline has none. Each side runs in its own process; peak memory is the peak summed
 PSS (shared pages such as Ray's object store counted once) of that process and its children (Ray's
-workers included), sampled every 0.2 s. TOKENIZERS_PARALLELISM=false on both sides (faster for both).
+workers included), sampled every second. TOKENIZERS_PARALLELISM=false on both sides (faster for both).
 Writes bench/results/data_prepare.json and bench/results/packing_efficiency.json.
 """
 
@@ -119,7 +119,7 @@ def measure(which: str, path: Path, model: str) -> dict:
                 peak[0] = max(peak[0], sum(q.memory_full_info().pss for q in tree if q.is_running()))
             except psutil.Error:
                 pass
-            time.sleep(0.2)
+            time.sleep(1.0)  # reading smaps of ~20 processes is not free: keep the sampler light
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()

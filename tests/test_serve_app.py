@@ -253,3 +253,16 @@ def test_backpressure_answers_503_with_retry_after(server, cache_dir, tmp_path):
         assert busy.headers["Retry-After"] == "1" and "busy" in busy.json()["error"]["message"]
     finally:
         serve.delete("tight")
+
+
+def test_request_over_the_timeout_gets_504(server, cache_dir, tmp_path):
+    from ray import serve
+
+    url = _second_app(server, "slowapp", ["serve.request_timeout_s=0.05"], cache_dir, tmp_path)
+    try:
+        r = httpx.post(f"{url}/v1/completions", headers=H, timeout=120, json={
+            "model": "base", "prompt": _prompt("Tell me a long story."), "max_tokens": 200, "temperature": 0})
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["message"] == "request timed out"
+    finally:
+        serve.delete("slowapp")

@@ -50,6 +50,7 @@ class ModelServer:
         self._load = serve.multiplexed(max_num_models_per_replica=sc.max_adapters_per_replica)(load)
         self.batcher = MixedBatcher(self._run_batch, sc.max_batch_size, sc.batch_wait_timeout_s)
         self.batches: list[list] = []
+        self.engine_ms: list[float] = []  # wall time of recent engine calls (overhead analysis)
 
     async def _load_adapter(self, name: str):
         from oikyo_ray.serve.adapters import resolve_adapter
@@ -78,11 +79,14 @@ class ModelServer:
             if it["adapter"] and it["adapter"] not in self.engine.loaded:
                 await self._load(it["adapter"])
         self.batches = (self.batches + [[it["adapter"] for it in items]])[-50:]
-        return await asyncio.to_thread(self.engine.generate_many, items)
+        t0 = time.perf_counter()
+        outs = await asyncio.to_thread(self.engine.generate_many, items)
+        self.engine_ms = (self.engine_ms + [(time.perf_counter() - t0) * 1000])[-200:]
+        return outs
 
     def stats(self) -> dict:
         """For tests and debugging: loaded adapters and the adapters of recent batches."""
-        return {"loaded": list(self.engine.loaded), "batches": self.batches}
+        return {"loaded": list(self.engine.loaded), "batches": self.batches, "engine_ms": self.engine_ms}
 
     async def stream(self, prompt: str, sampling: dict):
         try:
