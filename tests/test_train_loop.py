@@ -117,3 +117,37 @@ def test_qlora_without_bitsandbytes_is_refused_with_a_reason(monkeypatch):
         check_method(cfg.method, use_gpu=False)
     assert "pip install bitsandbytes" in str(e.value)
     check_method(load_config(None, ["method.type=dora"]).method, use_gpu=False)
+
+
+def test_reporter_sends_in_order_in_the_background_and_raises_failures():
+    """worker.Reporter: metrics reports return at once (up to `backlog` pending), a checkpoint
+    report waits for everything before it and itself; a failed report raises in the caller."""
+    import threading
+
+    from oikyo_ray.train.worker import Reporter
+
+    got, gate = [], threading.Event()
+
+    def report(metrics, checkpoint=None):
+        assert gate.wait(10)
+        got.append((metrics["step"], checkpoint))
+
+    r = Reporter(report, backlog=2)
+    r.send({"step": 1})
+    r.send({"step": 2})  # both pending: the caller was not held up
+    assert got == []
+    gate.set()
+    r.send({"step": 3}, checkpoint="ckpt")
+    assert got == [(1, None), (2, None), (3, "ckpt")]
+    r.send({"step": 4})
+    r.close()
+    assert got[-1] == (4, None)
+
+    def fails(metrics, checkpoint=None):
+        raise RuntimeError("controller gone")
+
+    r = Reporter(fails)
+    with pytest.raises(RuntimeError, match="controller gone"):  # at a later send, or at close
+        r.send({"step": 1})
+        r.send({"step": 2})
+        r.close()

@@ -3,7 +3,8 @@
     engine = build_engine(model, cfg, steps, world_size, device)
     engine.model(...)              forward (wrapped: DDP / fully_shard / DeepSpeed engine)
     engine.micro_step(loss, last)  backward of one micro-batch; on the last one of an optimizer
-                                   step: clip, step, schedule, zero -> grad norm (else None)
+                                   step: clip, step, schedule, zero -> grad norm (else None), a
+                                   0-d tensor or float: the loop reads it only when it reports
     engine.full_state()            collective: (model state, optimizer state), full, on every rank
     engine.load_optimizer(sd) / engine.scheduler
 """
@@ -84,7 +85,7 @@ class TorchEngine:
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def micro_step(self, loss, last: bool) -> float | None:
+    def micro_step(self, loss, last: bool) -> torch.Tensor | None:
         (loss / self.cfg.grad_accum).backward()
         if not last:
             return None
@@ -93,7 +94,7 @@ class TorchEngine:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP2
 
     def drop_partial(self) -> None:
         """An epoch ended inside an accumulation window: forget those gradients (resumable)."""

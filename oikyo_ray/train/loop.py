@@ -58,14 +58,14 @@ def total_steps(cfg: TrainConfig, rows_per_worker: int) -> int:
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
-def loss_on(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean next-token loss over labelled tokens, and how many tokens that was. Packed batches
-    carry position_ids and no attention mask; the KV cache stays off, or transformers would not
-    derive the per-sample mask from the positions."""
+def loss_on(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token loss over labelled tokens, and how many tokens that was (a 0-d tensor on
+    the batch's device: reading it would wait for the device). Packed batches carry position_ids
+    and no attention mask; the KV cache stays off, or transformers would not derive the
+    per-sample mask from the positions."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "labels") if k in batch}
     out = model(**inputs, use_cache=False)
-    n = int((batch["labels"][:, 1:] != IGNORE).sum())
-    return out.loss, n
+    return out.loss, (batch["labels"][:, 1:] != IGNORE).sum()
 
 
 @torch.no_grad()
@@ -76,6 +76,7 @@ def eval_loss(model, batches: Iterable[dict], all_reduce: Callable[[torch.Tensor
     acc = torch.zeros(2, dtype=torch.float64)
     for b in batches:
         loss, n = loss_on(model, b)
+        n = int(n)
         acc += torch.tensor([float(loss) * n, n], dtype=torch.float64)
     if all_reduce is not None:
         acc = all_reduce(acc)
@@ -144,33 +145,36 @@ def train_loop(model, train_epochs: Callable[[int], Iterable[dict]], cfg: TrainC
             with engine.no_sync(last), engine.autocast():
                 loss, _ = loss_on(engine.model, batch)
             grad_norm = engine.micro_step(loss, last)
-            losses.append(float(loss.detach()))
-            tokens += int(batch["num_tokens"].sum())
+            losses.append(loss.detach())  # stays on the device: no wait for it here
+            tokens += int(batch["num_tokens"].sum())  # a host tensor (worker.py keeps it there)
             micro += 1
             if not last:
                 continue
             state.step += 1
             state.micro = skip + micro
-            metrics = {"step": state.step, "epoch": state.epoch, "loss": sum(losses) / len(losses),
-                       "lr": engine.lr(), "grad_norm": grad_norm}
-            losses = []
+            step_losses, losses = losses, []
             if hooks.on_step is not None:
                 hooks.on_step(state)
             do_ckpt = state.step % cfg.checkpoint_every == 0 or state.step == steps
             do_eval = hooks.val_batches is not None and (
                 state.step % cfg.eval_every == 0 or state.step == steps or (do_ckpt and hooks.eval_at_checkpoint))
+            evaluated: dict = {}
             if do_eval:
                 with engine.autocast():
-                    metrics["val_loss"] = eval_loss(eval_model, hooks.val_batches(), hooks.all_reduce)
+                    evaluated["val_loss"] = eval_loss(eval_model, hooks.val_batches(), hooks.all_reduce)
                 engine.model.train()
-                if _improved(state, metrics["val_loss"], cfg):
+                if _improved(state, evaluated["val_loss"], cfg):
                     state.bad_evals = 0
                 else:
                     state.bad_evals += 1
                 if cfg.early_stopping_patience and state.bad_evals >= cfg.early_stopping_patience:
                     state.stopped_early = do_ckpt = True
-                    metrics.update(stopped_early=True, best_step=state.best_step)
+                    evaluated.update(stopped_early=True, best_step=state.best_step)
             if state.step % cfg.log_every == 0 or do_eval or do_ckpt:
+                # loss and grad norm are read from the device only here, not on every step
+                metrics = {"step": state.step, "epoch": state.epoch,
+                           "loss": sum(float(x) for x in step_losses) / len(step_losses), "lr": engine.lr(),
+                           "grad_norm": float(grad_norm), **evaluated}
                 dt = time.perf_counter() - t0
                 metrics["tokens_per_s"] = tokens * hooks.world_size / max(dt, 1e-9)
                 metrics["mem_peak_mb"] = peak_memory_mb()
