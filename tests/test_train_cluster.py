@@ -11,8 +11,10 @@ import time
 import pytest
 
 try:  # tests/ may or may not be a package
+    from tests.conftest import fix_complete_multipart
     from tests.test_train_util import make_run, metrics
 except ImportError:
+    from conftest import fix_complete_multipart
     from test_train_util import make_run, metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -24,28 +26,6 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _fix_complete_multipart(app):
-    """moto 5.2.1 answers CompleteMultipartUpload with the root tag ...Response instead of ...Result
-    (getmoto/moto#10055): boto3 shrugs, pyarrow's S3 client (used by Ray Train) retries and fails."""
-    def wrapped(environ, start_response):
-        got = {}
-
-        def capture(status, headers, exc_info=None):
-            got.update(status=status, headers=headers)
-            return lambda data: None
-
-        body = b"".join(app(environ, capture))
-        headers = got["headers"]
-        if b"<CompleteMultipartUploadResponse" in body:  # (HEAD answers keep their Content-Length)
-            body = body.replace(b"CompleteMultipartUploadResponse", b"CompleteMultipartUploadResult")
-            headers = [(k, v) for k, v in headers if k.lower() != "content-length"]
-            headers.append(("Content-Length", str(len(body))))
-        start_response(got["status"], headers)
-        return [body]
-
-    return wrapped
-
-
 @pytest.fixture
 def s3(monkeypatch):
     """A moto S3 server on 127.0.0.1 with bucket `ckpt`; AWS_* env points the driver at it."""
@@ -55,7 +35,7 @@ def s3(monkeypatch):
     from moto.server import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import make_server
 
-    server = make_server("127.0.0.1", 0, _fix_complete_multipart(DomainDispatcherApplication(create_backend_app)),
+    server = make_server("127.0.0.1", 0, fix_complete_multipart(DomainDispatcherApplication(create_backend_app)),
                          threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
