@@ -51,7 +51,8 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     return tok
 
 
-def load_model(cfg: ModelConfig, path: str | None = None):
+def load_model(cfg: ModelConfig, path: str | None = None, quantization_config=None):
+    """The base model from a local dir or resolved hub id; `quantization_config`: a qlora base."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -64,6 +65,7 @@ def load_model(cfg: ModelConfig, path: str | None = None):
             trust_remote_code=cfg.trust_remote_code,
             dtype=getattr(torch, _DTYPES[cfg.dtype]),
             use_safetensors=True,  # never unpickle weights
+            **({"quantization_config": quantization_config} if quantization_config is not None else {}),
         )
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model from '{path}': {e}", hint=HINT) from None

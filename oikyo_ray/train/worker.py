@@ -29,13 +29,7 @@ def _load(cfg: OikyoConfig, model_path: str, ckpt_dir: Path | None):
     from oikyo_ray.model.methods import apply_method, quantization_config
     from oikyo_ray.train.checkpoint import load_weights
 
-    if cfg.method.type == "qlora":
-        from transformers import AutoModelForCausalLM
-
-        base = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quantization_config(
-            cfg.method, cfg.scaling.use_gpu), use_safetensors=True)
-    else:
-        base = load_model(cfg.model, model_path)
+    base = load_model(cfg.model, model_path, quantization_config(cfg.method, cfg.scaling.use_gpu))
     model = apply_method(base, cfg.method, cfg.train.gradient_checkpointing)
     if ckpt_dir is not None:
         load_weights(model, ckpt_dir, full=cfg.method.type == "full")
