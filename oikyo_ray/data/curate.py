@@ -1,7 +1,7 @@
 """Per-file curation: parse -> normalise -> validate -> filter -> split -> tokenise, one record per row.
 
-Ray-free: `curate_file` is what the Ray Data pipeline maps over files, and what tests call
-directly. Every input row yields exactly one record, accepted ("ok") or rejected ("reject") with
+Ray-free: `curate_file` is what the Ray Data pipeline maps over file pieces (`curate_pieces`),
+and what tests call directly. Every input row yields exactly one record, accepted ("ok") or rejected ("reject") with
 its reason and `filter` (the check that rejected it), so `accepted + rejected == read` holds by
 construction. A file that cannot be read at all gives one FILE_ERROR record naming why.
 
