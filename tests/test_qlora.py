@@ -64,7 +64,7 @@ def test_qlora_keeps_learning_across_evals(tiny_model, cache_dir):
 
     cfg, model, train, val = _qlora(tiny_model, cache_dir, [QV, "train.eval_every=3", "train.lr=5e-3",
                                                            "train.checkpoint_every=100"])
-    check_method(cfg.method, use_gpu=False)  # allowed on CPU now that bitsandbytes is here
+    check_method(cfg.method)  # allowed on CPU now that bitsandbytes is here
     assert _layers(model) and all(not m.support_avx512bf16_for_cpu for m in _layers(model))
     assert all(m.compute_dtype == torch.float32 for m in _layers(model))  # CPU compute dtype
     params = [p for p in model.parameters() if p.requires_grad]

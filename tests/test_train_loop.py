@@ -114,9 +114,9 @@ def test_qlora_without_bitsandbytes_is_refused_with_a_reason(monkeypatch):
     cfg = load_config(None, ["method.type=qlora"])
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
     with pytest.raises(ModelError, match="qlora needs bitsandbytes") as e:
-        check_method(cfg.method, use_gpu=False)
+        check_method(cfg.method)
     assert "pip install bitsandbytes" in str(e.value)
-    check_method(load_config(None, ["method.type=dora"]).method, use_gpu=False)
+    check_method(load_config(None, ["method.type=dora"]).method)
 
 
 def test_reporter_sends_in_order_in_the_background_and_raises_failures():

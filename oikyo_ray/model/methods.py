@@ -5,7 +5,7 @@ from __future__ import annotations
 from oikyo_ray.config import MethodConfig
 
 
-def check_method(method: MethodConfig, use_gpu: bool) -> None:
+def check_method(method: MethodConfig) -> None:
     """Refuse what cannot train correctly, before Ray starts. qlora runs on CPU too (bitsandbytes'
     CPU backend), guarded by qlora.keep_trainable in apply_method."""
     if method.type != "qlora":

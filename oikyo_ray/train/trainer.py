@@ -81,7 +81,7 @@ def check_before_ray(cfg: OikyoConfig) -> None:
     """Errors a user can fix, raised before any worker starts."""
     from oikyo_ray.model.methods import check_method
 
-    check_method(cfg.method, cfg.scaling.use_gpu)
+    check_method(cfg.method)
     if cfg.checkpoint.score and cfg.data.val_fraction == 0:
         raise OikyoError("checkpoint.score=val_loss needs a validation split", hint="set data.val_fraction > 0")
     if cfg.train.early_stopping_patience and cfg.data.val_fraction == 0:
