@@ -15,7 +15,8 @@ CORE = ["oikyo_ray.config", "oikyo_ray.data.formats", "oikyo_ray.data.readers", 
         "oikyo_ray.data.split", "oikyo_ray.data.tokenize", "oikyo_ray.data.curate", "oikyo_ray.model.load",
         "oikyo_ray.model.methods", "oikyo_ray.model.tiny", "oikyo_ray.train.loop", "oikyo_ray.eval.metrics",
         "oikyo_ray.eval.generate", "oikyo_ray.eval.compare", "oikyo_ray.serve.engine", "oikyo_ray.runs.rundir",
-        "oikyo_ray.runs.store", "oikyo_ray.data.packing", "oikyo_ray.data.pieces", "oikyo_ray.model.qlora"]
+        "oikyo_ray.runs.store", "oikyo_ray.data.packing", "oikyo_ray.data.pieces", "oikyo_ray.model.qlora",
+        "oikyo_ray.data.exact"]
 
 
 def test_core_imports_without_ray():
@@ -40,6 +41,32 @@ def test_prompt_masking_learns_only_assistant_tokens(tiny_model):
     assert everything["labels"] == everything["input_ids"]
     with pytest.raises(ValueError, match="max_length"):
         encode_messages(tok, msgs, max_length=8)  # the answer is truncated away
+
+
+def test_default_template_renders_tools_and_calls(tiny_model):
+    """A tokenizer without a template gets the default; it shows the row's tools to the model,
+    wraps calls in <tool_call>, and masking still learns only the assistant turns (the call too)."""
+    from transformers import AutoTokenizer
+
+    from oikyo_ray.model.chat_template import DEFAULT_CHAT_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    tools = [{"name": "get_weather", "description": "Weather now", "parameters": {"type": "object"}}]
+    call = json.dumps({"name": "get_weather", "arguments": {"city": "Lima"}})
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Lima?"},
+            {"role": "assistant", "content": call, "tool_call": True}, {"role": "tool", "content": '{"temp": 19}'},
+            {"role": "assistant", "content": "19 degrees."}]
+    text = tok.apply_chat_template(msgs, tools=tools, tokenize=False)
+    assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
+    assert f"<tools>\n{json.dumps(tools[0])}\n</tools>" in text and text.count("<|im_start|>system") == 1
+    assert f"<|im_start|>assistant\n<tool_call>\n{call}\n</tool_call><|im_end|>" in text
+    enc = encode_messages(tok, msgs, max_length=512, tools=tools)
+    assert tok.decode(enc["input_ids"]) == text
+    learned = tok.decode([i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE])
+    assert learned == f"<tool_call>\n{call}\n</tool_call><|im_end|>\n19 degrees.<|im_end|>\n"
+    plain = tok.apply_chat_template(msgs[1:2], tokenize=False)  # no tools: ChatML as before
+    assert plain == "<|im_start|>user\nWeather in Lima?<|im_end|>\n"
 
 
 def test_metrics_on_known_inputs():

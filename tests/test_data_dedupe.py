@@ -8,11 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from oikyo_ray.config import DataConfig, ModelConfig
+from functools import partial
+
+from oikyo_ray.config import DataConfig as _DataConfig
+from oikyo_ray.config import ModelConfig
 from oikyo_ray.data.curate import curate_file
 from oikyo_ray.data.quality import global_filter
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
+# the tiny tokenizer spends ~300 tokens on a fixture's tool schemas: room for the answers
+DataConfig = partial(_DataConfig, max_length=1024)
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +132,43 @@ def test_shared_datasets_duplicates_and_leaks(shared_dir, tok):
         "leaks into val: prompt near-duplicate (estimated Jaccard ")
     assert res.stats["dedupe"] == {"duplicate": 54, "near_duplicate": 0}
     assert res.stats["leakage"]["pairs"] == {"val~test": 1, "train~val": 2, "train~test": 2}
+
+
+def _table(recs: list[dict]):
+    from oikyo_ray.data.curate import SUMMARY_COLUMNS, to_table
+
+    return to_table(recs, SUMMARY_COLUMNS)
+
+
+@pytest.mark.parametrize("leakage", ["remove", "report", "off"])
+def test_columnar_exact_pass_equals_the_row_loop(tok, shared_dir, leakage):
+    """With MinHash off the pipeline decides on Arrow columns (`exact.filter_table`): the same
+    removals, reasons, leaks and stats as `global_filter`, in any input order."""
+    import numpy as np
+
+    from oikyo_ray.data.exact import filter_table
+
+    data = DataConfig(max_length=8192, near_dup_threshold=None, leakage_threshold=None, leakage=leakage,
+                      val_fraction=0.2, test_fraction=0.2)
+    files = [FIXTURES / n for n in ("dups.jsonl", "leak.jsonl")] + sorted((shared_dir / "datasets").glob("*.json*"))
+    recs = [r for f in files for r in curate_file(f.name, f.read_bytes(), data, tok) if r["status"] == "ok"]
+    order = [f.name for f in files]
+    want = global_filter(recs, data, order)
+    shuffled = [recs[i] for i in np.random.default_rng(0).permutation(len(recs))]
+    got, at = filter_table(_table(shuffled), data, order)
+    assert {k: (v.kind, v.reason) for k, v in got.removed.items()} == {k: (v.kind, v.reason) for k, v in want.removed.items()}
+    assert got.leaks == want.leaks and got.stats == want.stats
+    assert sorted((shuffled[i]["source"], shuffled[i]["row"]) for i in at) == sorted(want.removed)
+    assert want.stats["dedupe"]["duplicate"] > 10  # the case has duplicates to find
+    assert leakage == "off" or want.stats["leakage"]["exact"] > 0  # ... and leaks
+
+
+def test_near_duplicate_configs_take_the_row_loop(tok):
+    from oikyo_ray.data.exact import filter_table
+
+    data = DataConfig()  # MinHash on by default
+    recs = accepted(tok, data, "dups.jsonl")
+    got, at = filter_table(_table(recs), data, ["dups.jsonl"])
+    assert removed(got) == removed(global_filter(recs, data, ["dups.jsonl"]))
+    assert any(d.kind == "near_duplicate" for d in got.removed.values())
+    assert sorted(recs[i]["row"] for i in at) == sorted(row for _, row in got.removed)

@@ -18,7 +18,9 @@ MIX = ["dups.jsonl", "leak.jsonl", "messages_rows.jsonl", "alpaca_mixed.csv", "s
 
 def config(tmp_path: Path, files: list[str], *overrides: str):
     paths = ", ".join(str(FIXTURES / f) for f in files)
-    return load_config(None, [f"data.paths=[{paths}]", f"model.cache_dir={tmp_path / 'cache'}", *overrides])
+    # max_length 1024: the tiny tokenizer spends ~300 tokens on a fixture's tool schemas
+    return load_config(None, [f"data.paths=[{paths}]", f"model.cache_dir={tmp_path / 'cache'}",
+                              "data.max_length=1024", *overrides])
 
 
 def lines(p: Path) -> list[str]:
@@ -43,6 +45,7 @@ def test_prepare_on_ray_matches_the_local_stage(ray_session, tiny_model, tmp_pat
         assert load_split_rows(out, split) == load_split_rows(tmp_path / "local", split), split
         assert (out / split).is_dir()
     assert json.loads((out / "manifest.json").read_text()) == m
+    assert m["outputs"] == local["outputs"]  # the same files, byte for byte, whoever wrote them
 
     train = read_split(out, "train")
     assert train.count() == m["counts"]["train"] and train.columns() == TRAIN_COLUMNS
@@ -64,8 +67,8 @@ def test_packing_on_ray_matches_the_local_stage(ray_session, tiny_model, tmp_pat
     from oikyo_ray.data.packing import PACKED_COLUMNS
 
     files = ["sharegpt_tools.json"]
-    m = prepare(config(tmp_path, files, "data.packing=true", "data.pack_length=512"), str(tiny_model), tmp_path / "r")
-    local = prepare_local(config(tmp_path, files, "data.packing=true", "data.pack_length=512", "data.cache=false"),
+    m = prepare(config(tmp_path, files, "data.packing=true", "data.pack_length=1024"), str(tiny_model), tmp_path / "r")
+    local = prepare_local(config(tmp_path, files, "data.packing=true", "data.pack_length=1024", "data.cache=false"),
                           str(tiny_model), tmp_path / "l")
     assert m["packing"] == local["packing"] and m["packing"]["rows"] == m["counts"]["train"]
 

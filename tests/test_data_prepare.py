@@ -28,8 +28,9 @@ def sha(p: Path) -> str:
 
 def config(tmp_path: Path, files: list, *overrides: str):
     paths = ", ".join(str(f if isinstance(f, Path) else FIXTURES / f) for f in files)
+    # max_length 1024: the tiny tokenizer spends ~300 tokens on a fixture's tool schemas
     return load_config(None, [f"data.paths=[{paths}]", f"model.cache_dir={tmp_path / 'cache'}",
-                              f"run.root={tmp_path / 'runs'}", *overrides])
+                              f"run.root={tmp_path / 'runs'}", "data.max_length=1024", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +77,15 @@ def test_manifest_hashes_and_histogram(mix, tmp_path):
     m, out = mix
     assert [i["sha256"] for i in m["inputs"]] == [sha(FIXTURES / f) for f in MIX]
     assert [i["bytes"] for i in m["inputs"]] == [(FIXTURES / f).stat().st_size for f in MIX]
-    assert set(m["outputs"]) == {"rejects.jsonl", "train/part-00000.parquet", "test/part-00000.parquet"}
+    # one part per input piece (here: per file, in data.paths order) that kept rows of the split
+    assert set(m["outputs"]) == {"rejects.jsonl", *(f"train/part-0000{i}.parquet" for i in range(4)),
+                                 "test/part-00001.parquet"}
     assert all(sha(out / name) == digest for name, digest in m["outputs"].items())
     cfg = config(tmp_path, MIX)
     assert m["data_config_hash"] == data_config_hash(cfg.data) != data_config_hash(config(tmp_path, MIX, "data.max_length=128").data)
     assert data_config_hash(cfg.data) == data_config_hash(config(tmp_path, MIX, "data.cache=false").data)
     h = m["tokens"]["histogram"]
-    assert h["edges"][0] == 0 and h["edges"][-1] == 256 and len(h["edges"]) == 17
+    assert h["edges"][0] == 0 and h["edges"][-1] == 1024 and len(h["edges"]) == 17
     assert [sum(h[s]) for s in SPLITS] == [m["counts"][s] for s in SPLITS]
     lengths = [r["num_tokens"] for s in SPLITS for r in load_split_rows(out, s)]
     assert m["tokens"]["total"] == sum(lengths) and m["tokens"]["max"] == max(lengths)
@@ -216,7 +219,8 @@ def test_inspect_png_path_and_missing_manifest(mix, tmp_path):
 def test_prepare_command_without_ray(tmp_path, tiny_model, cache_dir, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: {{cache_dir: {cache_dir}}}\ndata: {{paths: [{FIXTURES / 'dups.jsonl'}], leakage: 'off'}}\n")
-    assert run(["data", "prepare", str(cfg), "data.cache=false", "--no-ray", "--out", str(tmp_path / "o")]) == 0
+    assert run(["data", "prepare", str(cfg), "data.cache=false", "data.max_length=1024", "--no-ray",
+                "--out", str(tmp_path / "o")]) == 0
     assert "splits: train 7, val 0, test 0" in capsys.readouterr().out
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["counts"]["accepted"] == 7
     # without --out: <run.root>/data/<data config hash>

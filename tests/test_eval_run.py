@@ -41,7 +41,8 @@ def _make_run(root: Path, name: str, tiny_model, cache_dir, recs, overrides: lis
     run = root / name
     (run / "data" / "test").mkdir(parents=True)
     cols = ("hash", "messages", "meta", "input_ids", "labels")
-    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in cols} for r in test]), run / "data/test/part-0.parquet")
+    pq.write_table(pa.Table.from_pylist([{k: list(r[k]) if k in ("input_ids", "labels") else r[k] for k in cols}
+                                         for r in test]), run / "data/test/part-0.parquet")
     (run / "config.yaml").write_text(dump_yaml(cfg))
     out = run / ("model" if cfg.method.type == "full" else "adapter")
     model.save_pretrained(out, safe_serialization=True)

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 FORMAT_VERSION = 2
-CURATION_VERSION = "2"  # bump when curation logic changes what is kept: invalidates cached datasets
+CURATION_VERSION = "3"  # bump when curation logic changes what is kept: invalidates cached datasets
 SPLITS = ("train", "val", "test")
 PACKED = "train_packed"  # the train split packed into blocks (data.packing)
 HIST_BINS = 16
@@ -69,23 +69,27 @@ def cache_key(inputs: list[dict], data, tokenizer_path: str, trust_remote_code: 
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
-def histogram(lengths_by_split: dict[str, list[int]], max_length: int) -> dict:
+def histogram(lengths_by_split: dict, max_length: int) -> dict:
     """Token-length histogram over [0, max_length] in HIST_BINS equal bins (last bin closed)."""
+    import numpy as np
+
     step = max(1, -(-max_length // HIST_BINS))
     edges = list(range(0, step * HIST_BINS + 1, step))
     out: dict = {"edges": edges}
     for split in SPLITS:
-        counts = [0] * HIST_BINS
-        for n in lengths_by_split.get(split, []):
-            counts[min(n // step, HIST_BINS - 1)] += 1
-        out[split] = counts
+        n = np.asarray(lengths_by_split.get(split, []), dtype=np.int64)
+        out[split] = np.bincount(np.minimum(n // step, HIST_BINS - 1), minlength=HIST_BINS).tolist()
     return out
 
 
-def content_hash(kept: list[dict]) -> str:
+def content_hash(digests) -> str:
+    """Hash of the kept rows' digests (content, split, tokens, metadata), sorted: independent
+    of file names and of the order rows were written."""
+    import numpy as np
+
     digest = hashlib.sha256()
-    for r in sorted(kept, key=lambda r: (r["hash"], r["split"], r["tokens_sha"], r["meta_sha"])):
-        digest.update(f"{r['hash']}:{r['split']}:{r['tokens_sha']}:{r['meta_sha']}\n".encode())
+    for d in np.sort(np.asarray(digests, dtype="S16")):
+        digest.update(d)
     return digest.hexdigest()
 
 
@@ -94,24 +98,42 @@ def output_hashes(out_dir: Path) -> dict[str, str]:
     return {str(f.relative_to(out_dir)): file_sha256(f) for f in names if f.is_file()}
 
 
-def build(*, inputs: list[dict], summary: list[dict], kept: list[dict], rejects: list[dict], stats: dict,
+def _counts(col) -> Counter:
+    """Rows per distinct value of an Arrow column."""
+    import numpy as np
+
+    from oikyo_ray.data.exact import codes
+
+    names, idx = codes(col)
+    return Counter(dict(zip(names, np.bincount(idx, minlength=len(names)).tolist())))
+
+
+def build(*, inputs: list[dict], summary, kept, rejects: list[dict], stats: dict,
           leaks: list[dict], data, tokenizer_path: str, key: str, out_dir: Path) -> dict:
-    """The manifest of a finished preparation (outputs already written under out_dir)."""
-    per_file = Counter((r["source"], r["status"] == "ok") for r in summary)
+    """The manifest of a finished preparation (outputs already written under out_dir); `summary`
+    (every row) and `kept` are Arrow tables of the curated summary columns."""
+    read_by_file = _counts(summary["source"])
     rejected_by_file = Counter(r["source"] for r in rejects)
     for i in inputs:
-        i["read"] = per_file[(i["path"], True)] + per_file[(i["path"], False)]
+        i["read"] = read_by_file[i["path"]]
         i["rejected"] = rejected_by_file[i["path"]]
         i["accepted"] = i["read"] - i["rejected"]
-    counts = {"read": len(summary), "accepted": len(kept), "rejected": len(rejects)}
-    counts.update({s: sum(1 for r in kept if r["split"] == s) for s in SPLITS})
-    tokens = [r["num_tokens"] for r in kept]
-    tags = Counter(t for r in kept for t in r["meta_tags"].split(",") if t)
+    from oikyo_ray.data.exact import codes, keys
+
+    names, split_idx = codes(kept["split"])
+    tokens = kept["num_tokens"].to_numpy()
+    per_split = {s: tokens[split_idx == names.index(s)] if s in names else tokens[:0] for s in SPLITS}
+    counts = {"read": summary.num_rows, "accepted": kept.num_rows, "rejected": len(rejects)}
+    counts.update({s: len(per_split[s]) for s in SPLITS})
+    tags = Counter()
+    for value, n in _counts(kept["meta_tags"]).items():
+        for t in filter(None, value.split(",")):
+            tags[t] += n
     return {
         "format_version": FORMAT_VERSION,
         "inputs": inputs,
         "outputs": output_hashes(out_dir),
-        "content_hash": content_hash(kept),
+        "content_hash": content_hash(keys(kept["digest"])),
         "data_config": data.model_dump(mode="json"),
         "data_config_hash": data_config_hash(data),
         "tokenizer": tokenizer_path,
@@ -124,11 +146,10 @@ def build(*, inputs: list[dict], summary: list[dict], kept: list[dict], rejects:
         "meta": {"tools": tags["tools"], "preference": tags["preference"],
                  "label_true": tags["label:true"], "label_false": tags["label:false"]},
         "tokens": {
-            "total": sum(tokens), "max": max(tokens, default=0),
-            "mean": sum(tokens) / len(tokens) if tokens else 0.0,
-            "truncated": sum(1 for r in kept if r["full_tokens"] > r["num_tokens"]),
-            "histogram": histogram({s: [r["num_tokens"] for r in kept if r["split"] == s] for s in SPLITS},
-                                   data.max_length),
+            "total": int(tokens.sum()), "max": int(tokens.max(initial=0)),
+            "mean": float(tokens.mean()) if len(tokens) else 0.0,
+            "truncated": int((kept["full_tokens"].to_numpy() > tokens).sum()),
+            "histogram": histogram(per_split, data.max_length),
         },
     }
 

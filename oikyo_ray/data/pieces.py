@@ -66,7 +66,7 @@ def read_piece(piece: dict) -> bytes:
 
 
 def plan(groups: dict[str, list[str]], piece_bytes: int | None = None) -> tuple[list[dict], list[dict]]:
-    """(inputs for the manifest: [{path, sha256, bytes}], pieces: [{kind, path, start, end,
+    """(inputs for the manifest: [{path, sha256, bytes}], pieces: [{index, kind, path, start, end,
     first_row, whole}]) of every input file, each streamed once and never held whole."""
     inputs, pieces = [], []
     for kind, files in groups.items():
@@ -75,6 +75,6 @@ def plan(groups: dict[str, list[str]], piece_bytes: int | None = None) -> tuple[
             with fs.open_input_stream(path) as f:
                 digest, size, cuts = scan_file(f.read, is_jsonl(path), piece_bytes or PIECE_BYTES)
             inputs.append({"path": path, "sha256": digest, "bytes": size})
-            pieces += [{"kind": kind, "path": path, "start": s, "end": e, "first_row": r, "whole": len(cuts) == 1}
-                       for s, e, r in cuts]
+            pieces += [{"index": len(pieces) + i, "kind": kind, "path": path, "start": s, "end": e, "first_row": r, "whole": len(cuts) == 1}
+                       for i, (s, e, r) in enumerate(cuts)]
     return inputs, pieces

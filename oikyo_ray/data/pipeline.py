@@ -3,11 +3,15 @@
     prepare(cfg, tokenizer_path, out_dir) -> manifest dict         (Ray Data)
     prepare_local(cfg, tokenizer_path, out_dir) -> manifest dict   (same result, in-process, no Ray)
 
-Steps: hash the inputs (sha256) and look the result up in the cache; curate every file (Ray Data
-`from_items(pieces)` + `map_batches(curate_pieces)`: big jsonl files are cut at line ends into
-~4 MiB pieces, each read by its own task; one record per row, accepted or rejected);
-collect the small per-row summary on the driver and run the global pass there (exact and near
-duplicates, leakage across splits: `quality.global_filter`); write what is kept per split.
+Steps: hash the inputs (sha256) and look the result up in the cache; curate every piece (Ray
+Data `from_items(pieces)` + `map_batches(curate_pieces)`: big jsonl files are cut at line ends into
+~4 MiB pieces, each read by its own task, which writes its rows' summary and its kept rows per
+split as parquet parts under ``out_dir/.curated`` (`curate.curate_piece`); read the compact
+summary (keys are 16-byte digests, as Arrow columns) on the driver and run the global pass there
+(exact and near duplicates, leakage across splits: `exact.filter_table`); take the removed rows
+out of the few parts that hold them and move the parts into place. The curated rows are written
+once and never cross a process boundary, so driver memory is ~100 bytes a row whatever the
+row size (more with MinHash on: the row loop and its LSH index).
 
 Layout written under ``out_dir``: ``train/ val/ test/`` (parquet shards), ``rejects.jsonl`` (source,
 row, reason, filter for every rejected row, duplicates and leaked rows included) and
@@ -28,9 +32,8 @@ import pyarrow.fs as pafs
 
 from oikyo_ray.config import DEMO_DATA, OikyoConfig
 from oikyo_ray.data import manifest as mf
-from oikyo_ray.data.curate import FILE_ERROR, OUTPUT_COLUMNS, SCHEMA, SUMMARY_COLUMNS, curate_pieces
+from oikyo_ray.data.curate import FILE_ERROR, curate_pieces
 from oikyo_ray.data.pieces import plan
-from oikyo_ray.data.quality import global_filter
 from oikyo_ray.errors import DataError
 from oikyo_ray.storage import filesystem
 
@@ -77,115 +80,54 @@ def expand_paths(paths: list[str]) -> dict[str, list[str]]:
 
 
 
-# ---- curation backends: records for every row, then the kept rows written per split ---------------
+# ---- where the per-piece work runs: Ray Data tasks or this process --------------------------------
 
-def _fn_kwargs(cfg: OikyoConfig, tokenizer_path: str) -> dict:
+def _fn_kwargs(cfg: OikyoConfig, tokenizer_path: str, work: Path) -> dict:
     return {"data": cfg.data.model_dump(), "tokenizer_path": tokenizer_path,
-            "trust_remote_code": cfg.model.trust_remote_code}
+            "trust_remote_code": cfg.model.trust_remote_code, "work": str(work)}
 
 
-def _split_rows(batch: pa.Table, split: str, removed: frozenset) -> pa.Table:
-    """Rows of `batch` kept in `split`, as the written columns."""
-    import pyarrow.compute as pc
+def _map_ray(fn, items: list[dict], fn_kwargs: dict) -> None:
+    """`fn` over `items`, one Ray Data task per item (each writes its own files)."""
+    import ray
 
-    mask = pc.and_(pc.equal(batch["status"], "ok"), pc.equal(batch["split"], split))
-    if removed:
-        keep = [f"{s}\0{r}" not in removed for s, r in zip(batch["source"].to_pylist(), batch["row"].to_pylist())]
-        mask = pc.and_(mask, pa.array(keep, type=pa.bool_()))
-    return batch.filter(mask).select(OUTPUT_COLUMNS)
+    ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        fn, batch_size=1, fn_kwargs=fn_kwargs).take_all()
 
 
-def _pack_table(batch: pa.Table, length: int, pad_id: int) -> pa.Table:
-    """Tokenised rows -> packed blocks (packing.PACKED_COLUMNS)."""
+def _map_local(fn, items: list[dict], fn_kwargs: dict) -> None:
+    for it in items:
+        fn({k: [v] for k, v in it.items()}, **fn_kwargs)
+
+
+def _pack_files(batch: dict, length: int, pad_id: int) -> dict:
+    """Packs each train part (`src`) into blocks written to `dst`: one call per curated piece, so
+    the blocks do not depend on scheduling."""
+    import pyarrow.parquet as pq
+
     from oikyo_ray.data.packing import pack_rows
 
-    cols = pack_rows(batch["input_ids"].to_pylist(), batch["labels"].to_pylist(), length, pad_id)
-    return pa.table({k: pa.array(v, type=pa.int64() if k == "num_tokens" else pa.list_(pa.int64()))
-                     for k, v in cols.items()})
-
-
-class _RayCuration:
-    """Curated records go to parquet under `work` as each task finishes (Ray's object store holds
-    only blocks in flight, so memory stays flat as the data grows); the summary and the splits
-    are read back from there."""
-
-    def __init__(self, pieces: list[dict], cfg: OikyoConfig, tokenizer_path: str, work: Path):
-        import ray
-
-        self.work = work
-        shutil.rmtree(work, ignore_errors=True)
-        # one piece per task, read by the task itself: big jsonl files spread over every core
-        ds = ray.data.from_items(pieces, override_num_blocks=len(pieces))
-        ds.map_batches(curate_pieces, batch_size=1, fn_kwargs=_fn_kwargs(cfg, tokenizer_path)).write_parquet(str(work))
-
-    def summary(self) -> list[dict]:
-        import pyarrow.parquet as pq
-
-        return pq.read_table(str(self.work), columns=SUMMARY_COLUMNS).to_pylist()
-
-    def _rows(self, split: str, removed: frozenset):
-        import ray
-
-        return ray.data.read_parquet(str(self.work)).map_batches(
-            _split_rows, batch_format="pyarrow", batch_size=None, fn_kwargs={"split": split, "removed": removed})
-
-    def write_split(self, split: str, removed: frozenset, out: Path) -> None:
-        self._rows(split, removed).write_parquet(str(out))
-
-    def write_packed(self, removed: frozenset, out: Path, length: int, pad_id: int) -> None:
-        # one call per block of curated rows (a piece of a file): deterministic blocks
-        self._rows("train", removed).map_batches(_pack_table, batch_format="pyarrow", batch_size=None,
-                                                 fn_kwargs={"length": length, "pad_id": pad_id}).write_parquet(str(out))
-
-    def close(self) -> None:
-        shutil.rmtree(self.work, ignore_errors=True)
-
-
-class _LocalCuration:
-    def __init__(self, pieces: list[dict], cfg: OikyoConfig, tokenizer_path: str, work: Path):
-        from oikyo_ray.data.curate import _tokenizer, curate_file
-        from oikyo_ray.data.pieces import read_piece
-
-        tok = _tokenizer(tokenizer_path, cfg.model.trust_remote_code)
-        self.records = []
-        for p in pieces:
-            self.records.extend(curate_file(p["path"], read_piece(p), cfg.data, tok, p["first_row"], p["whole"]))
-
-    def summary(self) -> list[dict]:
-        return [{k: r[k] for k in SUMMARY_COLUMNS} for r in self.records]
-
-    def write_split(self, split: str, removed: frozenset, out: Path) -> None:
-        import pyarrow.parquet as pq
-
-        table = _split_rows(pa.Table.from_pylist(self.records, schema=SCHEMA), split, removed)
-        if table.num_rows:
-            out.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, out / "part-00000.parquet")
-
-    def write_packed(self, removed: frozenset, out: Path, length: int, pad_id: int) -> None:
-        import pyarrow.parquet as pq
-
-        table = _split_rows(pa.Table.from_pylist(self.records, schema=SCHEMA), "train", removed)
-        out.mkdir(parents=True, exist_ok=True)
-        pq.write_table(_pack_table(table, length, pad_id), out / "part-00000.parquet")
-
-    def close(self) -> None:
-        pass
+    for src, dst in zip(batch["src"], batch["dst"]):
+        t = pq.read_table(src, columns=TRAIN_COLUMNS)
+        cols = pack_rows(t["input_ids"].to_pylist(), t["labels"].to_pylist(), length, pad_id)
+        pq.write_table(pa.table({k: pa.array(v, type=pa.int64() if k == "num_tokens" else pa.list_(pa.int64()))
+                                 for k, v in cols.items()}), dst)
+    return {"dst": list(batch["dst"])}
 
 
 # ---- the stage ---------------------------------------------------------------------------------------
 
 def prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path) -> dict:
     """Run the curation pipeline on Ray Data; raise DataError naming the file when a file is unusable."""
-    return _prepare(cfg, tokenizer_path, Path(out_dir), _RayCuration)
+    return _prepare(cfg, tokenizer_path, Path(out_dir), _map_ray)
 
 
 def prepare_local(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path) -> dict:
     """`prepare` without Ray, in this process (small data, tests, machines without Ray)."""
-    return _prepare(cfg, tokenizer_path, Path(out_dir), _LocalCuration)
+    return _prepare(cfg, tokenizer_path, Path(out_dir), _map_local)
 
 
-def _prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, backend) -> dict:
+def _prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, run) -> dict:
     data = cfg.data
     inputs, pieces = plan(expand_paths(data.paths))
     key = mf.cache_key(inputs, data, tokenizer_path, cfg.model.trust_remote_code)
@@ -194,51 +136,100 @@ def _prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, backend) -> d
         return _restore(cache, out_dir)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    cur = backend(pieces, cfg, tokenizer_path, out_dir / ".curated")
+    work = out_dir / ".curated"
+    shutil.rmtree(work, ignore_errors=True)
     try:
-        manifest = _write_outputs(cur, cfg, tokenizer_path, out_dir, inputs, key)
+        run(curate_pieces, pieces, _fn_kwargs(cfg, tokenizer_path, work))
+        manifest = _write_outputs(work, cfg, tokenizer_path, out_dir, inputs, key, run)
     finally:
-        cur.close()
+        shutil.rmtree(work, ignore_errors=True)
     if cache is not None:
         _store(out_dir, cache)
     return manifest
 
 
-def _write_outputs(cur, cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, inputs: list[dict], key: str) -> dict:
-    """The global pass over the curated records, then rejects, splits, packed blocks, manifest."""
+def _read_summary(work: Path) -> pa.Table:
+    """Every row's summary, in piece then row order (part names sort as the pieces)."""
+    import pyarrow.parquet as pq
+
+    parts = sorted((work / "summary").glob("*.parquet"))
+    tables = []
+    for f in parts:
+        t = pq.read_table(f, read_dictionary=["source", "status", "filter", "split", "meta_tags"])
+        tables.append(t.append_column("piece", pa.array([int(f.stem.split("-")[1])] * t.num_rows, pa.int32())))
+    return pa.concat_tables(tables, promote_options="permissive").unify_dictionaries().combine_chunks()
+
+
+def _drop_rows(work: Path, ok: pa.Table, removed_at) -> None:
+    """Take removed rows out of the split parts that hold them (a part holds, in row order, the
+    kept rows of one piece and split)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from oikyo_ray.data.curate import part_name
+    from oikyo_ray.data.exact import codes
+
+    names, split = codes(ok["split"])
+    piece, row = ok["piece"].to_numpy(), ok["row"].to_numpy()
+    for p, s in sorted({(int(piece[i]), int(split[i])) for i in removed_at}):
+        in_part = np.flatnonzero((piece == p) & (split == s))
+        keep = np.ones(len(in_part), dtype=bool)
+        keep[np.searchsorted(row[in_part], row[[i for i in removed_at if piece[i] == p and split[i] == s]])] = False
+        path = work / names[s] / part_name(p)
+        table = pq.read_table(path).filter(pa.array(keep))
+        path.unlink()
+        if table.num_rows:
+            pq.write_table(table, path)
+
+
+def _write_outputs(work: Path, cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, inputs: list[dict],
+                   key: str, run) -> dict:
+    """The global pass over the curated summary, then rejects, splits, packed blocks, manifest."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from oikyo_ray.data.exact import filter_table
+
     data = cfg.data
     files = [i["path"] for i in inputs]
-    summary = cur.summary()
-    bad_files = [r for r in summary if r["status"] == FILE_ERROR]
-    if bad_files:
-        raise DataError("\n".join(r["reason"] for r in bad_files), hint="fix or remove the file(s) from data.paths")
+    summary = _read_summary(work)
+    status = summary["status"].cast(pa.string())
+    bad_files = summary.filter(pc.equal(status, FILE_ERROR))
+    if bad_files.num_rows:
+        raise DataError("\n".join(bad_files["reason"].to_pylist()), hint="fix or remove the file(s) from data.paths")
 
-    accepted = [r for r in summary if r["status"] == "ok"]
-    result = global_filter(accepted, data, files)
-    rejects = [{"source": r["source"], "row": r["row"], "reason": r["reason"], "filter": r["filter"]}
-               for r in summary if r["status"] == "reject"]
+    ok = summary.filter(pc.equal(status, "ok"))
+    ok = ok.take(np.lexsort((ok["row"].to_numpy(), ok["piece"].to_numpy())))
+    result, removed_at = filter_table(ok, data, files)
+    rejects = summary.filter(pc.equal(status, "reject")).select(["source", "row", "reason", "filter"])
+    rejects = rejects.cast(_plain(rejects.schema)).to_pylist()
     rejects += [{"source": s, "row": n, "reason": d.reason, "filter": d.kind} for (s, n), d in result.removed.items()]
     rejects.sort(key=lambda r: (r["source"], r["row"]))
-    kept = [r for r in accepted if (r["source"], r["row"]) not in result.removed]
-    assert len(kept) + len(rejects) == len(summary), (len(kept), len(rejects), len(summary))  # nothing lost
+    keep = np.ones(ok.num_rows, dtype=bool)
+    keep[removed_at] = False
+    kept = ok.filter(pa.array(keep))
+    assert kept.num_rows + len(rejects) == summary.num_rows, (kept.num_rows, len(rejects), summary.num_rows)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)  # no stale manifest beside new outputs
     for split in (*SPLITS, mf.PACKED):
         shutil.rmtree(out_dir / split, ignore_errors=True)  # never mix in shards of an earlier run
     _write_text(out_dir / "rejects.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
-    if not any(r["split"] == "train" for r in kept):
+    if not pc.sum(pc.equal(kept["split"].cast(pa.string()), "train")).as_py():
         raise DataError(
-            f"no usable training rows ({len(rejects)} of {len(summary)} rejected; see {out_dir / 'rejects.jsonl'})",
+            f"no usable training rows ({len(rejects)} of {summary.num_rows} rejected; see {out_dir / 'rejects.jsonl'})",
             hint="check data.format and the rejects file (oikyo data inspect)",
         )
-    removed = frozenset(f"{s}\0{n}" for s, n in result.removed)
+    _drop_rows(work, ok, removed_at)
     for split in SPLITS:
-        target = out_dir / split
-        cur.write_split(split, removed, target)
-        target.mkdir(parents=True, exist_ok=True)  # an empty split is an empty directory
+        (out_dir / split).mkdir(parents=True, exist_ok=True)  # an empty split is an empty directory
+        for f in sorted((work / split).glob("*.parquet")):
+            os.replace(f, out_dir / split / f.name)
     if data.packing:
-        cur.write_packed(removed, out_dir / mf.PACKED, data.block_length, _pad_id(tokenizer_path, cfg))
+        (out_dir / mf.PACKED).mkdir(parents=True)
+        items = [{"src": str(f), "dst": str(out_dir / mf.PACKED / f.name)}
+                 for f in sorted((out_dir / "train").glob("*.parquet"))]
+        run(_pack_files, items, {"length": data.block_length, "pad_id": _pad_id(tokenizer_path, cfg)})
 
     manifest = mf.build(inputs=inputs, summary=summary, kept=kept, rejects=rejects, stats=result.stats,
                         leaks=result.leaks, data=data, tokenizer_path=tokenizer_path, key=key, out_dir=out_dir)
@@ -246,6 +237,12 @@ def _write_outputs(cur, cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, in
         manifest["packing"] = packing_report(out_dir, data.block_length, cfg.train.batch_size, cfg.train.seed)
     _write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
+
+
+def _plain(schema: pa.Schema) -> pa.Schema:
+    """`schema` with dictionary columns as their value type (for code that wants plain strings)."""
+    return pa.schema([pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type)
+                      for f in schema])
 
 
 def _pad_id(tokenizer_path: str, cfg: OikyoConfig) -> int:

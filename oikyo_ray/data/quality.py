@@ -57,8 +57,9 @@ def prompt_text(msgs: list[dict]) -> str:
     return "\n".join(m["content"] for m in head if m["role"] != "system") or "\n".join(m["content"] for m in msgs)
 
 
-def _sha(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+def _key(*parts, size: int = 16) -> bytes:
+    """A compact digest of `parts` (keys stay small on the driver: 16 bytes a row, not a hex str)."""
+    return hashlib.blake2b(json.dumps(parts, ensure_ascii=False, sort_keys=True).encode(), digest_size=size).digest()
 
 
 # ---- per-row filters -----------------------------------------------------------------------------
@@ -68,10 +69,14 @@ def response_text(msgs: list[dict], plain_only: bool = False) -> str:
                      if m["role"] == "assistant" and not (plain_only and m.get("tool_call")))
 
 
+_NOT_WORD = re.compile(r"\W+")  # \w is str.isalnum() or "_" for str patterns
+
+
 def alnum_ratio(text: str) -> tuple[float, int]:
     """(share of letters and digits among non-space characters, non-space characters)."""
-    n = len(text) - sum(map(str.isspace, text))
-    return (sum(map(str.isalnum, text)) / n if n else 1.0), n
+    n = sum(map(len, text.split()))  # split() cuts at exactly the str.isspace() characters
+    alnum = len(_NOT_WORD.sub("", text)) - text.count("_")
+    return (alnum / n if n else 1.0), n
 
 
 def repetition(text: str) -> tuple[float, int]:
@@ -120,16 +125,23 @@ def signature(text: str, num_perm: int) -> bytes:
     return m.hashvalues.astype("<u4").tobytes()
 
 
+@lru_cache(maxsize=1024)
+def _groups(tools_json: str, label) -> tuple[str, bytes]:
+    """(tools key, duplicate group) of a row's tools (as JSON) and KTO label: most rows share a few."""
+    tools = _key(json.loads(tools_json), size=8).hex()
+    return tools, _key(tools, label, size=8)
+
+
 def row_keys(msgs: list[dict], meta: dict, data) -> dict:
     """Columns the global pass uses: exact keys, group keys and MinHash signatures."""
-    tools = _sha(meta.get("tools") or [])[:16]
+    tools, dup_group = _groups(json.dumps(meta.get("tools") or [], sort_keys=True), meta.get("label"))
     conv = conversation_text(msgs, meta)
     prompt = prompt_text(msgs)
     keys = {
-        "dup_key": _sha(norm_text(conv), tools, meta.get("label")),
-        "dup_group": _sha(tools, meta.get("label"))[:16],
-        "leak_group": tools,
-        "prompt_key": _sha(norm_text(prompt), tools),
+        "dup_key": _key(norm_text(conv), tools, meta.get("label")),
+        "dup_group": dup_group,
+        "leak_group": bytes.fromhex(tools),
+        "prompt_key": _key(norm_text(prompt), tools),
         "text_sig": b"",
         "prompt_sig": b"",
     }

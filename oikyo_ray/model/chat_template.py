@@ -1,14 +1,36 @@
-"""The documented default chat template, used when a tokenizer ships none (ChatML layout).
+"""The documented default chat template, used when a tokenizer ships none (ChatML layout,
+tools as in Hermes/Qwen 2.5).
 
     <|im_start|>{role}\n{content}<|im_end|>\n   ... per message, then for generation
     <|im_start|>assistant\n
+With `tools` (a row's function schemas), the system turn (the row's own system prompt, if any,
+then a "# Tools" section) lists them one JSON object a line between <tools></tools>; an
+assistant turn that calls a tool (`tool_call`: its content is the call as JSON) is wrapped in
+<tool_call></tool_call>; tool results are `tool` turns. The tools block depends only on the row,
+so every prefix of a conversation renders as a prefix of the whole (prompt masking needs that).
 """
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 DEFAULT_CHAT_TEMPLATE = (
+    "{% set skip_first = tools and messages and messages[0]['role'] == 'system' %}"
+    "{% if tools %}"
+    "{{ '<|im_start|>system\n' }}"
+    "{% if skip_first %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
+    "{% for t in tools %}{{ '\n' + (t | tojson) }}{% endfor %}"
+    "{{ '\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags.<|im_end|>\n' }}"
+    "{% endif %}"
     "{% for m in messages %}"
+    "{% if not (loop.first and skip_first) %}"
+    "{% if m.get('tool_call') %}"
+    "{{ '<|im_start|>' + m['role'] + '\n<tool_call>\n' + m['content'] + '\n</tool_call><|im_end|>\n' }}"
+    "{% else %}"
     "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from oikyo_ray.model.chat_template import DEFAULT_CHAT_TEMPLATE, IM_END, IM_START
 
-VERSION = "v1"
+VERSION = "v2"  # v2: the default template renders tools
 # Wider than Llama's 0.02: with hidden 64 a 0.02 lm_head caps logits near +-1.5, so with a frozen
 # random base could never be confident and even a perfect adapter would plateau at high loss.
 INIT_RANGE = 0.1
