@@ -21,8 +21,9 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None
 QV = "method.lora.target_modules=[q_proj,v_proj]"  # every path from them to the loss crosses 4-bit layers
 
 
-def _qlora(model_dir, cache_dir, overrides=()):
-    """(cfg, peft model on a 4-bit base, train batches, val batches) via the worker's own loader."""
+def _qlora(model_dir, cache_dir, overrides=(), ckpt=None):
+    """(cfg, peft model on a 4-bit base, train batches, val batches) via the worker's own loader
+    (the adapter from checkpoint `ckpt`, if given)."""
     from oikyo_ray.config import load_config
     from oikyo_ray.train.loop import collate
     from oikyo_ray.train.worker import _load, seed_everything
@@ -31,7 +32,7 @@ def _qlora(model_dir, cache_dir, overrides=()):
                              "train.log_every=1", "train.batch_size=8", *overrides])
     seed_everything(cfg.train.seed)
     torch.set_num_threads(1)
-    model = _load(cfg, str(model_dir), None)
+    model = _load(cfg, str(model_dir), ckpt)
     rows = list(_encoded(str(model_dir)))
     batch = lambda rs: collate({k: [r[k] for r in rs] for k in ("input_ids", "labels")}, 0)  # noqa: E731
     train = [batch(rows[i:i + 8]) for i in range(0, 64, 8)]
@@ -85,6 +86,46 @@ def test_qlora_keeps_learning_across_evals(tiny_model, cache_dir):
     losses = [r["loss"] for r in reports]
     assert sum(losses[-3:]) < sum(losses[3:6]) - 0.3
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in _layers(model))
+
+
+def test_qlora_resumes_exactly(tiny_model, cache_dir, tmp_path):
+    """Stopped after the step-3 checkpoint (mid-epoch, between evals) and resumed in a fresh 4-bit
+    model, a run ends with the uninterrupted run's adapter bit for bit: every load quantizes the
+    base alike, and the checkpoint brings back the adapter, optimizer, schedule, RNG (LoRA dropout)
+    and data position. Without the optimizer state it drifts."""
+    from oikyo_ray.train.checkpoint import restore, write_checkpoint
+    from oikyo_ray.train.engine import build_engine
+    from oikyo_ray.train.loop import LoopHooks, train_loop
+
+    k, n, ckpt = 3, 6, tmp_path / "ckpt"
+    overrides = [QV, "train.grad_accum=2", "train.lr=5e-3", f"train.checkpoint_every={k}", "train.eval_every=2",
+                 "method.lora.dropout=0.1"]
+
+    def run(resume: bool, optimizer: bool = True) -> dict:
+        cfg, model, train, val = _qlora(tiny_model, cache_dir, overrides, ckpt if resume else None)
+        engine = build_engine(model, cfg, n)
+        if not optimizer:
+            engine.load_optimizer = lambda sd: None
+        state = restore(engine, ckpt) if resume else None
+        final = {}
+
+        def report(metrics, st):
+            if st is None:
+                return
+            model_sd, optim_sd = engine.full_state()
+            if st.step == k and not resume:
+                write_checkpoint(ckpt, model, model_sd, optim_sd, st)
+            final.update({name: v.detach().clone() for name, v in model_sd.items() if "lora_" in name})
+
+        train_loop(model, lambda e: iter(train), cfg.train, n, LoopHooks(report=report, val_batches=lambda: val),
+                   engine=engine, state=state)
+        return final
+
+    a, b, c = run(False), run(True), run(True, optimizer=False)
+    assert len(a) == 8 and a.keys() == b.keys() == c.keys()  # lora_A and lora_B of q, v in 2 layers
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    assert max(float((a[name] - c[name]).abs().max()) for name in a) > 1e-4
 
 
 @pytest.fixture(scope="module")

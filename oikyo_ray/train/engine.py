@@ -5,7 +5,8 @@
     engine.micro_step(loss, last)  backward of one micro-batch; on the last one of an optimizer
                                    step: clip, step, schedule, zero -> grad norm (else None), a
                                    0-d tensor or float: the loop reads it only when it reports
-    engine.full_state()            collective: (model state, optimizer state), full, on every rank
+    engine.full_state()            collective: (model state, optimizer state), full on rank 0
+                                   (other ranks may get empty dicts: only rank 0 writes)
     engine.load_optimizer(sd) / engine.scheduler
 """
 
@@ -146,9 +147,49 @@ class FSDP2Engine(TorchEngine):
                                  options=StateDictOptions(full_state_dict=True))
 
 
+def _stepped_tensors(opt) -> list[torch.Tensor]:
+    """The tensors DeepSpeed's base optimizer steps, which key its state: ZeRO-3's flat fp32
+    partitions (its param groups are empty between steps); else those of its param groups."""
+    flats = getattr(opt, "fp32_partitioned_groups_flat", None)
+    return flats if flats is not None else [p for g in opt.param_groups for p in g["params"]]
+
+
+def _partitioned(p) -> bool:
+    """Whether DeepSpeed's safe_{get,set}_full_optimizer_state reach p (ZeRO-1/2/3: linked to its
+    partitions); under ZeRO-0 they find nothing (get returns None)."""
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
+def _replicated_moments(opt, key: str) -> dict:
+    """ZeRO-0: parameter -> a view of its moment `key`. DeepSpeed steps the parameters themselves
+    (fp32), an fp32 copy of each (bf16, torch optimizers) or one flat fp32 copy per group (bf16,
+    fused optimizers), in the parameters' order."""
+    from torch._utils import _unflatten_dense_tensors
+
+    views = {}
+    lp_groups = getattr(opt, "fp16_groups", None) or [g["params"] for g in opt.param_groups]
+    for g, ps in zip(opt.param_groups, lp_groups):
+        stepped = [opt.state[t][key] for t in g["params"]]
+        if len(stepped) < len(ps):
+            stepped = _unflatten_dense_tensors(stepped[0], ps)
+        views.update((p, s.view_as(p)) for p, s in zip(ps, stepped))
+    return views
+
+
+def _copy(v):
+    """A tensor of its own (steps are counted in place, and safetensors refuses shared storage)."""
+    return v.detach().clone() if torch.is_tensor(v) else v
+
+
+def _is_moment(v) -> bool:
+    """exp_avg-like state (shaped like its parameter), as opposed to a step count."""
+    return torch.is_tensor(v) and v.ndim > 0
+
+
 class DeepSpeedEngine:
-    """DeepSpeed ZeRO 0-3 (optional CPU offload). Checkpoints carry the gathered weights, schedule,
-    RNG and data position; the partitioned optimizer moments are not saved (a resume restarts them)."""
+    """DeepSpeed ZeRO 0-3 (optional CPU offload). Checkpoints carry the gathered weights, the full
+    optimizer state (moments per parameter name, whatever the partitioning), schedule, RNG and data
+    position: a resume continues exactly where the run stopped."""
 
     name = "deepspeed"
 
@@ -203,15 +244,71 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.module.named_parameters() if p.requires_grad]
+
+    def _whole_moments(self, moments: list[str]) -> dict:
+        """ZeRO-0, where every rank holds whole moments: key -> parameter -> a view of its moment;
+        {} under ZeRO-1/2/3, where DeepSpeed's helpers gather and scatter them by parameter."""
+        if _partitioned(self._trainable()[0][1]):
+            return {}
+        return {k: _replicated_moments(self.optimizer, k) for k in moments}
+
     def full_state(self):
+        """Collective: every rank gathers the weights and each parameter's moments in one order;
+        only rank 0 keeps them (the others get empty dicts: they do not write)."""
         if self.model.zero_optimization_stage() == 3:
             sd = self.model._zero3_consolidated_16bit_state_dict() or {}
         else:
             sd = self.model.module.state_dict()
-        return sd, None
+        return sd, self._full_optimizer_state()
 
-    def load_optimizer(self, sd: dict) -> None:  # pragma: no cover - never saved
-        pass
+    def _full_optimizer_state(self) -> dict | None:
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        opt, params = self.optimizer, self._trainable()
+        first = opt.state.get(_stepped_tensors(opt)[0])
+        if not first:  # no step taken yet: nothing to save
+            return None
+        moments = sorted(k for k, v in first.items() if _is_moment(v))
+        whole = self._whole_moments(moments)
+        keep = self.model.global_rank == 0
+        state = {}
+        for name, p in params:
+            full = {k: _copy(v) for k, v in first.items() if k not in moments}  # the step count
+            for k in moments:  # partitioned: gathered (a collective, in the same order on all ranks)
+                full[k] = (_copy(whole[k][p]) if whole else safe_get_full_optimizer_state(p, k)).cpu()
+            if keep:
+                state[name] = full
+        # the engine hands DeepSpeed one list of parameters: one param group holds them all
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(state)}
+                  for g in opt.param_groups]
+        return {"state": state, "param_groups": groups} if keep else {}
+
+    def load_optimizer(self, sd: dict) -> None:
+        """Each rank takes its own partition of every parameter's moments from the full state (under
+        ZeRO-0 all of them). The base optimizer's state is created first, as DeepSpeed's first step
+        would (with the saved step count), and linked to the parameters' fragments; the param
+        groups get back the lr the schedule had reached."""
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        opt, params = self.optimizer, self._trainable()
+        saved = next(iter(sd["state"].values()))
+        moments = [k for k, v in saved.items() if _is_moment(v)]
+        for t in _stepped_tensors(opt):
+            opt.state[t] = {k: torch.zeros_like(t) if k in moments else _copy(v) for k, v in saved.items()}
+        if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: per-parameter views
+            opt._lazy_init_hp_params_optimizer_state()
+        whole = self._whole_moments(moments)
+        for name, p in params:
+            for k in moments:
+                v = sd["state"][name][k]
+                if whole:
+                    whole[k][p].copy_(v)
+                else:
+                    safe_set_full_optimizer_state(p, v, k)
+        for g, s in zip(opt.param_groups, sd["param_groups"]):
+            g.update({k: v for k, v in s.items() if k != "params"})
 
 
 def build_engine(model, cfg: OikyoConfig, steps: int, device=None):
