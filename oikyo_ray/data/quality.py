@@ -39,7 +39,9 @@ _WS = re.compile(r"\s+")
 
 
 def norm_text(text: str) -> str:
-    return _WS.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    if not text.isascii():  # NFKC leaves ASCII as it is: skip the pass for the common case
+        text = unicodedata.normalize("NFKC", text)
+    return _WS.sub(" ", text.casefold()).strip()
 
 
 def conversation_text(msgs: list[dict], meta: dict) -> str:

@@ -12,25 +12,20 @@ so every prefix of a conversation renders as a prefix of the whole (prompt maski
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
-DEFAULT_CHAT_TEMPLATE = (
-    "{% set skip_first = tools and messages and messages[0]['role'] == 'system' %}"
+DEFAULT_CHAT_TEMPLATE = (  # one expression a message: rendered ~3x a row when tokenising
+    "{% set merge = tools and messages and messages[0]['role'] == 'system' %}"
     "{% if tools %}"
     "{{ '<|im_start|>system\n' }}"
-    "{% if skip_first %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{% if merge %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
     "{{ '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
     "{% for t in tools %}{{ '\n' + (t | tojson) }}{% endfor %}"
     "{{ '\n</tools>\n\nFor each function call, return a json object with function name and arguments "
     "within <tool_call></tool_call> XML tags.<|im_end|>\n' }}"
     "{% endif %}"
-    "{% for m in messages %}"
-    "{% if not (loop.first and skip_first) %}"
-    "{% if m.get('tool_call') %}"
-    "{{ '<|im_start|>' + m['role'] + '\n<tool_call>\n' + m['content'] + '\n</tool_call><|im_end|>\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
-    "{% endif %}"
-    "{% endif %}"
+    "{% for m in (messages[1:] if merge else messages) %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + (('<tool_call>\n' + m['content'] + '\n</tool_call>') "
+    "if m.tool_call else m['content']) + '<|im_end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
