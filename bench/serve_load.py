@@ -2,7 +2,10 @@
 
 Run as: python bench/serve_load.py [--requests 64] [--concurrency 8]
 Loopback only, bounded request counts. Writes bench/results/serve_overhead.json and
-bench/results/serve_multi_adapter.json.
+bench/results/serve_multi_adapter.json. The overhead result also records this machine's floor in
+the same run: a do-nothing FastAPI echo deployed on Serve (one hop: proxy -> replica) vs the same
+echo app on bare uvicorn, both with the same client, so "Serve costs X ms here" is measured, not
+assumed.
 """
 
 from __future__ import annotations
@@ -59,6 +62,67 @@ def direct_latencies(model_path: str, adapter_dir: Path, n: int) -> list[float]:
         eng.generate_many([{"adapter": "a0", "prompt": PROMPT, "sampling": sampling}])
         out.append((time.perf_counter() - t) * 1000)
     return out
+
+
+def _echo_app():
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.post("/e")
+    async def echo(body: dict):
+        return body
+
+    return app
+
+
+def _uvicorn_echo(port: int) -> None:  # a subprocess: the bare-HTTP side of the floor
+    import uvicorn
+
+    uvicorn.run(_echo_app(), host="127.0.0.1", port=port, log_level="error")
+
+
+def sequential_ms(url: str, n: int = 200) -> float:
+    """p50 of n sequential POSTs of a tiny JSON body (after 20 warm-up requests)."""
+    import httpx
+
+    out = []
+    with httpx.Client(timeout=30) as c:
+        for i in range(n + 20):
+            t = time.perf_counter()
+            c.post(url, json={"a": 1}).raise_for_status()
+            if i >= 20:
+                out.append((time.perf_counter() - t) * 1000)
+    return percentile(out, 50)
+
+
+def floor(port: int) -> dict:
+    """The same trivial echo through Serve's proxy and on bare uvicorn (this machine's floor)."""
+    import multiprocessing
+
+    from ray import serve
+
+    echo = serve.deployment(serve.ingress(_echo_app())(type("Echo", (), {})), name="Echo",
+                            ray_actor_options={"num_cpus": 0})
+    serve.run(echo.bind(), name="echo", route_prefix="/echo")
+    served = sequential_ms(f"http://127.0.0.1:{port}/echo/e")
+    serve.delete("echo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        bare_port = s.getsockname()[1]
+    proc = multiprocessing.get_context("spawn").Process(target=_uvicorn_echo, args=(bare_port,), daemon=True)
+    proc.start()
+    try:
+        for _ in range(100):  # wait for it to listen
+            try:
+                with socket.create_connection(("127.0.0.1", bare_port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        bare = sequential_ms(f"http://127.0.0.1:{bare_port}/e")
+    finally:
+        proc.terminate()
+    return {"serve_echo_p50_ms": served, "uvicorn_echo_p50_ms": bare, "serve_floor_ms": served - bare}
 
 
 async def load(url: str, models: list[str], requests: int, concurrency: int) -> dict:
@@ -120,6 +184,7 @@ def main() -> None:
     engine_ms = serve.get_deployment_handle("Model", app_name="oikyo").stats.remote().result()["engine_ms"][-30:]
     single = asyncio.run(load(url, ["a0"], args.requests, args.concurrency))
     mixed = asyncio.run(load(url, names, args.requests, args.concurrency))
+    machine_floor = floor(port)
     serve.shutdown()
 
     d50 = percentile(direct, 50)
@@ -128,7 +193,7 @@ def main() -> None:
                  "serve p50 - direct p50 <= 5 ms", overhead_ms=seq["p50_ms"] - d50,
                  direct_p99_ms=percentile(direct, 99), serve=seq, max_tokens=MAX_TOKENS,
                  engine_in_replica_p50_ms=percentile(engine_ms, 50),
-                 hops_ms=seq["p50_ms"] - percentile(engine_ms, 50))
+                 hops_ms=seq["p50_ms"] - percentile(engine_ms, 50), floor=machine_floor)
     write_result("serve_multi_adapter", "completion tokens/s (higher is better)", mixed["tokens_per_s"],
                  single["tokens_per_s"], "same load on 1 adapter", mixed["tokens_per_s"] / single["tokens_per_s"],
                  ">= 0.8", single_adapter=single, eight_adapters=mixed, max_tokens=MAX_TOKENS)

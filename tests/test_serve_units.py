@@ -105,6 +105,41 @@ def test_engine_mixed_batch_equals_single_requests(tiny_model, tmp_path):
     assert eng.healthy()
 
 
+def test_batched_mixed_lora_equals_peft(tiny_model, tmp_path):
+    """The engine's mixed-adapter layers (two bmm per layer, ranks zero-padded) give peft's own
+    per-adapter sub-batch results: adapters of different ranks and the base in one batch."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from oikyo_ray.serve.multi_lora import MixedLoRA
+
+    for i, r in enumerate((4, 8)):
+        torch.manual_seed(i)
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                       LoraConfig(r=r, lora_alpha=2 * r + i, target_modules="all-linear",
+                                  init_lora_weights=False)).save_pretrained(tmp_path / f"a{i}")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "a0", adapter_name="a0")
+    model.load_adapter(tmp_path / "a1", adapter_name="a1")
+    model.eval()
+    ids = torch.randint(3, 200, (5, 9), generator=torch.Generator().manual_seed(0))
+    names = ["a1", "__base__", "a0", "a1", "a0"]
+    with torch.no_grad():
+        want = model(input_ids=ids, adapter_names=names).logits
+        mixed = MixedLoRA()
+        mixed.install(model)
+        got = model(input_ids=ids, adapter_names=names).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got[0] - got[2]).abs().max() > 1e-3  # the adapters differ, so the check can fail
+    layer = next(m for m in model.modules() if "_oikyo_stack" in m.__dict__)
+    assert layer._oikyo_stack.A.shape[:2] == (3, 8)  # base slot + 2 adapters, rank padded to 8
+    model.delete_adapter("a0")
+    mixed.changed()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids[:2], adapter_names=names[:2]).logits, want[:2],
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_vllm_export_is_a_valid_serve_config(tmp_path):
     import yaml
     from ray.serve.schema import ServeDeploySchema

@@ -1,7 +1,8 @@
 """The transformers+peft engine: one base model, many adapters, mixed-adapter batches (Ray-free).
 
 A batch may hold requests for different adapters and the base: peft's per-row `adapter_names`
-runs them in one `generate` call (rows with different sampling settings form separate groups).
+runs them in one `generate` call (rows with different sampling settings form separate groups),
+each LoRA layer computing all rows' adapters in two batched matmuls (`multi_lora.MixedLoRA`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Iterator
 
 from oikyo_ray.config import ModelConfig
 from oikyo_ray.serve.adapters import check_adapter_dir
+from oikyo_ray.serve.multi_lora import MixedLoRA
 
 BASE_ROW = "__base__"  # peft's name for "no adapter" in adapter_names
 
@@ -24,6 +26,7 @@ class Engine:
         self.model.to("cuda" if _cuda() else "cpu")
         self.model.eval()
         self.loaded: list[str] = []
+        self.mixed = MixedLoRA()
         self._lock = threading.RLock()  # generation and adapter (un)loading never overlap
 
     # adapters -------------------------------------------------------------------------------
@@ -39,6 +42,7 @@ class Engine:
             else:
                 self.model.load_adapter(str(p), adapter_name=name)
             self.model.eval()
+            self.mixed.install(self.model)
             self.loaded.append(name)
 
     def remove_adapter(self, name: str) -> None:
@@ -49,6 +53,7 @@ class Engine:
             if self.loaded:  # peft cannot drop its last adapter; an unlisted one costs little
                 self.model.delete_adapter(name)
                 self.model.set_adapter(self.loaded[0])
+                self.mixed.changed()
 
     # generation -----------------------------------------------------------------------------
     def generate_many(self, items: list[dict]) -> list[dict]:

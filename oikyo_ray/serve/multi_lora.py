@@ -1,0 +1,93 @@
+"""Mixed-adapter batches in two batched matmuls per LoRA layer (Ray-free; the Punica/S-LoRA idea
+in plain torch).
+
+peft runs a mixed batch (`generate(..., adapter_names=[...])`) as one sub-batch per adapter in
+every LoRA layer: with 8 adapters in a batch of 8 that is 8 gathers, 16 small matmuls and 8
+scatters per layer and step, so throughput falls as traffic mixes. `MixedLoRA` keeps each layer's
+adapters stacked (A: [n+1, r, in], B: [n+1, out, r], rank zero-padded, slot 0 = no adapter) and
+runs any mix of rows as  base(x) + bmm(bmm(x, A[idx]^T), B[idx]^T) * scale[idx]  whatever the
+number of adapters. Zero-padded ranks and the empty slot add exact zeros, so outputs equal peft's.
+
+Plain LoRA on Linear layers in eval mode only; a layer with DoRA or another variant, a LoRA bias,
+or a model in training mode goes through peft's own `_mixed_batch_forward`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+
+@dataclass
+class _Stack:
+    version: int
+    index: dict  # adapter name -> slot (1..n); unknown names and "__base__" use slot 0
+    A: torch.Tensor | None  # None: a layer this path does not handle (peft's path runs)
+    B: torch.Tensor | None
+    scale: torch.Tensor | None
+
+
+class MixedLoRA:
+    """Installed on a PeftModel's LoRA Linear layers; call `changed()` whenever adapters are
+    loaded or deleted (stacks are rebuilt lazily, once per layer)."""
+
+    def __init__(self) -> None:
+        self.version = 0
+
+    def install(self, model) -> None:
+        """Route the mixed-batch forward of every (new) LoRA Linear layer of `model` through here."""
+        from peft.tuners.lora.layer import Linear
+
+        for m in model.modules():
+            if isinstance(m, Linear) and "_oikyo_peft_mixed" not in m.__dict__:
+                m._oikyo_peft_mixed = m._mixed_batch_forward  # peft's, bound to m
+                m._mixed_batch_forward = partial(self._forward, m)
+        self.changed()
+
+    def changed(self) -> None:
+        self.version += 1
+
+    def _stack(self, m) -> _Stack:
+        st = m.__dict__.get("_oikyo_stack")
+        if st is not None and st.version == self.version:
+            return st
+        names = list(m.lora_A.keys())
+        plain = names and not any(n in m.lora_variant or m.lora_B[n].bias is not None for n in names)
+        if not plain:
+            st = _Stack(self.version, {}, None, None, None)
+        else:
+            w = m.lora_A[names[0]].weight
+            r = max(m.lora_A[n].weight.shape[0] for n in names)
+            out = m.lora_B[names[0]].weight.shape[0]
+            A = torch.zeros(len(names) + 1, r, w.shape[1], dtype=w.dtype, device=w.device)
+            B = torch.zeros(len(names) + 1, out, r, dtype=w.dtype, device=w.device)
+            scale = torch.zeros(len(names) + 1, dtype=w.dtype, device=w.device)
+            for i, n in enumerate(names, start=1):
+                k = m.lora_A[n].weight.shape[0]
+                A[i, :k] = m.lora_A[n].weight.detach()
+                B[i, :, :k] = m.lora_B[n].weight.detach()
+                scale[i] = m.scaling[n]
+            st = _Stack(self.version, {n: i for i, n in enumerate(names, start=1)}, A, B, scale)
+        m._oikyo_stack = st
+        return st
+
+    def _forward(self, m, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
+        st = self._stack(m)
+        if st.A is None or m.training or x.dim() != 3 or any(v is not None for k, v in kwargs.items()
+                                                             if k in _variant_keys()):
+            return m._oikyo_peft_mixed(x, *args, adapter_names=adapter_names, **kwargs)
+        for k in _variant_keys():
+            kwargs.pop(k, None)
+        result = m.base_layer(x, *args, **kwargs)
+        idx = torch.tensor([st.index.get(n, 0) for n in adapter_names], device=x.device)
+        h = torch.bmm(x.to(st.A.dtype), st.A[idx].transpose(1, 2))
+        y = torch.bmm(h, st.B[idx].transpose(1, 2)) * st.scale[idx][:, None, None]
+        return result + y.to(result.dtype)
+
+
+def _variant_keys() -> tuple:
+    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+    return tuple(VARIANT_KWARG_KEYS)
