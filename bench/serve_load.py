@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench._common import percentile, write_result  # noqa: E402
+from bench._common import percentile, write_result
 
 TOKEN = "bench-token-" + "x" * 24
 PROMPT = "<|im_start|>user\nWhat is the capital of Peru?<|im_end|>\n<|im_start|>assistant\n"
@@ -44,8 +45,8 @@ def make_adapters(model_path: str, root: Path, n: int) -> list[str]:
     return names
 
 
-def direct_latencies(model_path: str, adapter_dir: Path, n: int) -> list[float]:
-    """The baseline: the same engine, in-process, one request at a time, one thread (as a replica)."""
+def direct_engine(model_path: str, adapter_dir: Path):
+    """The baseline: the same engine, in-process, one thread (as a replica has)."""
     import torch
 
     from oikyo_ray.config import ModelConfig
@@ -54,8 +55,13 @@ def direct_latencies(model_path: str, adapter_dir: Path, n: int) -> list[float]:
     torch.set_num_threads(1)
     eng = Engine(ModelConfig(name_or_path=model_path), model_path)
     eng.add_adapter("a0", str(adapter_dir))
+    direct_latencies(eng, 3)  # warm-up
+    return eng
+
+
+def direct_latencies(eng, n: int) -> list[float]:
+    """n requests one at a time straight into the engine."""
     sampling = {"max_new_tokens": MAX_TOKENS, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []}
-    eng.generate_many([{"adapter": "a0", "prompt": PROMPT, "sampling": sampling}])  # warm-up
     out = []
     for _ in range(n):
         t = time.perf_counter()
@@ -145,6 +151,7 @@ async def load(url: str, models: list[str], requests: int, concurrency: int) -> 
         await asyncio.gather(*[one(i) for i in range(requests)])
         wall = time.perf_counter() - t0
     return {"p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), "tokens_per_s": tokens / wall,
+            "requests_per_s": requests / wall, "tokens_per_request": tokens / requests,
             "requests": requests, "concurrency": concurrency}
 
 
@@ -152,6 +159,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (this box's speed drifts)")
     args = ap.parse_args()
 
     from ray import serve
@@ -165,7 +173,7 @@ def main() -> None:
     model_path = str(ensure_tiny_model(work / "cache"))
     root = work / "adapters"
     names = make_adapters(model_path, root, 8)
-    direct = direct_latencies(model_path, root / "a0", 30)
+    eng = direct_engine(model_path, root / "a0")
 
     (work / "token").write_text(TOKEN)
     with socket.socket() as s:
@@ -178,14 +186,23 @@ def main() -> None:
                              "serve.batch_wait_timeout_s=0.005"])
     url = start(cfg, model_path)
     asyncio.run(load(url, names, 16, 8))  # warm-up: loads every adapter once
-    seq = asyncio.run(load(url, ["a0"], 30, 1))
-    # the engine's own time inside the replica: splits the overhead into "replica slower than
-    # in-process" and "proxy + ingress + hops"
-    engine_ms = serve.get_deployment_handle("Model", app_name="oikyo").stats.remote().result()["engine_ms"][-30:]
-    single = asyncio.run(load(url, ["a0"], args.requests, args.concurrency))
-    mixed = asyncio.run(load(url, names, args.requests, args.concurrency))
+    # rounds interleave every measurement, so a slow spell of the machine hits all of them alike
+    direct, served, singles, mixes = [], [], [], []
+    model = serve.get_deployment_handle("Model", app_name="oikyo")
+    engine_ms = []
+    for _ in range(args.rounds):
+        direct += direct_latencies(eng, 30)
+        served.append(asyncio.run(load(url, ["a0"], 30, 1)))
+        # the engine's own time inside the replica: splits the overhead into "replica slower
+        # than in-process" and "proxy + ingress + hops"
+        engine_ms += model.stats.remote().result()["engine_ms"][-30:]
+        singles.append(asyncio.run(load(url, ["a0"], args.requests, args.concurrency)))
+        mixes.append(asyncio.run(load(url, names, args.requests, args.concurrency)))
     machine_floor = floor(port)
     serve.shutdown()
+    seq = {"p50_ms": statistics.median(r["p50_ms"] for r in served), "rounds": served}
+    single = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in singles), "rounds": singles}
+    mixed = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in mixes), "rounds": mixes}
 
     d50 = percentile(direct, 50)
     write_result("serve_overhead", "ms p50 latency (lower is better)", seq["p50_ms"], d50,
