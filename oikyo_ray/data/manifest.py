@@ -87,10 +87,7 @@ def content_hash(digests) -> str:
     of file names and of the order rows were written."""
     import numpy as np
 
-    digest = hashlib.sha256()
-    for d in np.sort(np.asarray(digests, dtype="S16")):
-        digest.update(d)
-    return digest.hexdigest()
+    return hashlib.sha256(np.sort(np.asarray(digests, dtype="S16")).tobytes()).hexdigest()
 
 
 def output_hashes(out_dir: Path) -> dict[str, str]:

@@ -171,10 +171,12 @@ def _drop_rows(work: Path, ok: pa.Table, removed_at) -> None:
 
     names, split = codes(ok["split"])
     piece, row = ok["piece"].to_numpy(), ok["row"].to_numpy()
-    for p, s in sorted({(int(piece[i]), int(split[i])) for i in removed_at}):
+    gone_piece, gone_split = piece[removed_at], split[removed_at]
+    for p, s in sorted(set(zip(gone_piece.tolist(), gone_split.tolist()))):
         in_part = np.flatnonzero((piece == p) & (split == s))
+        gone = removed_at[(gone_piece == p) & (gone_split == s)]
         keep = np.ones(len(in_part), dtype=bool)
-        keep[np.searchsorted(row[in_part], row[[i for i in removed_at if piece[i] == p and split[i] == s]])] = False
+        keep[np.searchsorted(row[in_part], row[gone])] = False
         path = work / names[s] / part_name(p)
         table = pq.read_table(path).filter(pa.array(keep))
         path.unlink()
