@@ -174,8 +174,8 @@ def part_name(index: int) -> str:
 
 
 def curate_piece(piece: dict, data: DataConfig, tokenizer, work: str) -> int:
-    """Curate one piece and write its parts under `work`: `summary/` (every row, SUMMARY_COLUMNS)
-    and `<split>/` (kept rows, OUTPUT_COLUMNS); returns the rows read. Writing here, in the task,
+    """Curate one piece and write its parts under `work`: `summary/` (every row, SUMMARY_COLUMNS
+    and the piece's index) and `<split>/` (kept rows, OUTPUT_COLUMNS); returns the rows read. Writing here, in the task,
     means the curated rows cross no process boundary and are written once."""
     import pyarrow.parquet as pq
 
@@ -198,7 +198,8 @@ def curate_piece(piece: dict, data: DataConfig, tokenizer, work: str) -> int:
         # task's memory flat and its allocator warm (a piece held whole ran ~1.5x slower)
         while chunk := list(islice(records, CHUNK_ROWS)):
             read += len(chunk)
-            write("summary", to_table(chunk, SUMMARY_COLUMNS))
+            summary = to_table(chunk, SUMMARY_COLUMNS)
+            write("summary", summary.append_column("piece", pa.array([piece["index"]] * len(chunk), pa.int32())))
             for split in ("train", "val", "test"):
                 rows = [r for r in chunk if r["status"] == "ok" and r["split"] == split]
                 if rows:

@@ -149,15 +149,11 @@ def _prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, run) -> dict:
 
 
 def _read_summary(work: Path) -> pa.Table:
-    """Every row's summary, in piece then row order (part names sort as the pieces)."""
+    """Every row's summary (in no particular order: the caller sorts by piece and row)."""
     import pyarrow.parquet as pq
 
-    parts = sorted((work / "summary").glob("*.parquet"))
-    tables = []
-    for f in parts:
-        t = pq.read_table(f, read_dictionary=["source", "status", "filter", "split", "meta_tags"])
-        tables.append(t.append_column("piece", pa.array([int(f.stem.split("-")[1])] * t.num_rows, pa.int32())))
-    return pa.concat_tables(tables, promote_options="permissive").unify_dictionaries().combine_chunks()
+    table = pq.read_table(str(work / "summary"), read_dictionary=["source", "status", "filter", "split", "meta_tags"])
+    return table.unify_dictionaries().combine_chunks()
 
 
 def _drop_rows(work: Path, ok: pa.Table, removed_at) -> None:

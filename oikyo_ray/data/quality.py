@@ -129,14 +129,16 @@ def signature(text: str, num_perm: int) -> bytes:
 
 @lru_cache(maxsize=1024)
 def _groups(tools_json: str, label) -> tuple[str, bytes]:
-    """(tools key, duplicate group) of a row's tools (as JSON) and KTO label: most rows share a few."""
-    tools = _key(json.loads(tools_json), size=8).hex()
+    """(tools key, duplicate group) of a row's tools (canonical JSON) and KTO label: most rows
+    share a few, so both are cached."""
+    tools = hashlib.blake2b(tools_json.encode(), digest_size=8).hexdigest()
     return tools, _key(tools, label, size=8)
 
 
 def row_keys(msgs: list[dict], meta: dict, data) -> dict:
     """Columns the global pass uses: exact keys, group keys and MinHash signatures."""
-    tools, dup_group = _groups(json.dumps(meta.get("tools") or [], sort_keys=True), meta.get("label"))
+    tools_json = json.dumps(meta.get("tools") or [], ensure_ascii=False, sort_keys=True)
+    tools, dup_group = _groups(tools_json, meta.get("label"))
     conv = conversation_text(msgs, meta)
     prompt = prompt_text(msgs)
     keys = {

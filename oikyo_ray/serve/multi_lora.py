@@ -35,11 +35,13 @@ class MixedLoRA:
 
     def __init__(self) -> None:
         self.version = 0
+        self.variant_keys: tuple = ()  # peft's per-variant forward kwargs (set by install)
 
     def install(self, model) -> None:
         """Route the mixed-batch forward of every (new) LoRA Linear layer of `model` through here."""
-        from peft.tuners.lora.layer import Linear
+        from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, Linear
 
+        self.variant_keys = tuple(VARIANT_KWARG_KEYS)
         for m in model.modules():
             if isinstance(m, Linear) and "_oikyo_peft_mixed" not in m.__dict__:
                 m._oikyo_peft_mixed = m._mixed_batch_forward  # peft's, bound to m
@@ -75,19 +77,12 @@ class MixedLoRA:
 
     def _forward(self, m, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         st = self._stack(m)
-        if st.A is None or m.training or x.dim() != 3 or any(v is not None for k, v in kwargs.items()
-                                                             if k in _variant_keys()):
-            return m._oikyo_peft_mixed(x, *args, adapter_names=adapter_names, **kwargs)
-        for k in _variant_keys():
-            kwargs.pop(k, None)
+        variant = {k: kwargs.pop(k) for k in self.variant_keys if k in kwargs}  # not for base_layer
+        if st.A is None or m.training or x.dim() != 3 or any(v is not None for v in variant.values()):
+            return m._oikyo_peft_mixed(x, *args, adapter_names=adapter_names, **kwargs, **variant)
         result = m.base_layer(x, *args, **kwargs)
         idx = torch.tensor([st.index.get(n, 0) for n in adapter_names], device=x.device)
         h = torch.bmm(x.to(st.A.dtype), st.A[idx].transpose(1, 2))
         y = torch.bmm(h, st.B[idx].transpose(1, 2)) * st.scale[idx][:, None, None]
         return result + y.to(result.dtype)
 
-
-def _variant_keys() -> tuple:
-    from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
-
-    return tuple(VARIANT_KWARG_KEYS)
