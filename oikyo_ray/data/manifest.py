@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 FORMAT_VERSION = 2
-CURATION_VERSION = "3"  # bump when curation logic changes what is kept: invalidates cached datasets
+CURATION_VERSION = "4"  # bump when curation logic changes what is kept: invalidates cached datasets
 SPLITS = ("train", "val", "test")
 PACKED = "train_packed"  # the train split packed into blocks (data.packing)
 HIST_BINS = 16

@@ -35,13 +35,12 @@ SCHEME = "affine32"  # datasketch MinHash scheme, pinned: signatures are stored 
 SEED = 1
 NGRAM = 3
 SPLIT_RANK = {"test": 0, "val": 1, "train": 2}  # a leak is removed from the later split
-_WS = re.compile(r"\s+")
 
 
 def norm_text(text: str) -> str:
     if not text.isascii():  # NFKC leaves ASCII as it is: skip the pass for the common case
         text = unicodedata.normalize("NFKC", text)
-    return _WS.sub(" ", text.casefold()).strip()
+    return " ".join(text.casefold().split())  # split() cuts at the same characters as \s
 
 
 def conversation_text(msgs: list[dict], meta: dict) -> str:
@@ -59,9 +58,15 @@ def prompt_text(msgs: list[dict]) -> str:
     return "\n".join(m["content"] for m in head if m["role"] != "system") or "\n".join(m["content"] for m in msgs)
 
 
-def _key(*parts, size: int = 16) -> bytes:
-    """A compact digest of `parts` (keys stay small on the driver: 16 bytes a row, not a hex str)."""
-    return hashlib.blake2b(json.dumps(parts, ensure_ascii=False, sort_keys=True).encode(), digest_size=size).digest()
+@lru_cache(maxsize=1024)
+def _tags(tags: tuple) -> bytes:
+    return json.dumps(tags).encode() + b"\0"  # JSON holds no raw NUL: the first one ends the tags
+
+
+def _key(text: str, *tags, size: int = 16) -> bytes:
+    """A compact digest of `text` and `tags` (keys stay small on the driver: 16 bytes a row, not
+    a hex str); rows share a few tags (tools, label), so their encoding is cached."""
+    return hashlib.blake2b(_tags(tags) + text.encode(), digest_size=size).digest()
 
 
 # ---- per-row filters -----------------------------------------------------------------------------
@@ -72,20 +77,27 @@ def response_text(msgs: list[dict], plain_only: bool = False) -> str:
 
 
 _NOT_WORD = re.compile(r"\W+")  # \w is str.isalnum() or "_" for str patterns
+_ASCII = [chr(c) for c in range(128)]
+_ASCII_SPACE = "".join(c for c in _ASCII if c.isspace()).encode()
+_ASCII_NOT_ALNUM = "".join(c for c in _ASCII if not c.isalnum()).encode()
 
 
 def alnum_ratio(text: str) -> tuple[float, int]:
     """(share of letters and digits among non-space characters, non-space characters)."""
-    n = sum(map(len, text.split()))  # split() cuts at exactly the str.isspace() characters
-    alnum = len(_NOT_WORD.sub("", text)) - text.count("_")
+    if text.isascii():  # the common case, counted by bytes.translate in C
+        raw = text.encode()
+        n, alnum = len(raw.translate(None, _ASCII_SPACE)), len(raw.translate(None, _ASCII_NOT_ALNUM))
+    else:
+        n = sum(map(len, text.split()))  # split() cuts at exactly the str.isspace() characters
+        alnum = len(_NOT_WORD.sub("", text)) - text.count("_")
     return (alnum / n if n else 1.0), n
 
 
 def repetition(text: str) -> tuple[float, int]:
     """Share of word 3-grams that repeat an earlier one (0: none, ->1: one phrase over and over)."""
     words = text.casefold().split()
-    grams = [tuple(words[i:i + NGRAM]) for i in range(len(words) - NGRAM + 1)]
-    return (1 - len(set(grams)) / len(grams) if grams else 0.0), len(words)
+    n = len(words) - NGRAM + 1
+    return (1 - len(set(zip(*(words[i:] for i in range(NGRAM))))) / n if n > 0 else 0.0), len(words)
 
 
 def row_filters(msgs: list[dict], meta: dict, data) -> None:

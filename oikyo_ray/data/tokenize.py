@@ -1,9 +1,11 @@
 """Chat-template rendering and tokenisation with prompt masking (Ray-free).
 
-Each message's tokens are the difference between the rendering of the conversation up to and
-including it and the rendering before it; assistant content (and its end-of-turn token) is
-learned, everything else gets label -100 unless `train_on_prompt`. A row's `tools` (function
-schemas) are passed to the chat template, which renders them where it supports tools.
+The conversation is rendered up to each point where learning starts or stops (before an
+assistant turn, with the generation prompt, and after it); each piece is the difference between
+consecutive renderings. Assistant content (and its end-of-turn token) is learned, everything else
+gets label -100 unless `train_on_prompt` (then the whole rendering is one learned piece). A row's
+`tools` (function schemas) are passed to the chat template, which renders them where it supports
+tools.
 """
 
 from __future__ import annotations
@@ -28,21 +30,28 @@ def encode_messages(tokenizer, msgs: list[dict], max_length: int, train_on_promp
     with no learnable token after truncation is useless)."""
     pieces: list[tuple[str, bool]] = []  # (text, learned), tokenised together below
     prev = ""
-    for i, m in enumerate(msgs):
-        if m["role"] == "assistant":
-            head = _render(tokenizer, msgs[:i], add_generation_prompt=True, tools=tools) if i else ""
-            if not head.startswith(prev):
-                raise ValueError("chat template is not prefix-stable; cannot mask prompts")
-            pieces.append((head[len(prev):], train_on_prompt))
-            prev = head
-        text = _render(tokenizer, msgs[: i + 1], tools=tools)
+
+    def upto(n: int, learn: bool, add_generation_prompt: bool = False) -> None:
+        nonlocal prev
+        text = _render(tokenizer, msgs[:n], add_generation_prompt=add_generation_prompt, tools=tools)
         if not text.startswith(prev):
             raise ValueError("chat template is not prefix-stable; cannot mask prompts")
-        pieces.append((text[len(prev):], train_on_prompt or m["role"] == "assistant"))
+        if len(text) > len(prev):
+            pieces.append((text[len(prev):], learn))
         prev = text
+
+    # render only where learning starts or stops (before and after each assistant turn): a run
+    # of prompt turns is one piece, tokenised as at inference, where the prompt is one text
+    if not train_on_prompt:
+        for i, m in enumerate(msgs):
+            if m["role"] == "assistant":
+                if i:
+                    upto(i, False, add_generation_prompt=True)
+                upto(i + 1, True)
+    if train_on_prompt or not msgs or msgs[-1]["role"] != "assistant":
+        upto(len(msgs), train_on_prompt)  # the whole, or the turns after the last answer
     ids: list[int] = []
     labels: list[int] = []
-    pieces = [(t, learn) for t, learn in pieces if t]
     for new, (_, learn) in zip(_encode_pieces(tokenizer, [t for t, _ in pieces]), pieces):
         ids.extend(new)
         labels.extend(new if learn else [IGNORE] * len(new))
