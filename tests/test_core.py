@@ -43,6 +43,28 @@ def test_prompt_masking_learns_only_assistant_tokens(tiny_model):
         encode_messages(tok, msgs, max_length=8)  # the answer is truncated away
 
 
+def test_masked_prompt_is_tokenised_as_at_inference(tiny_model):
+    """The tokens before each answer are those of the prompt rendered and tokenised whole, as
+    `generate` sees it (not per-message pieces glued together); answers are learned, in order."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"},
+            {"role": "assistant", "content": "Lima"}, {"role": "user", "content": "And of Chile?"},
+            {"role": "assistant", "content": "Santiago"}]
+    enc = encode_messages(tok, msgs, max_length=256)
+    for i in (2, 4):  # each assistant turn
+        prompt = tok(tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)["input_ids"]
+        after = tok(tok.apply_chat_template(msgs[:i + 1], tokenize=False), add_special_tokens=False)["input_ids"]
+        assert enc["input_ids"][:len(prompt)] == prompt
+        assert enc["labels"][len(prompt) - 1] == IGNORE and enc["labels"][len(prompt)] != IGNORE
+        if i == 4:
+            assert enc["input_ids"] == after
+    learned = tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE])
+    assert learned == "Lima<|im_end|>\nSantiago<|im_end|>\n"
+
+
 def test_default_template_renders_tools_and_calls(tiny_model):
     """A tokenizer without a template gets the default; it shows the row's tools to the model,
     wraps calls in <tool_call>, and masking still learns only the assistant turns (the call too)."""
