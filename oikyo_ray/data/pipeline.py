@@ -100,6 +100,25 @@ def _map_local(fn, items: list[dict], fn_kwargs: dict) -> None:
         fn({k: [v] for k, v in it.items()}, **fn_kwargs)
 
 
+def _rows_of(column: pa.ChunkedArray) -> list:
+    """A list<int64> column as one numpy view per row (no Python ints)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    lists = column.combine_chunks()
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+    return np.split(lists.flatten().to_numpy(zero_copy_only=False), np.cumsum(lengths)[:-1]) if len(lists) else []
+
+
+def _blocks_column(blocks: list, length: int) -> pa.Array:
+    """Equal-length numpy blocks as a list<int64> column, built from one flat buffer."""
+    import numpy as np
+
+    flat = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, len(blocks) * length + 1, length, dtype=np.int32)),
+                                    pa.array(flat, type=pa.int64()))
+
+
 def _pack_files(batch: dict, length: int, pad_id: int) -> dict:
     """Packs each train part (`src`) into blocks written to `dst`: one call per curated piece, so
     the blocks do not depend on scheduling."""
@@ -109,8 +128,8 @@ def _pack_files(batch: dict, length: int, pad_id: int) -> dict:
 
     for src, dst in zip(batch["src"], batch["dst"]):
         t = pq.read_table(src, columns=TRAIN_COLUMNS)
-        cols = pack_rows(t["input_ids"].to_pylist(), t["labels"].to_pylist(), length, pad_id)
-        pq.write_table(pa.table({k: pa.array(v, type=pa.int64() if k == "num_tokens" else pa.list_(pa.int64()))
+        cols = pack_rows(_rows_of(t["input_ids"]), _rows_of(t["labels"]), length, pad_id)
+        pq.write_table(pa.table({k: pa.array(v, type=pa.int64()) if k == "num_tokens" else _blocks_column(v, length)
                                  for k, v in cols.items()}), dst)
     return {"dst": list(batch["dst"])}
 
