@@ -66,7 +66,7 @@ def _tokenizer(path: str, trust_remote_code: bool):
 
 
 _DEFAULTS = {"status": "ok", "reason": "", "filter": "", "split": "", "hash": "", "messages": "", "meta": "{}",
-             "meta_tags": "", "input_ids": array("q"), "labels": array("q"), "num_tokens": 0, "full_tokens": 0,
+             "meta_tags": "", "input_ids": (), "labels": (), "num_tokens": 0, "full_tokens": 0,
              "digest": b"", "dup_key": b"", "dup_group": b"", "leak_group": b"", "prompt_key": b"", "text_sig": b"",
              "prompt_sig": b""}
 
@@ -214,9 +214,9 @@ def curate_piece(piece: dict, data: DataConfig, tokenizer, work: str) -> int:
 
 @lru_cache(maxsize=1)
 def _freeze_heap() -> None:
-    """Once per worker, after the imports and the tokenizer: move the ~400k objects they made out
+    """Once per worker, after the imports and the tokenizer: move the ~450k objects they made out
     of the garbage collector's reach. Curation allocates millions of short-lived objects, and each
-    full collection would otherwise walk all of them again (~15% of a task's time)."""
+    full collection would otherwise walk all of them again (up to ~15% of a task's time here)."""
     import gc
 
     gc.freeze()
