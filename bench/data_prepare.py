@@ -33,6 +33,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # the faster setting for both sides: the tokenizer's thread pool only adds overhead on short texts
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from oikyo_ray.data.tokenize import encode_messages  # light (no torch): the per-row hot path
+from oikyo_ray.data.validate import validate_messages
+
 WORDS = ("river stone light market window garden paper engine winter letter music signal forest "
          "number bridge summer orange planet silver story method animal travel energy doctor "
          "island camera coffee rocket marble pencil thunder velvet harbor lantern meadow canyon").split()
@@ -55,9 +58,6 @@ def synth(path: Path, n: int, seed: int = 0) -> None:
 
 def _shared_work(row: dict, norm, data, tok) -> dict:
     """The per-row work both sides do: normalise, validate, chat template, masked tokenisation."""
-    from oikyo_ray.data.tokenize import encode_messages
-    from oikyo_ray.data.validate import validate_messages
-
     msgs, meta = norm.normalise(row, "alpaca")
     validate_messages(msgs, data.max_chars, meta)
     return encode_messages(tok, msgs, data.max_length)

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from oikyo_ray.config import DataConfig
 from oikyo_ray.data.formats import RowError, normaliser
-from oikyo_ray.data.manifest import meta_tags
+from oikyo_ray.data.manifest import SPLITS, meta_tags
 from oikyo_ray.data.quality import row_filters, row_keys
 from oikyo_ray.data.readers import BAD, iter_rows
 from oikyo_ray.data.split import assign_split, content_hash
@@ -147,16 +147,22 @@ def curate_file(source: str, data_bytes: bytes, data: DataConfig, tokenizer, fir
     return recs[-1:] if recs and recs[-1]["status"] == FILE_ERROR else recs
 
 
-def _tokens(lists: list) -> pa.Array:
-    """A list<int64> column built from flat buffers (pa.array on nested lists is ~7x slower)."""
+def list_column(flat, offsets) -> pa.Array:
+    """A list<int64> column from its flat values and row offsets (numpy arrays or buffers): built
+    this way it costs a copy, where pa.array on nested lists is ~7x slower."""
     import numpy as np
 
+    return pa.ListArray.from_arrays(pa.array(np.frombuffer(offsets, dtype=np.int32)),
+                                    pa.array(np.frombuffer(flat, dtype=np.int64)))
+
+
+def _tokens(lists: list) -> pa.Array:
+    """Rows of token ids (int64 arrays) as a list<int64> column."""
     flat, offsets = array("q"), array("i", [0])
     for ids in lists:
         flat.extend(ids)
         offsets.append(len(flat))
-    return pa.ListArray.from_arrays(pa.array(np.frombuffer(offsets, dtype=np.int32)),
-                                    pa.array(np.frombuffer(flat, dtype=np.int64)))
+    return list_column(flat, offsets)
 
 
 def to_table(records: list[dict], columns: list[str] | None = None) -> pa.Table:
@@ -177,8 +183,8 @@ def part_name(index: int) -> str:
 
 def curate_piece(piece: dict, data: DataConfig, tokenizer, work: str) -> int:
     """Curate one piece and write its parts under `work`: `summary/` (every row, SUMMARY_COLUMNS
-    and the piece's index) and `<split>/` (kept rows, OUTPUT_COLUMNS); returns the rows read. Writing here, in the task,
-    means the curated rows cross no process boundary and are written once."""
+    and the piece's index) and `<split>/` (kept rows, OUTPUT_COLUMNS); returns the rows read.
+    Writing here, in the task, means the curated rows cross no process boundary and are written once."""
     import pyarrow.parquet as pq
 
     from oikyo_ray.data.pieces import read_piece
@@ -196,13 +202,13 @@ def curate_piece(piece: dict, data: DataConfig, tokenizer, work: str) -> int:
 
     read = 0
     try:
-        # a chunk at a time: records (token ids as Python ints) never pile up, which keeps the
-        # task's memory flat and its allocator warm (a piece held whole ran ~1.5x slower)
+        # a chunk at a time: records never pile up, which keeps the task's memory flat and its
+        # allocator warm (a piece held whole ran ~1.5x slower)
         while chunk := list(islice(records, CHUNK_ROWS)):
             read += len(chunk)
             summary = to_table(chunk, SUMMARY_COLUMNS)
             write("summary", summary.append_column("piece", pa.array([piece["index"]] * len(chunk), pa.int32())))
-            for split in ("train", "val", "test"):
+            for split in SPLITS:
                 rows = [r for r in chunk if r["status"] == "ok" and r["split"] == split]
                 if rows:
                     write(split, to_table(rows, OUTPUT_COLUMNS))

@@ -75,6 +75,6 @@ def plan(groups: dict[str, list[str]], piece_bytes: int | None = None) -> tuple[
             with fs.open_input_stream(path) as f:
                 digest, size, cuts = scan_file(f.read, is_jsonl(path), piece_bytes or PIECE_BYTES)
             inputs.append({"path": path, "sha256": digest, "bytes": size})
-            pieces += [{"index": len(pieces) + i, "kind": kind, "path": path, "start": s, "end": e, "first_row": r, "whole": len(cuts) == 1}
-                       for i, (s, e, r) in enumerate(cuts)]
+            pieces += [{"index": len(pieces) + i, "kind": kind, "path": path, "start": s, "end": e,
+                        "first_row": r, "whole": len(cuts) == 1} for i, (s, e, r) in enumerate(cuts)]
     return inputs, pieces

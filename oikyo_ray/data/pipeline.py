@@ -111,12 +111,13 @@ def _rows_of(column: pa.ChunkedArray) -> list:
 
 
 def _blocks_column(blocks: list, length: int) -> pa.Array:
-    """Equal-length numpy blocks as a list<int64> column, built from one flat buffer."""
+    """Equal-length numpy blocks as a list<int64> column."""
     import numpy as np
 
-    flat = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int64)
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, len(blocks) * length + 1, length, dtype=np.int32)),
-                                    pa.array(flat, type=pa.int64()))
+    from oikyo_ray.data.curate import list_column
+
+    flat = np.concatenate(blocks).astype(np.int64, copy=False) if blocks else np.zeros(0, dtype=np.int64)
+    return list_column(flat, np.arange(0, len(blocks) * length + 1, length, dtype=np.int32))
 
 
 def _pack_files(batch: dict, length: int, pad_id: int) -> dict:

@@ -12,7 +12,7 @@ so every prefix of a conversation renders as a prefix of the whole (prompt maski
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
-DEFAULT_CHAT_TEMPLATE = (  # one expression a message: rendered ~3x a row when tokenising
+DEFAULT_CHAT_TEMPLATE = (  # one expression a message: rendered twice per answer when tokenising
     "{% set merge = tools and messages and messages[0]['role'] == 'system' %}"
     "{% if tools %}"
     "{{ '<|im_start|>system\n' }}"

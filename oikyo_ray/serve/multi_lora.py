@@ -14,7 +14,7 @@ or a model in training mode goes through peft's own `_mixed_batch_forward`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -27,6 +27,17 @@ class _Stack:
     A: torch.Tensor | None  # None: a layer this path does not handle (peft's path runs)
     B: torch.Tensor | None
     scale: torch.Tensor | None
+    # a batch's row -> slot tensor, per adapter_names and device: built once per batch, not per
+    # decoding step (on GPU each build is a host-to-device copy)
+    rows: dict = field(default_factory=dict)
+
+    def slots(self, adapter_names: list[str], device) -> torch.Tensor:
+        key = (tuple(adapter_names), device)
+        if key not in self.rows:
+            if len(self.rows) >= 64:
+                self.rows.clear()
+            self.rows[key] = torch.tensor([self.index.get(n, 0) for n in adapter_names], device=device)
+        return self.rows[key]
 
 
 class MixedLoRA:
@@ -81,8 +92,7 @@ class MixedLoRA:
         if st.A is None or m.training or x.dim() != 3 or any(v is not None for v in variant.values()):
             return m._oikyo_peft_mixed(x, *args, adapter_names=adapter_names, **kwargs, **variant)
         result = m.base_layer(x, *args, **kwargs)
-        idx = torch.tensor([st.index.get(n, 0) for n in adapter_names], device=x.device)
+        idx = st.slots(adapter_names, x.device)
         h = torch.bmm(x.to(st.A.dtype), st.A[idx].transpose(1, 2))
         y = torch.bmm(h, st.B[idx].transpose(1, 2)) * st.scale[idx][:, None, None]
         return result + y.to(result.dtype)
-

@@ -247,10 +247,10 @@ class DeepSpeedEngine:
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.model.module.named_parameters() if p.requires_grad]
 
-    def _whole_moments(self, moments: list[str]) -> dict:
+    def _whole_moments(self, moments: list[str], params: list) -> dict:
         """ZeRO-0, where every rank holds whole moments: key -> parameter -> a view of its moment;
         {} under ZeRO-1/2/3, where DeepSpeed's helpers gather and scatter them by parameter."""
-        if _partitioned(self._trainable()[0][1]):
+        if _partitioned(params[0][1]):
             return {}
         return {k: _replicated_moments(self.optimizer, k) for k in moments}
 
@@ -271,7 +271,7 @@ class DeepSpeedEngine:
         if not first:  # no step taken yet: nothing to save
             return None
         moments = sorted(k for k, v in first.items() if _is_moment(v))
-        whole = self._whole_moments(moments)
+        whole = self._whole_moments(moments, params)
         keep = self.model.global_rank == 0
         state = {}
         for name, p in params:
@@ -299,7 +299,7 @@ class DeepSpeedEngine:
             opt.state[t] = {k: torch.zeros_like(t) if k in moments else _copy(v) for k, v in saved.items()}
         if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: per-parameter views
             opt._lazy_init_hp_params_optimizer_state()
-        whole = self._whole_moments(moments)
+        whole = self._whole_moments(moments, params)
         for name, p in params:
             for k in moments:
                 v = sd["state"][name][k]
