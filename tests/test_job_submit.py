@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -22,18 +24,28 @@ def _auth_headers() -> dict:
 
 @pytest.fixture
 def worker_node(ray_session):
-    """A second Ray node (1 CPU) joined to the session's head; only its processes are stopped after."""
+    """A second Ray node (1 CPU) joined to the session's head; only its processes are stopped after.
+
+    It gets a temp dir of its own, as a second machine has its own disk. Sharing the head's, both
+    nodes' runtime-env agents own one `runtime_resources/working_dir_files`: when a task first lands
+    on this node, its agent re-unpacks the job's working_dir there (rmtree, then unzip), deleting
+    the directory the job driver on the head runs in, and the driver's next `os.getcwd()` (torch
+    calls it on first import of torch._dynamo, during eval) fails with ENOENT."""
     import psutil
 
     env = dict(os.environ, RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
+    # short and under /tmp: Ray's unix socket paths under it must stay below 108 bytes
+    temp_dir = tempfile.mkdtemp(prefix="oikyo-ray-node2-", dir="/tmp")
     before = {p.pid for p in psutil.process_iter()}
     subprocess.run(["ray", "start", f"--address={ray_session['address']}", "--num-cpus=1",
-                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
+                    f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=180)
     new = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
            and "ray" in " ".join(p.info["cmdline"] or [])]
     yield
     kill_processes(new)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_job_submit_finetune(ray_session, worker_node, cache_dir, tmp_path):
