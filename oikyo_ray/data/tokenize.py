@@ -1,4 +1,4 @@
-"""Chat-template rendering and tokenisation with prompt masking (Ray-free).
+"""Tokenisation with prompt masking (Ray-free); rendering is `model/prompt.py`'s.
 
 The conversation is rendered up to each point where learning starts or stops (before an
 assistant turn, with the generation prompt, and after it); each piece is the difference between
@@ -10,17 +10,9 @@ tools.
 
 from __future__ import annotations
 
+from oikyo_ray.model.prompt import render
+
 IGNORE = -100
-
-
-def _render(tokenizer, msgs: list[dict], add_generation_prompt: bool = False, tools: list | None = None) -> str:
-    kw = {"tools": tools} if tools else {}
-    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt, **kw)
-
-
-def render_prompt(tokenizer, msgs: list[dict]) -> str:
-    """Text the model sees before it answers (all but the final assistant turn + gen prompt)."""
-    return _render(tokenizer, msgs, add_generation_prompt=True)
 
 
 def encode_messages(tokenizer, msgs: list[dict], max_length: int, train_on_prompt: bool = False,
@@ -33,7 +25,7 @@ def encode_messages(tokenizer, msgs: list[dict], max_length: int, train_on_promp
 
     def upto(n: int, learn: bool, add_generation_prompt: bool = False) -> None:
         nonlocal prev
-        text = _render(tokenizer, msgs[:n], add_generation_prompt=add_generation_prompt, tools=tools)
+        text = render(tokenizer, msgs[:n], tools, add_generation_prompt=add_generation_prompt)
         if not text.startswith(prev):
             raise ValueError("chat template is not prefix-stable; cannot mask prompts")
         if len(text) > len(prev):

@@ -27,6 +27,7 @@ from oikyo_ray.config import OikyoConfig
 from oikyo_ray.data.tokenize import IGNORE
 from oikyo_ray.eval.generate import generate
 from oikyo_ray.eval.metrics import choose_metrics, score
+from oikyo_ray.model.prompt import render_prompt
 from oikyo_ray.eval.probes import ASSETS, ProbeScorer, load_probes, probe_rates
 
 MODELS = ("base", "tuned")
@@ -88,13 +89,6 @@ def _item(id_: str, kind: str, prompt: str = "", input_ids=(), labels=(), refere
             "probe_kind": probe_kind, "user": user}
 
 
-def render(tokenizer, msgs: list[dict], tools: list | None = None) -> str:
-    """The prompt the model answers: the conversation so far and the assistant generation header."""
-    kw = {"tools": tools} if tools else {}
-    clean = [{"role": m["role"], "content": m["content"]} for m in msgs]
-    return tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True, **kw)
-
-
 def task_items(rows: list[dict], tokenizer, cfg: OikyoConfig) -> list[dict]:
     """Test rows (input_ids, labels, messages and meta JSON from the data stage) as task items."""
     items = []
@@ -103,7 +97,7 @@ def task_items(rows: list[dict], tokenizer, cfg: OikyoConfig) -> list[dict]:
         meta = json.loads(r.get("meta") or "{}")
         last = conv[-1]
         user = next((m["content"] for m in reversed(conv[:-1]) if m["role"] == "user"), "")
-        items.append(_item(f"task-{i}", "task", render(tokenizer, conv[:-1], meta.get("tools")),
+        items.append(_item(f"task-{i}", "task", render_prompt(tokenizer, conv[:-1], meta.get("tools")),
                            r["input_ids"], r["labels"], last["content"], bool(last.get("tool_call")),
                            cfg.eval.max_new_tokens, user=user))
     return items
@@ -133,7 +127,7 @@ def probe_items(tokenizer, cfg: OikyoConfig) -> list[dict]:
     for p in load_probes(cfg.eval.probes_path):
         msgs = ([{"role": "system", "content": p["system"]}] if p.get("system") else []) + [
             {"role": "user", "content": p["prompt"]}]
-        out.append(_item(f"probe-{p['id']}", "probe", render(tokenizer, msgs),
+        out.append(_item(f"probe-{p['id']}", "probe", render_prompt(tokenizer, msgs),
                          max_new_tokens=cfg.eval.probe_max_new_tokens, probe_kind=p["kind"], user=p["prompt"]))
     return out
 
