@@ -126,7 +126,7 @@ def _baseline(path: str, model: str, work: str) -> dict:
 def _oikyo(path: str, model: str, work: str) -> dict:
     from oikyo_ray.cluster import init_ray
     from oikyo_ray.config import load_config
-    from oikyo_ray.data.pipeline import prepare
+    from oikyo_ray.data.ray_data import prepare
 
     cfg = load_config(None, [f"data.paths=[{path}]", f"model.cache_dir={work}", "data.cache=false",
                              "data.near_dup_threshold=null", "data.leakage_threshold=null"])
@@ -189,13 +189,13 @@ def packing_efficiency(shared: Path, model: str) -> None:
     """Non-pad token share of alpaca_en_demo: packed blocks vs right-padded batches."""
     from bench._common import write_result
     from oikyo_ray.config import load_config
-    from oikyo_ray.data.pipeline import prepare_local
+    from oikyo_ray.data.prepare import prepare
 
     src = shared / "datasets" / "alpaca_en_demo.json"
     with tempfile.TemporaryDirectory() as work:
         cfg = load_config(None, [f"data.paths=[{src}]", f"model.cache_dir={work}", "data.packing=true",
                                  "data.max_length=512", "data.pack_length=2048", "train.batch_size=8"])
-        p = prepare_local(cfg, model, Path(work) / "out")["packing"]
+        p = prepare(cfg, model, Path(work) / "out")["packing"]
     write_result("packing_efficiency", "share of non-pad tokens", p["efficiency"], p["padded_efficiency"],
                  "right-padded batches of 8 (shuffled)", round(p["efficiency"] / p["padded_efficiency"], 2),
                  "packed > padded", dataset=str(src.name), **p)

@@ -70,6 +70,36 @@ def direct_latencies(eng, n: int) -> list[float]:
     return out
 
 
+def metrics_url() -> str:
+    """Ray's Prometheus export of the (local, one-node) cluster."""
+    import ray
+
+    node = ray.nodes()[0]
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+def engine_calls(url: str) -> tuple[float, float]:
+    """(total ms, count) of the model replicas' engine calls so far (`ray_oikyo_engine_latency_ms`)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = count = 0.0
+    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        if family.name == "ray_oikyo_engine_latency_ms":
+            for s in family.samples:
+                total += s.value if s.name.endswith("_sum") else 0.0
+                count += s.value if s.name.endswith("_count") else 0.0
+    return total, count
+
+
+def engine_mean_ms(url: str, before: tuple[float, float], calls: int, timeout_s: float = 60) -> float:
+    """Mean engine time of the `calls` engine calls made since `before` (waits for Ray's export)."""
+    deadline = time.time() + timeout_s
+    while (now := engine_calls(url))[1] < before[1] + calls and time.time() < deadline:
+        time.sleep(1)
+    return (now[0] - before[0]) / max(1.0, now[1] - before[1])
+
+
 def _echo_app():
     from fastapi import FastAPI
 
@@ -167,7 +197,7 @@ def main() -> None:
     from oikyo_ray.cluster import init_ray
     from oikyo_ray.config import load_config
     from oikyo_ray.model.tiny import ensure_tiny_model
-    from oikyo_ray.serve.app import start
+    from oikyo_ray.serve.ray_serve import start
 
     work = Path(tempfile.mkdtemp(prefix="oikyo-bench-"))
     model_path = str(ensure_tiny_model(work / "cache"))
@@ -188,14 +218,15 @@ def main() -> None:
     asyncio.run(load(url, names, 16, 8))  # warm-up: loads every adapter once
     # rounds interleave every measurement, so a slow spell of the machine hits all of them alike
     direct, served, singles, mixes = [], [], [], []
-    model = serve.get_deployment_handle("Model", app_name="oikyo")
+    prometheus = metrics_url()
     engine_ms = []
     for _ in range(args.rounds):
         direct += direct_latencies(eng, 30)
+        before = engine_calls(prometheus)
         served.append(asyncio.run(load(url, ["a0"], 30, 1)))
-        # the engine's own time inside the replica: splits the overhead into "replica slower
-        # than in-process" and "proxy + ingress + hops"
-        engine_ms += model.stats.remote().result()["engine_ms"][-30:]
+        # the engine's own time inside the replica (one call per sequential request): splits the
+        # overhead into "replica slower than in-process" and "proxy + ingress + hops"
+        engine_ms.append(engine_mean_ms(prometheus, before, 30))
         singles.append(asyncio.run(load(url, ["a0"], args.requests, args.concurrency)))
         mixes.append(asyncio.run(load(url, names, args.requests, args.concurrency)))
     machine_floor = floor(port)
@@ -209,8 +240,8 @@ def main() -> None:
                  "Engine.generate_many called in-process", seq["p50_ms"] / d50,
                  "serve p50 - direct p50 <= 5 ms", overhead_ms=seq["p50_ms"] - d50,
                  direct_p99_ms=percentile(direct, 99), serve=seq, max_tokens=MAX_TOKENS,
-                 engine_in_replica_p50_ms=percentile(engine_ms, 50),
-                 hops_ms=seq["p50_ms"] - percentile(engine_ms, 50), floor=machine_floor)
+                 engine_in_replica_mean_ms=statistics.median(engine_ms),
+                 hops_ms=seq["p50_ms"] - statistics.median(engine_ms), floor=machine_floor)
     write_result("serve_multi_adapter", "completion tokens/s (higher is better)", mixed["tokens_per_s"],
                  single["tokens_per_s"], "same load on 1 adapter", mixed["tokens_per_s"] / single["tokens_per_s"],
                  ">= 0.8", single_adapter=single, eight_adapters=mixed, max_tokens=MAX_TOKENS)

@@ -25,12 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def sweep(root: Path, name: str, samples: int, asha: bool) -> dict:
     from oikyo_ray.config import load_config
-    from oikyo_ray.sweep.tuner import run_sweep
+    from oikyo_ray.sweep.ray_tune import run_sweep
 
     overrides = [f"run.root={root}", f"run.name={name}", f"model.cache_dir={root / 'cache'}", "eval.enabled=false",
                  "train.epochs=6", "train.eval_every=10", "sweep.grace_period=10", f"sweep.num_samples={samples}",
                  "sweep.seed=3",
-                 "sweep.space={train.lr: {type: loguniform, low: 0.00003, high: 0.01}, method.lora.r: {type: choice, values: [4, 16]}}"]
+                 "sweep.space={train.lr: {type: loguniform, low: 0.00003, high: 0.01}, "
+                 "method.lora.r: {type: choice, values: [4, 16]}}"]
     if not asha:  # reduction_factor that never stops anyone within the budget = run everything in full
         overrides += ["sweep.grace_period=100000"]
     run_sweep(load_config(ROOT / "jobs/configs/sweep_demo.yaml", overrides), log=lambda s: None)

@@ -6,8 +6,8 @@ Run as: python bench/train_throughput.py [--steps 200] [--warmup 100] [--repeat 
 
 Same model (the embedded tiny Llama unless --model), same tokenised rows (the demo tasks, <= 64
 tokens; or --data, an alpaca/sharegpt/messages file curated by oikyo's own code with --max-length:
-real instruction data, whose lengths vary far more), LoRA r=16 on all linear layers, AdamW, lr 3e-3 constant, clip 1.0, one torch thread per
-process. Contenders, each in its own process:
+real instruction data, whose lengths vary far more), LoRA r=16 on all linear layers, AdamW, lr 3e-3
+constant, clip 1.0, one torch thread per process. Contenders, each in its own process:
 
   plain          plain PyTorch loop, 16 rows per step right-padded to the batch's longest row, in
                  the exact order oikyo's in-memory shard replays them (rows sorted by content,
@@ -66,7 +66,7 @@ def rows(a) -> list[dict]:
 
     from oikyo_ray.data.tokenize import encode_messages
     from oikyo_ray.demo.tasks import ASSET
-    from oikyo_ray.train.worker import _rows_key
+    from oikyo_ray.train.epochs import row_key
 
     tok = AutoTokenizer.from_pretrained(a.model)
     out = []
@@ -80,20 +80,20 @@ def rows(a) -> list[dict]:
         for line in ASSET.open(encoding="utf-8"):
             e = encode_messages(tok, json.loads(line)["messages"], max_length=a.max_length)
             out.append({"input_ids": e["input_ids"], "labels": e["labels"]})
-    return sorted(out, key=_rows_key)
+    return sorted(out, key=row_key)
 
 
 def packed_rows(a) -> list[dict]:
     from oikyo_ray.data.packing import pack_rows
-    from oikyo_ray.train.worker import _rows_key
+    from oikyo_ray.train.epochs import row_key
 
     data, length = rows(a), a.pack_length
     cols = pack_rows([r["input_ids"] for r in data], [r["labels"] for r in data], length, 0)
-    return sorted((dict(zip(cols, vals)) for vals in zip(*cols.values())), key=_rows_key)
+    return sorted((dict(zip(cols, vals)) for vals in zip(*cols.values())), key=row_key)
 
 
 def batches(data: list[dict], batch: int, steps: int):
-    """The batches oikyo's cached shard path feeds (worker.make_epochs): seed + epoch reshuffles."""
+    """The batches oikyo's cached shard path feeds (epochs.cached_epochs): seed + epoch reshuffles."""
     from oikyo_ray.train.loop import collate, shuffled_batches
 
     epoch, n = 0, 0
@@ -206,7 +206,7 @@ def run_oikyo(a, workers: int, packed: bool) -> dict:
 
     from oikyo_ray.cluster import init_ray
     from oikyo_ray.config import load_config
-    from oikyo_ray.train.trainer import fit
+    from oikyo_ray.train.ray_train import fit
 
     root = Path(tempfile.mkdtemp(prefix="oikyo-bench-"))
     run = root / "r"

@@ -44,7 +44,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from oikyo_ray.sweep.tuner import run_sweep
+    from oikyo_ray.sweep.ray_tune import run_sweep
 
     run_sweep(_load(args), resume=args.resume)
     return 0
@@ -55,8 +55,8 @@ def cmd_serve(args) -> int:
 
     from oikyo_ray.cluster import init_ray
     from oikyo_ray.model.load import resolve_model_path
-    from oikyo_ray.serve.app import start
     from oikyo_ray.serve.auth import load_token
+    from oikyo_ray.serve.ray_serve import start
 
     cfg = _load(args)
     if args.export_vllm:
@@ -95,6 +95,8 @@ def cmd_config(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oikyo", description="Fine-tune, evaluate and serve LLM adapters on Ray.")
+    p.add_argument("--verbose", action="store_true",
+                   help="print every third-party log line and warning (by default known noise is dropped)")
     sub = p.add_subparsers(dest="cmd", required=True)
     from oikyo_ray.data.cli import add_data_commands
 
@@ -135,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from oikyo_ray.cluster import default_auth_mode
+    from oikyo_ray.console import quiet_third_party
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--verbose" not in argv[:1]:
+        quiet_third_party()  # before anything imports ray, torch or transformers
     default_auth_mode()  # before anything imports ray
     args = build_parser().parse_args(argv)
     try:

@@ -2,6 +2,12 @@
 
 The same object (as ``model_dump()``) travels into Ray Train's ``train_loop_config`` and is
 re-validated on each worker, so every stage sees exactly what the user asked for.
+
+Why one file and not a section beside each stage: every stage imports its section from here and
+this module imports no stage, so the dependency graph stays acyclic (sections composed from
+`data/`, `train/`, ... would make this module depend on every stage while every stage depends
+on it); and the whole schema, with its cross-field checks, reads top to bottom in one place, as
+litgpt's `args.py` does. `oikyo config --fields` prints it.
 """
 
 from __future__ import annotations
@@ -455,7 +461,7 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown field (check the spelling; see `oikyo config --help-fields`)" if e[
+        msg = "unknown field (check the spelling; see `oikyo config --fields`)" if e[
             "type"
         ] == "extra_forbidden" else e["msg"]
         lines.append(f"  {field}: {msg}")
@@ -522,7 +528,7 @@ def validate_config(data: dict, origin: str = "config") -> OikyoConfig:
 
 
 def describe_fields(model: type[BaseModel] = OikyoConfig, prefix: str = "") -> list[str]:
-    """One line per leaf field: dotted path, default and description (for --help-fields)."""
+    """One line per leaf field: dotted path, default and description (for `oikyo config --fields`)."""
     out = []
     for name, f in model.model_fields.items():
         ann = f.annotation

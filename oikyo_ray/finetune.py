@@ -38,10 +38,12 @@ def _resume_dir(cfg: OikyoConfig) -> Path:
 
 def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False) -> Path:
     from oikyo_ray.cluster import init_ray
-    from oikyo_ray.data.pipeline import expand_paths, load_split_rows, prepare
+    from oikyo_ray.data.paths import expand_paths
+    from oikyo_ray.data.prepared import load_split_rows
+    from oikyo_ray.data.ray_data import prepare
     from oikyo_ray.model.load import load_tokenizer, resolve_model_path
     from oikyo_ray.runs.rundir import create_run_dir, publishing, write_lineage
-    from oikyo_ray.train.trainer import fit
+    from oikyo_ray.train.ray_train import fit
 
     # Everything a user can get wrong is checked here, before Ray starts and before a run dir exists.
     done = _step(log, "base model")
@@ -71,16 +73,17 @@ def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False) -> Path:
         publish()
 
         if cfg.eval.enabled:
+            from oikyo_ray.eval import ray_eval
             from oikyo_ray.eval.report import write_report
 
             done = _step(log, "evaluate base vs fine-tuned on the test split")
             rows = load_split_rows(run_dir / "data", "test")
-            report = write_report(cfg, model_path, str(final), rows, run_dir / "eval")
+            report = write_report(cfg, model_path, str(final), rows, run_dir / "eval", scorer=ray_eval.score)
             done()
             log(report["table"])
 
         if cfg.run.serve_after:
-            from oikyo_ray.serve.demo_call import serve_and_ask
+            from oikyo_ray.serve.ray_serve import serve_and_ask
 
             serve_and_ask(cfg, model_path, final, log=log)
     return run_dir

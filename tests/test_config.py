@@ -1,5 +1,6 @@
 """Config: shipped YAMLs validate; bad keys, types and overrides fail naming the field."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,10 @@ def test_cli_reports_bad_config_without_traceback():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "train.lrr: unknown field" in r.stderr and "Traceback" not in r.stderr
+    # the command the error points to exists and lists the field the user meant
+    hint = re.search(r"see `oikyo (config [^`]+)`", r.stderr).group(1).split()
+    fields = subprocess.run([sys.executable, "-m", "oikyo_ray.cli", *hint], capture_output=True, text=True, timeout=120)
+    assert fields.returncode == 0 and "train.lr = " in fields.stdout, fields.stderr
 
 
 def test_finetune_resume_refuses_what_it_cannot_continue(tmp_path, cache_dir, capsys):

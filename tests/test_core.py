@@ -1,8 +1,13 @@
-"""The Ray-agnostic core: imports no Ray; tokenise/mask, train loop, eval metrics, generation."""
+"""The Ray-free core: the import contract holds and covers every module; the core imports and
+runs without Ray (tokenise/mask, train loop, eval metrics, generation)."""
 
+import ast
+import fnmatch
 import json
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,18 +16,71 @@ from oikyo_ray.config import load_config
 from oikyo_ray.data.tokenize import IGNORE, encode_messages
 from oikyo_ray.eval.metrics import exact_match, normalise_answer, token_f1
 
-CORE = ["oikyo_ray.config", "oikyo_ray.data.formats", "oikyo_ray.data.readers", "oikyo_ray.data.validate",
-        "oikyo_ray.data.split", "oikyo_ray.data.tokenize", "oikyo_ray.data.curate", "oikyo_ray.model.load",
-        "oikyo_ray.model.methods", "oikyo_ray.model.tiny", "oikyo_ray.train.loop", "oikyo_ray.eval.metrics",
-        "oikyo_ray.eval.generate", "oikyo_ray.eval.compare", "oikyo_ray.serve.engine", "oikyo_ray.runs.rundir",
-        "oikyo_ray.runs.store", "oikyo_ray.data.packing", "oikyo_ray.data.pieces", "oikyo_ray.model.qlora",
-        "oikyo_ray.data.exact"]
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "oikyo_ray"
+
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+CONTRACT = PYPROJECT["tool"]["importlinter"]["contracts"][0]  # the Ray-free core contract
+
+
+def _modules() -> list[str]:
+    """Every module of the package by dotted name (a package by its own name)."""
+    out = []
+    for p in PKG.rglob("*.py"):
+        parts = p.relative_to(ROOT).with_suffix("").parts
+        out.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return sorted(out)
+
+
+def _ray_layer() -> set[str]:
+    """The modules the contract forbids to the core (its `forbidden_modules`, wildcards expanded)."""
+    layer = set()
+    for pattern in CONTRACT["forbidden_modules"]:
+        if pattern.startswith("oikyo_ray"):
+            layer |= {m for m in _modules() if fnmatch.fnmatchcase(m, pattern) and
+                      m.count(".") == pattern.count(".")}
+    return layer
+
+
+def _imports_ray(module: str) -> bool:
+    path = PKG.joinpath(*module.split(".")[1:])
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        if any(n == "ray" or n.startswith("ray.") for n in names):
+            return True
+    return False
+
+
+def test_import_contract_holds():
+    """`lint-imports` (import-linter, config in pyproject.toml): the core imports neither ray nor
+    the Ray layer, directly or through another module, and no package imports in a cycle."""
+    r = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
+                        "lint_imports_command()"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "2 kept, 0 broken" in r.stdout, r.stdout[-2000:]
+
+
+def test_every_module_is_core_or_named_ray_layer():
+    """A module that imports ray is in the contract's Ray layer, and each Ray adapter is named
+    ray_<x>.py: a new module is core unless it says otherwise, and the contract cannot miss it."""
+    layer = _ray_layer()
+    deep = [m for m in _modules() if m.count(".") > 2]
+    assert not deep, f"{deep}: the contract's source_modules reach oikyo_ray.<pkg>.<module> only"
+    assert {m for m in _modules() if _imports_ray(m)} <= layer, sorted({m for m in _modules() if _imports_ray(m)} - layer)
+    adapters = {m for m in _modules() if m.rsplit(".", 1)[-1].startswith("ray_")}
+    assert adapters <= layer and len(adapters) == 5, (sorted(adapters), sorted(layer))
+    stages = {m.split(".")[1] for m in adapters}
+    assert stages == {"data", "train", "eval", "sweep", "serve"}  # one adapter per stage
 
 
 def test_core_imports_without_ray():
-    # a GPU box without Ray must be able to run the core: make `import ray` fail and import it all
+    """A GPU box without Ray runs the core: with `import ray` failing, every core module imports."""
+    core = [m for m in _modules() if m not in _ray_layer()]
+    assert len(core) > 30, core
     code = ("import sys; sys.modules['ray'] = None\n"
-            f"import importlib\nfor m in {CORE!r}: importlib.import_module(m)\nprint('ok')")
+            f"import importlib\nfor m in {core!r}: importlib.import_module(m)\nprint('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from oikyo_ray.config import DataConfig, ModelConfig
-from oikyo_ray.data.curate import FILE_ERROR, SCHEMA, curate_file, to_table
+from oikyo_ray.data.curate import SCHEMA, Status, curate_file, to_table
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 BIG = DataConfig(max_length=8192)  # long enough that no shared row loses its answer to truncation
@@ -160,7 +160,7 @@ def test_parquet_rows_and_truncated_parquet(tok, tmp_path):
     assert summary(curate(f, tok)) == [(1, "ok", "", ""),
                                        (2, "reject", "role_order", "messages[1]: two user turns in a row (roles must alternate)")]
     broken = curate(f, tok, data_bytes=buf.getvalue()[: len(buf.getvalue()) // 2])
-    assert len(broken) == 1 and broken[0]["status"] == FILE_ERROR
+    assert len(broken) == 1 and broken[0]["status"] == Status.FILE_ERROR
     assert broken[0]["reason"].startswith("rows.parquet: unreadable parquet: ")
 
 
@@ -228,8 +228,9 @@ def test_non_utf8_bytes(tok):
                              (2, "reject", "not_utf8", "not UTF-8 at byte 24 of the line (b'\\xe9.\",'...)"),
                              (3, "ok", "", "")]
     recs = curate(FIXTURES / "not_utf8.json", tok)
-    assert summary(recs) == [(0, FILE_ERROR, FILE_ERROR, "not_utf8.json: not UTF-8 at byte 25 (b'\\xe9.\",'...) "
-                                                         "(re-encode the file as UTF-8)")]
+    err = Status.FILE_ERROR
+    assert summary(recs) == [(0, err, err, "not_utf8.json: not UTF-8 at byte 25 (b'\\xe9.\",'...) "
+                                           "(re-encode the file as UTF-8)")]
 
 
 @pytest.mark.parametrize("name, reason", [
@@ -240,7 +241,7 @@ def test_non_utf8_bytes(tok):
     ("empty.jsonl", "empty.jsonl: empty file (no rows) (remove it from data.paths or fill it)"),
 ])
 def test_broken_files_give_one_file_error(tok, name, reason):
-    assert summary(curate(FIXTURES / name, tok)) == [(0, FILE_ERROR, FILE_ERROR, reason)]
+    assert summary(curate(FIXTURES / name, tok)) == [(0, Status.FILE_ERROR, Status.FILE_ERROR, reason)]
 
 
 def test_every_row_rejected_gives_only_rejects(tok, tmp_path):

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from oikyo_ray.config import DataConfig, load_config
-from oikyo_ray.data.formats import RowError, normalise, to_messages
+from oikyo_ray.data.formats import RowError, normalise
 from oikyo_ray.data.quality import alnum_ratio, prompt_text, repetition, row_filters, signature
 from oikyo_ray.data.readers import BAD, iter_rows
 from oikyo_ray.data.validate import validate_messages
@@ -174,9 +174,11 @@ def test_normalise_rejects_with_precise_reasons(row, message, kind):
     assert reason(normalise, row) == (message, kind)
 
 
-def test_to_messages_keeps_its_contract():
-    assert to_messages({"text": "raw"}) == [A("raw")]
-    assert to_messages({"instruction": "Q", "output": "A"}, "alpaca") == [U("Q"), A("A")]
+def test_an_explicit_format_overrides_detection():
+    row = {"instruction": "Q", "output": "A", "messages": [U("M"), A("N")], "text": "raw"}
+    assert normalise(row)[0] == [U("M"), A("N")]  # auto: messages win
+    assert normalise(row, DataConfig(format="alpaca"))[0] == [U("Q"), A("A")]
+    assert normalise(row, DataConfig(format="text"))[0] == [A("raw")]
 
 
 # ---- validation --------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def test_packed_samples_do_not_attend_to_each_other(tiny_model):
 
 
 def test_prepare_writes_a_packed_train_split(tiny_model, tmp_path):
-    from oikyo_ray.data.pipeline import prepare_local
+    from oikyo_ray.data.prepare import prepare as prepare_local
 
     cfg = load_config(None, [f"model.cache_dir={tmp_path / 'cache'}", "data.packing=true",
                              "data.max_length=128", "data.pack_length=256"])

@@ -64,7 +64,9 @@ def test_plan_cuts_only_jsonl_and_keeps_empty_files_an_error(tmp_path, tiny_mode
 @pytest.mark.ray
 def test_ray_stage_curates_pieces_like_the_local_stage(ray_session, tiny_model, tmp_path, monkeypatch):
     from oikyo_ray.data import pieces
-    from oikyo_ray.data.pipeline import load_split_rows, prepare, prepare_local
+    from oikyo_ray.data.prepare import prepare as prepare_local
+    from oikyo_ray.data.prepared import load_split_rows
+    from oikyo_ray.data.ray_data import prepare
 
     (tmp_path / "a.jsonl").write_bytes(_file())
     monkeypatch.setattr(pieces, "PIECE_BYTES", 512)

@@ -1,4 +1,4 @@
-"""`pipeline.prepare` through real Ray Data: the same result as the in-process stage, file errors
+"""`ray_data.prepare` through real Ray Data: the same result as the in-process stage, file errors
 surfaced from the workers, the written splits readable by `read_split`, and the cache reused."""
 
 from __future__ import annotations
@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from oikyo_ray.config import load_config
-from oikyo_ray.data.pipeline import SPLITS, TRAIN_COLUMNS, load_split_rows, prepare, prepare_local, read_split
+from oikyo_ray.data.manifest import SPLITS
+from oikyo_ray.data.prepare import prepare as prepare_local
+from oikyo_ray.data.prepared import TRAIN_COLUMNS, load_split_rows
+from oikyo_ray.data.ray_data import prepare, read_split
 from oikyo_ray.errors import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"

@@ -1,5 +1,5 @@
-"""The whole data stage without Ray (`prepare_local`: the same steps as `prepare` on Ray Data),
-its manifest and cache, and the `oikyo data prepare|inspect` commands."""
+"""The whole data stage without Ray (`prepare.prepare` in this process: the same steps as on Ray
+Data), its manifest and cache, and the `oikyo data prepare|inspect` commands."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import pytest
 from oikyo_ray.config import load_config
 from oikyo_ray.data.cli import add_data_commands, format_report, reason_pattern
 from oikyo_ray.data.curate import OUTPUT_COLUMNS
-from oikyo_ray.data.manifest import data_config_hash
-from oikyo_ray.data.pipeline import SPLITS, load_split_rows, prepare_local
+from oikyo_ray.data.manifest import SPLITS, data_config_hash
+from oikyo_ray.data.prepare import prepare as prepare_local
+from oikyo_ray.data.prepared import load_split_rows
 from oikyo_ray.errors import DataError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
@@ -71,6 +72,15 @@ def test_counts_rejects_and_splits(mix):
     metas = [json.loads(r["meta"]) for s in SPLITS for r in load_split_rows(out, s)]
     assert sum("tools" in x for x in metas) == m["meta"]["tools"] == 2
     assert m["meta"] == {"tools": 2, "preference": 0, "label_true": 1, "label_false": 2}
+
+
+def test_exact_rules_only(tmp_path, tok_path):
+    """MinHash off: the global pass on exact keys alone, beside rows rejected before it."""
+    m = prepare_local(config(tmp_path, MIX, "data.cache=false", "data.near_dup_threshold=null",
+                             "data.leakage_threshold=null"), tok_path, tmp_path / "out")
+    assert m["counts"] == {"read": 34, "accepted": 20, "rejected": 14, "train": 16, "val": 0, "test": 4}
+    assert m["filters"]["duplicate"] == 3 and m["filters"]["leakage"] == 2 and "near_duplicate" not in m["filters"]
+    assert (m["leakage"]["exact"], m["leakage"]["near"]) == (2, 0)
 
 
 def test_manifest_hashes_and_histogram(mix, tmp_path):

@@ -152,7 +152,7 @@ def _write_run(root, name, base, tuned, passed=True, forgetting=0.05):
 
 
 def test_runs_compare_side_by_side(tmp_path, capsys):
-    from oikyo_ray.eval.cli import cmd_runs_compare
+    from oikyo_ray.cli import main
     from oikyo_ray.runs.compare import compare_runs, format_comparison
 
     a = _write_run(tmp_path, "run-a", 0.1, 0.5)
@@ -166,12 +166,10 @@ def test_runs_compare_side_by_side(tmp_path, capsys):
     assert "| probe pass rate: refuse | 0.5000 (-0.2500) | 0.5000 (-0.2500) |" in lines
     assert "| gates | passed | FAILED |" in lines
     out = tmp_path / "cmp.md"
-
-    class Args:
-        runs, out = [str(a), str(b)], None
-
-    Args.out = str(out)
-    assert cmd_runs_compare(Args) == 0 and out.read_text().startswith("| metric | run-a | run-b |")
-    assert "run-b" in capsys.readouterr().out
+    capsys.readouterr()
+    assert main(["runs", "compare", str(a), str(b), "--out", str(out)]) == 0  # what users run
+    assert out.read_text() == text + "\n" and capsys.readouterr().out == text + "\n"
+    assert main(["runs", "compare", str(a), str(tmp_path / "missing")]) == 2
+    assert "no evaluation report" in capsys.readouterr().err
     with pytest.raises(OikyoError, match="no evaluation report"):
         compare_runs([a, tmp_path / "missing"])

@@ -123,7 +123,7 @@ def test_over_trained_full_fine_tune_wins_but_is_flagged_for_forgetting(runs, ca
 
 
 def test_untrained_adapter_scores_exactly_like_the_base(runs, tiny_model, cache_dir):
-    from oikyo_ray.data.pipeline import load_split_rows
+    from oikyo_ray.data.prepared import load_split_rows
     from oikyo_ray.eval.compare import evaluate_model
     from oikyo_ray.model.load import load_model, load_tokenizer
 

@@ -26,13 +26,13 @@ def _qlora(model_dir, cache_dir, overrides=(), ckpt=None):
     (the adapter from checkpoint `ckpt`, if given)."""
     from oikyo_ray.config import load_config
     from oikyo_ray.train.loop import collate
-    from oikyo_ray.train.worker import _load, seed_everything
+    from oikyo_ray.train.start import load_model_to_train, seed_everything
 
     cfg = load_config(None, [f"model.cache_dir={cache_dir}", "method.type=qlora", "train.warmup_ratio=0",
                              "train.log_every=1", "train.batch_size=8", *overrides])
     seed_everything(cfg.train.seed)
     torch.set_num_threads(1)
-    model = _load(cfg, str(model_dir), ckpt)
+    model = load_model_to_train(cfg, str(model_dir), ckpt)
     rows = list(_encoded(str(model_dir)))
     batch = lambda rs: collate({k: [r[k] for r in rs] for k in ("input_ids", "labels")}, 0)  # noqa: E731
     train = [batch(rows[i:i + 8]) for i in range(0, 64, 8)]
@@ -155,10 +155,11 @@ def _needs_repacking_cpu():
 def test_without_the_guard_an_eval_cuts_lora_grads(model_32, cache_dir, monkeypatch):
     """bnb's behaviour the guard exists for; fails if a bitsandbytes release changes it."""
     _needs_repacking_cpu()
+    import oikyo_ray.model.methods as methods
     import oikyo_ray.model.qlora as qlora
     from oikyo_ray.train.loop import eval_loss
 
-    monkeypatch.setattr(qlora, "keep_trainable", lambda m: m)  # apply_method without the guard
+    monkeypatch.setattr(methods, "keep_trainable", lambda m: m)  # apply_method without the guard
     _, model, train, val = _qlora(model_32, cache_dir, [QV])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     assert _step(model, opt, train[0])[1] == 0
@@ -201,7 +202,7 @@ def test_qlora_on_ray_ddp_cpu_learns_saves_and_merges(ray_session, tiny_model, c
     from oikyo_ray.model.load import load_model
     from oikyo_ray.runs.export import export_run
     from oikyo_ray.train.loop import eval_loss
-    from oikyo_ray.train.trainer import fit
+    from oikyo_ray.train.ray_train import fit
 
     cfg, run, man = make_run(tmp_path, tiny_model, cache_dir, [
         "method.type=qlora", "scaling.num_workers=2", "train.batch_size=4", "train.max_steps=8",

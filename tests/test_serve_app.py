@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from oikyo_ray.config import load_config
 
@@ -65,7 +66,7 @@ def server(ray_session, adapter_root, cache_dir, tmp_path_factory):
     from ray import serve
 
     from oikyo_ray.model.load import resolve_model_path
-    from oikyo_ray.serve.app import start
+    from oikyo_ray.serve.ray_serve import start
 
     tfile = tmp_path_factory.mktemp("tok") / "token"
     tfile.write_text(TOKEN)
@@ -94,9 +95,22 @@ def test_adapters_load_from_root_and_list(server):
     assert {"base", "alpha", "beta", "escape", "pickled"} <= ids or {"base", "alpha", "beta"} <= ids
 
 
-def test_mixed_adapters_batch_together_and_answer_differently(server):
-    from ray import serve
+def _samples(metrics_url: str, family: str, app: str = "oikyo") -> list:
+    """The Prometheus samples of one metric family exported for one Serve application."""
+    text = httpx.get(metrics_url, timeout=10).text
+    return [s for f in text_string_to_metric_families(text) if f.name == family
+            for s in f.samples if s.labels.get("application") == app]
 
+
+def _eventually(check, timeout_s: float = 60):
+    """Poll `check` until it returns something true (Ray exports metrics every few seconds)."""
+    deadline = time.time() + timeout_s
+    while not (got := check()) and time.time() < deadline:
+        time.sleep(2)
+    return got
+
+
+def test_mixed_adapters_batch_together_and_answer_differently(server, ray_session):
     q = "Opposite of hot?"
     alone = {m: _complete(server, m, q) for m in ("alpha", "beta", "base")}
     assert alone["alpha"] == "cold" and len(set(alone.values())) == 3
@@ -104,14 +118,22 @@ def test_mixed_adapters_batch_together_and_answer_differently(server):
     async def burst():
         async with httpx.AsyncClient(timeout=120) as c:
             reqs = [c.post(f"{server}/v1/completions", headers=H, json={
-                "model": m, "prompt": _prompt(q), "max_tokens": 6, "temperature": 0}) for m in ("alpha", "beta", "base") * 2]
+                "model": m, "prompt": _prompt(q), "max_tokens": 6, "temperature": 0})
+                for m in ("alpha", "beta", "base") * 2]
             return await asyncio.gather(*reqs)
 
     rs = asyncio.run(burst())
     texts = [r.json()["choices"][0]["text"] for r in rs]
     assert texts == [alone[m] for m in ("alpha", "beta", "base") * 2]  # batching changes no answer
-    stats = serve.get_deployment_handle("Model", app_name="oikyo").stats.remote().result()
-    assert max(len(set(b)) for b in stats["batches"]) >= 2, stats  # adapters shared a generate() call
+
+    def mixed_batches() -> float:  # engine calls that held more than one model (adapters, the base)
+        samples = _samples(ray_session["metrics"], "ray_oikyo_batch_models")
+        calls = sum(s.value for s in samples if s.name.endswith("_count"))
+        single = sum(s.value for s in samples if s.name.endswith("_bucket") and float(s.labels["le"]) == 1)
+        return calls - single
+
+    # the burst's adapters shared generate() calls: some engine call held more than one model
+    assert _eventually(lambda: mixed_batches() >= 1), "no engine call mixed adapters"
 
 
 def test_streaming_completions_and_chat(server):
@@ -153,12 +175,34 @@ def test_openai_client_chat_and_stream(server):
     (H, {"model": "alpha", "prompt": "hi", "temperature": -1}, 400, "temperature"),
     (H, "{not json", 400, "not valid JSON"),
 ])
-def test_bad_requests_get_clear_errors(server, headers, body, status, words):
+def test_bad_requests_get_clear_errors(server, adapter_root, headers, body, status, words):
     kw = {"content": body, "headers": {**headers, "Content-Type": "application/json"}} if isinstance(body, str) \
         else {"json": body, "headers": headers}
     r = httpx.post(f"{server}/v1/completions", timeout=60, **kw)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]
+    assert str(adapter_root) not in r.text and "/tmp" not in r.text and "Traceback" not in r.text
+
+
+def test_bearer_scheme_is_case_insensitive_over_http(server):
+    r = httpx.get(f"{server}/v1/models", headers={"authorization": f"bearer {TOKEN}"}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
+def test_chat_with_tool_messages_over_http(server):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Weather in Lima?"}]},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": "{\"city\": \"Lima\"}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "24C"}]
+    body = {"model": "alpha", "messages": messages, "tools": tools, "tool_choice": "auto", "max_tokens": 4}
+    r = httpx.post(f"{server}/v1/chat/completions", headers=H, timeout=120, json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] > 60  # the tools block and the call were rendered into the prompt
+    messages[1]["tool_calls"][0]["function"]["arguments"] = "{oops"
+    r = httpx.post(f"{server}/v1/chat/completions", headers=H, timeout=60, json=body)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"].startswith("messages[1].tool_calls[0].function.arguments is not valid JSON")
 
 
 def test_lru_eviction_keeps_answers_right(server):
@@ -170,14 +214,17 @@ def test_lru_eviction_keeps_answers_right(server):
 
 def test_metrics_exported_per_adapter(server, ray_session):
     _complete(server, "alpha", "Capital of Peru?")
-    deadline = time.time() + 60
-    text = ""
-    while time.time() < deadline:
-        text = httpx.get(ray_session["metrics"], timeout=10).text
-        if "oikyo_requests" in text and 'model="alpha"' in text:
-            break
-        time.sleep(2)
-    assert "oikyo_requests" in text and 'model="alpha"' in text and "oikyo_request_latency_ms" in text
+    httpx.post(f"{server}/v1/completions", timeout=30, json={"model": "alpha", "prompt": "hi"})  # 401
+
+    def requests() -> dict:
+        return {(s.labels["model"], s.labels["status"]): s.value
+                for s in _samples(ray_session["metrics"], "ray_oikyo_requests") if not s.name.endswith("_created")}
+
+    counts = _eventually(lambda: (got := requests()).get(("alpha", "200")) and got.get(("?", "401")) and got)
+    assert counts, requests()
+    for family in ("ray_oikyo_request_latency_ms", "ray_oikyo_tokens", "ray_oikyo_batch_size",
+                   "ray_oikyo_engine_latency_ms"):
+        assert _samples(ray_session["metrics"], family), family
 
 
 def test_replica_killed_app_recovers(server):
@@ -204,7 +251,7 @@ def test_replica_killed_app_recovers(server):
 def _second_app(server, name, overrides, cache_dir, token_dir):
     """Deploy another app on the same Serve proxy under /<name>."""
     from oikyo_ray.model.load import resolve_model_path
-    from oikyo_ray.serve.app import start
+    from oikyo_ray.serve.ray_serve import start
 
     port = int(server.rsplit(":", 1)[1])
     tfile = token_dir / "token"

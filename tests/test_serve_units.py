@@ -1,6 +1,8 @@
-"""Serve pieces without Ray: the mixed batcher, adapter name/path safety, auth, the engine."""
+"""Serve pieces without Ray: the mixed batcher, the model replica, adapter name/path safety, auth,
+the engine."""
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ from oikyo_ray.config import load_config
 from oikyo_ray.serve.adapters import AdapterNotFound, BadAdapterName, resolve_adapter, validate_name
 from oikyo_ray.serve.auth import authorized, load_token
 from oikyo_ray.serve.batcher import MixedBatcher
+from oikyo_ray.serve.replica import ModelReplica, load_adapter
 
 
 def test_batcher_mixes_and_keeps_order():
@@ -39,6 +42,91 @@ def test_batcher_errors_reach_every_waiter():
         return await asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True)
 
     assert [str(e) for e in asyncio.run(main())] == ["boom", "boom"]
+
+
+class FakeEngine:
+    """The Engine's interface; answers name the adapter, calls are slow enough for requests to queue."""
+
+    def __init__(self):
+        self.loaded: list[str] = []
+
+    def add_adapter(self, name, path):
+        self.loaded.append(name)
+
+    def remove_adapter(self, name):
+        self.loaded.remove(name)
+
+    def generate_many(self, items):
+        time.sleep(0.05)
+        return [{"text": f"{it['adapter']}:{it['prompt']}"} for it in items]
+
+    def stream(self, adapter, prompt, sampling):
+        yield from (f"{adapter}:", prompt)
+
+
+def _adapter_root(tmp_path) -> Path:
+    root = tmp_path / "root"
+    for name in ("a0", "a1"):
+        (root / name).mkdir(parents=True)
+        (root / name / "adapter_config.json").write_text("{}")
+        (root / name / "adapter_model.safetensors").write_bytes(b"")
+    (tmp_path / "outside").mkdir()
+    (root / "escape").symlink_to(tmp_path / "outside")
+    return root
+
+
+def _replica(tmp_path, acquire=None, batches=None):
+    """A replica over FakeEngine with a plain dict as the adapter cache (Serve's is an LRU)."""
+    engine, cache = FakeEngine(), {}
+    cfg = load_config(None, [f"serve.adapter_root={_adapter_root(tmp_path)}"]).serve
+
+    async def cached(name):
+        if name not in cache:
+            cache[name] = await load_adapter(engine, name, cfg, str(tmp_path))
+        return cache[name]
+
+    on_batch = (lambda adapters, seconds: batches.append((adapters, seconds))) if batches is not None else None
+    return ModelReplica(engine, acquire or cached, 8, 0.05, on_batch), engine, cache
+
+
+def test_replica_batches_adapters_together_and_reloads_evicted_ones(tmp_path):
+    batches: list = []
+    replica, engine, cache = _replica(tmp_path, batches=batches)
+
+    async def main():
+        first = await replica.generate("a0", "p", {})  # idle: runs at once, alone
+        del cache["a0"]  # the cache evicts a0: the lease unloads it ...
+        assert engine.loaded == []
+        return first, await asyncio.gather(*[replica.generate(a, f"p{i}", {})
+                                             for i, a in enumerate(["a0", "a1", None, "a1"])])
+
+    first, outs = asyncio.run(main())
+    assert first == {"text": "a0:p"} and [o["text"] for o in outs] == ["a0:p0", "a1:p1", "None:p2", "a1:p3"]
+    assert sorted(engine.loaded) == ["a0", "a1"]  # ... and it is loaded again for its next request
+    assert [a for a, _ in batches][0] == ["a0"] and any(len(set(a)) >= 2 for a, _ in batches[1:]), batches
+    assert sum(len(a) for a, _ in batches) == 5 and all(s >= 0.05 for _, s in batches)
+
+
+def test_replica_errors_are_dicts_without_paths(tmp_path, caplog):
+    replica, _, _ = _replica(tmp_path)
+
+    async def broken(name):
+        raise OSError(f"download of {tmp_path}/secret failed")
+
+    async def main():
+        return (await replica.generate("missing", "p", {}), await replica.generate("escape", "p", {}),
+                [p async for p in replica.stream("nope", "p", {})], [p async for p in replica.stream("a1", "p", {})],
+                await _replica(tmp_path / "b", acquire=broken)[0].generate("a0", "p", {}))
+
+    missing, escape, stream_missing, streamed, internal = asyncio.run(main())
+    assert missing["error"] == {"status": 404, "message": "model 'missing' not found", "type": "model_not_found"}
+    assert escape["error"]["status"] == 400 and "outside the adapter root" in escape["error"]["message"]
+    assert stream_missing == [{"error": {"status": 404, "message": "model 'nope' not found",
+                                         "type": "model_not_found"}}]
+    assert streamed == ["a1:", "p"]
+    assert internal["error"]["status"] == 500 and "secret" not in str(internal)
+    assert str(tmp_path) not in str([missing, escape, internal])
+    assert "download of" in caplog.text and "resolves outside the adapter root" in caplog.text  # the operator sees why
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", "/etc", ".hidden", "", "a" * 200, "x..y"])
@@ -75,8 +163,8 @@ def test_token_from_env_or_file_never_config(tmp_path, monkeypatch):
     monkeypatch.setenv("OIKYO_API_TOKEN", "from-env")
     assert load_token(load_config(None, [f"serve.token_file={f}"]).serve) == "from-env"
     assert load_token(load_config(None, ["serve.auth=false"]).serve) is None
-    assert authorized("s3cret", "Bearer s3cret") and not authorized("s3cret", "Bearer s3cre")
-    assert not authorized("s3cret", None) and not authorized("s3cret", "s3cret") and authorized(None, None)
+    assert authorized("s3cret", "s3cret") and not authorized("s3cret", "s3cre")
+    assert not authorized("s3cret", None) and not authorized("s3cret", "") and authorized(None, None)
     assert not any("from-env" in str(v) for v in load_config(None).model_dump()["serve"].values())
 
 
@@ -90,7 +178,8 @@ def test_engine_mixed_batch_equals_single_requests(tiny_model, tmp_path):
     for i in range(2):
         torch.manual_seed(i)
         get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                       LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).save_pretrained(tmp_path / f"a{i}")
+                       LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+                       ).save_pretrained(tmp_path / f"a{i}")
     eng = Engine(load_config(None).model, str(tiny_model))
     eng.add_adapter("a0", str(tmp_path / "a0"))
     eng.add_adapter("a1", str(tmp_path / "a1"))
@@ -119,7 +208,8 @@ def test_batched_mixed_lora_equals_peft(tiny_model, tmp_path):
         get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
                        LoraConfig(r=r, lora_alpha=2 * r + i, target_modules="all-linear",
                                   init_lora_weights=False)).save_pretrained(tmp_path / f"a{i}")
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "a0", adapter_name="a0")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "a0",
+                                      adapter_name="a0")
     model.load_adapter(tmp_path / "a1", adapter_name="a1")
     model.eval()
     ids = torch.randint(3, 200, (5, 9), generator=torch.Generator().manual_seed(0))

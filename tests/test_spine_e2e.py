@@ -71,7 +71,7 @@ def server(demo_run, cache_dir):
     from ray import serve
 
     from oikyo_ray.model.load import resolve_model_path
-    from oikyo_ray.serve.app import start
+    from oikyo_ray.serve.ray_serve import start
 
     cfg, run, _ = demo_run
     token = "test-token-" + "x" * 20
@@ -135,9 +135,9 @@ def test_demo_serve_step_answers_over_http(demo_run):
     from ray import serve
 
     from oikyo_ray.model.load import resolve_model_path
-    from oikyo_ray.serve.demo_call import serve_and_ask
+    from oikyo_ray.serve.ray_serve import serve_and_ask
 
-    serve.shutdown()  # the module's server fixture may still hold the proxy on another port    from oikyo_ray.serve.demo_call import serve_and_ask
+    serve.shutdown()  # the module's server fixture may still hold the proxy on another port    from oikyo_ray.serve.ray_serve import serve_and_ask
 
     cfg, run, _ = demo_run
     cfg = cfg.model_copy(deep=True)

@@ -1,5 +1,6 @@
-"""Sweeps: bad search spaces fail before Ray; ASHA on a real local Ray stops weak trials,
-promotes the best, and resumes after the driver dies."""
+"""Sweeps: bad search spaces fail before Ray; budgets count steps as training does (packed blocks
+with data.packing); ASHA on a real local Ray stops weak trials, promotes the best, and resumes
+after the driver dies."""
 
 import json
 import os
@@ -8,13 +9,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from oikyo_ray.cli import main
 from oikyo_ray.config import load_config
 from oikyo_ray.errors import ConfigError
+from oikyo_ray.sweep.budget import max_t
+from oikyo_ray.sweep.report import trial_rows
 from oikyo_ray.sweep.space import validate_space, with_params
+from oikyo_ray.train.steps import total_steps
+
+try:  # tests/ may or may not be a package
+    from tests.test_train_util import make_run, metrics
+except ImportError:
+    from test_train_util import make_run, metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "jobs/configs/sweep_demo.yaml"
@@ -48,6 +58,40 @@ def test_trial_params_land_in_the_config():
     cfg = load_config(SWEEP)
     t = with_params(cfg.model_dump(mode="json"), {"train.lr": 0.01, "method.lora.r": 4})
     assert t.train.lr == 0.01 and t.method.lora.r == 4 and t.data == cfg.data
+
+
+# 64 rows packed into 10 blocks: 5 steps of 2 blocks, where 2 rows a step would make 32
+PACKED = ["data.packing=true", "train.batch_size=2", "train.epochs=1", "train.eval_every=2"]
+
+
+def test_packed_trial_that_ran_its_steps_is_completed(tmp_path):
+    """A trial's budget counts packed blocks, as training does: the trial that reported its 5th
+    and last step completed (counted in rows, its budget would be 32 and it would look stopped)."""
+    cfg = load_config(SWEEP, PACKED)
+    manifest = {"counts": {"train": 64, "val": 16, "test": 8}, "packing": {"blocks": 10}}
+    trial = tmp_path / "trials" / "abcde_00000"
+    trial.mkdir(parents=True)
+    (trial / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": 2.0 - s / 10}) + "\n"
+                                                 for s in (2, 4, 5)))
+    result = SimpleNamespace(metrics={"trial_id": "abcde_00000"}, config={"params": {"train.lr": 0.003}},
+                             path=str(trial), error=None)
+    (row,) = trial_rows(cfg, tmp_path, [result], manifest)
+    assert (row["status"], row["steps"], row["budget"]) == ("completed", 5, 5)
+    assert max_t(cfg, manifest) == 5 and total_steps(cfg.train, 64) == 32
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_packed_sweep_budget_is_the_steps_training_runs(ray_session, tiny_model, cache_dir, tmp_path):
+    """ASHA's max_t for a packed sweep is the number of steps fit() then trains on those blocks."""
+    from oikyo_ray.train.ray_train import fit
+
+    cfg, run, man = make_run(tmp_path, tiny_model, cache_dir, [
+        "scaling.num_workers=1", "data.max_length=64", "data.pack_length=256", *PACKED])
+    budget = max_t(cfg, man)
+    assert budget != total_steps(cfg.train, man["counts"]["train"])  # packing changes the count
+    fit(cfg, run, str(tiny_model), man, log=lambda s: None)
+    assert metrics(run)[-1]["step"] == budget
 
 
 def _sweep_args(root: Path, cache_dir: Path, name: str) -> list[str]:

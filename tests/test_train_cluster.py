@@ -7,15 +7,16 @@ import os
 import socket
 import subprocess
 import time
+from functools import partial
 
 import pytest
 
 try:  # tests/ may or may not be a package
     from tests.conftest import fix_complete_multipart
-    from tests.test_train_util import make_run, metrics
+    from tests.test_train_util import fail_once_at, make_run, metrics
 except ImportError:
     from conftest import fix_complete_multipart
-    from test_train_util import make_run, metrics
+    from test_train_util import fail_once_at, make_run, metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -50,14 +51,14 @@ def s3(monkeypatch):
     thread.join(timeout=10)
 
 
-def test_checkpoints_on_s3_and_resume_from_them(ray_session, s3, tiny_model, cache_dir, tmp_path, monkeypatch):
-    from oikyo_ray.train.trainer import TEST_FAIL_ENV, fit
+def test_checkpoints_on_s3_and_resume_from_them(ray_session, s3, tiny_model, cache_dir, tmp_path):
+    from oikyo_ray.train.ray_train import fit
 
     cfg, run, man = make_run(tmp_path, tiny_model, cache_dir, [
         "scaling.num_workers=1", "train.batch_size=8", "train.max_steps=4", "train.checkpoint_every=2",
         "train.eval_every=100", "checkpoint.storage_path=s3://ckpt/oikyo", "scaling.max_failures=1"])
-    monkeypatch.setenv(TEST_FAIL_ENV, f"3:{tmp_path / 'failed'}")
-    final = fit(cfg, run, str(tiny_model), man, log=lambda s: None)
+    final = fit(cfg, run, str(tiny_model), man, log=lambda s: None,
+                step_hook=partial(fail_once_at, (3,), str(tmp_path / "failed")))
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix="oikyo/r/checkpoints/")["Contents"]]
     ckpt_files = {k.rsplit("/", 1)[1] for k in keys if "/checkpoint_" in k}
     assert {"adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"} <= ckpt_files, keys
@@ -71,7 +72,7 @@ def test_training_spans_two_nodes(ray_session, tiny_model, cache_dir, tmp_path):
     """A second node (1 CPU) joins the session's head; STRICT_SPREAD puts one worker on each."""
     import ray
 
-    from oikyo_ray.train.trainer import fit
+    from oikyo_ray.train.ray_train import fit
 
     env = dict(os.environ, RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
@@ -90,7 +91,8 @@ def test_training_spans_two_nodes(ray_session, tiny_model, cache_dir, tmp_path):
             "train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=4"])
         final = fit(cfg, run, str(tiny_model), man, log=lambda s: None)
         rows = metrics(run)
-        print(f"fit done after {time.time() - deadline + 120:.1f}s; first report {rows[0]['time'] - deadline + 120:.1f}s")
+        print(f"fit done after {time.time() - deadline + 120:.1f}s; "
+              f"first report {rows[0]['time'] - deadline + 120:.1f}s")
         assert len(rows[0]["nodes"]) == 2, rows[0]  # the workers reported from two different nodes
         assert rows[-1]["step"] == 4 and (final / "adapter_model.safetensors").is_file()
     finally:

@@ -3,6 +3,8 @@ state in safetensors, grad accumulation, gradient checkpointing, bf16, method er
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -39,10 +41,8 @@ def _run(tiny_model, cache_dir, overrides, steps, ckpt_dir=None, stop_at=None, r
             raise Stop
 
     hooks = LoopHooks(report=report, val_batches=lambda: val, on_step=on_step)
-    try:
+    with contextlib.suppress(Stop):
         train_loop(model, epochs, cfg.train, steps, hooks, engine=engine, state=state)
-    except Stop:
-        pass
     return model, reports
 
 
@@ -120,11 +120,11 @@ def test_qlora_without_bitsandbytes_is_refused_with_a_reason(monkeypatch):
 
 
 def test_reporter_sends_in_order_in_the_background_and_raises_failures():
-    """worker.Reporter: metrics reports return at once (up to `backlog` pending), a checkpoint
+    """ray_train.Reporter (no cluster needed): metrics reports return at once (up to `backlog` pending), a checkpoint
     report waits for everything before it and itself; a failed report raises in the caller."""
     import threading
 
-    from oikyo_ray.train.worker import Reporter
+    from oikyo_ray.train.ray_train import Reporter
 
     got, gate = [], threading.Event()
 

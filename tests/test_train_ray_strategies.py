@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
                                           reason="opt-in: OIKYO_TEST_DEEPSPEED_RAY=1 (slow DeepSpeed start-up)")),
 ], ids=["fsdp2-full", "deepspeed-zero3-lora"])
 def test_sharded_strategies_on_ray(ray_session, tiny_model, cache_dir, tmp_path, overrides, final_dir, weights):
-    from oikyo_ray.train.trainer import fit
+    from oikyo_ray.train.ray_train import fit
 
     cfg, run, man = make_run(tmp_path, tiny_model, cache_dir, [
         "scaling.num_workers=2", "train.batch_size=4", "train.max_steps=8", "train.checkpoint_every=4",
@@ -41,7 +41,7 @@ def test_sharded_strategies_on_ray(ray_session, tiny_model, cache_dir, tmp_path,
 def test_packed_blocks_train_on_ray(ray_session, tiny_model, cache_dir, tmp_path):
     """data.packing feeds fixed-length blocks (position ids, no attention mask) to 2 DDP workers."""
     from oikyo_ray.errors import OikyoError
-    from oikyo_ray.train.trainer import fit
+    from oikyo_ray.train.ray_train import fit
 
     cfg, run, man = make_run(tmp_path, tiny_model, cache_dir, [
         "scaling.num_workers=2", "train.batch_size=2", "train.epochs=8", "train.max_steps=6", "train.eval_every=3",

@@ -4,14 +4,15 @@ early stopping with the best checkpoint, monitoring files (Ray Train on the sess
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
 
 try:  # tests/ may or may not be a package
-    from tests.test_train_util import adapter_tensors, make_run, metrics
+    from tests.test_train_util import adapter_tensors, fail_once_at, make_run, metrics
 except ImportError:
-    from test_train_util import adapter_tensors, make_run, metrics
+    from test_train_util import adapter_tensors, fail_once_at, make_run, metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -23,7 +24,7 @@ BASE = ["scaling.num_workers=2", "train.batch_size=4", "train.grad_accum=2", "tr
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_session, tiny_model, cache_dir, tmp_path_factory):
-    from oikyo_ray.train.trainer import fit
+    from oikyo_ray.train.ray_train import fit
 
     cfg, run, man = make_run(tmp_path_factory.mktemp("a"), tiny_model, cache_dir, BASE)
     return fit(cfg, run, str(tiny_model), man, log=lambda s: None), run
@@ -36,19 +37,19 @@ def _same_weights(a, b):
         torch.testing.assert_close(ta[k], tb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_restart_then_rerun_resume_exactly(uninterrupted, tiny_model, cache_dir, tmp_path, monkeypatch):
+def test_restart_then_rerun_resume_exactly(uninterrupted, tiny_model, cache_dir, tmp_path):
     """Fault tolerance and exact resume. max_failures=1: rank 0 raises at step 5 (mid-epoch, after
     the step-4 checkpoint); Ray Train restarts the workers, which resume from step 4. It raises
     again at step 6: a second failure ends the run. Started again with the same name and storage,
     the run resumes from step 4 once more and ends with the uninterrupted run's weights."""
     from oikyo_ray.errors import OikyoError
-    from oikyo_ray.train.trainer import TEST_FAIL_ENV, fit
+    from oikyo_ray.train.ray_train import fit
 
     final_a, run_a = uninterrupted
     cfg, run, man = make_run(tmp_path, tiny_model, cache_dir, [*BASE, "scaling.max_failures=1"])
-    monkeypatch.setenv(TEST_FAIL_ENV, f"5,6:{tmp_path / 'failed'}")
     with pytest.raises(OikyoError, match="injected failure at step 6"):
-        fit(cfg, run, str(tiny_model), man, log=lambda s: None)
+        fit(cfg, run, str(tiny_model), man, log=lambda s: None,
+            step_hook=partial(fail_once_at, (5, 6), str(tmp_path / "failed")))
     assert (tmp_path / "failed.5").exists() and (tmp_path / "failed.6").exists()
     assert not (run / "adapter").exists()
     rows = metrics(run)
@@ -76,7 +77,7 @@ def test_early_stopping_keeps_the_best_checkpoint(ray_session, tiny_model, cache
     """Patience 2 with a min_delta no step can reach: stops after the third validation; with
     score=val_loss and num_to_keep=1 the best checkpoint (and the newest) are kept, and the best
     becomes run_dir/adapter."""
-    from oikyo_ray.train.trainer import fit
+    from oikyo_ray.train.ray_train import fit
 
     cfg, run, man = make_run(tmp_path, tiny_model, cache_dir, [
         "scaling.num_workers=1", "train.batch_size=8", "train.max_steps=30", "train.eval_every=2",

@@ -4,7 +4,7 @@ tokenised train/val splits written straight to parquet, so Ray Train tests skip 
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -52,6 +52,19 @@ def make_run(root: Path, tiny_model: Path, cache_dir: Path, overrides: list[str]
     return cfg, run_dir, manifest
 
 
+def fail_once_at(steps: tuple[int, ...], marker: str, rank: int):
+    """A step-hook factory for `fit(step_hook=partial(fail_once_at, steps, marker))`: rank 0 raises
+    once at each of `steps`; a file `<marker>.<step>` remembers it across Ray Train's restarts."""
+    return partial(_raise_once, tuple(steps), marker) if rank == 0 else None
+
+
+def _raise_once(steps: tuple[int, ...], marker: str, state) -> None:
+    done = Path(f"{marker}.{state.step}")
+    if state.step in steps and not done.exists():
+        done.write_text(str(state.step))
+        raise RuntimeError(f"injected failure at step {state.step} (test)")
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -72,7 +85,7 @@ def local_setup(tiny_model: Path, cache_dir: Path, overrides: list[str], n: int 
     from oikyo_ray.model.load import load_model, load_tokenizer
     from oikyo_ray.model.methods import apply_method
     from oikyo_ray.train.loop import collate, shuffled_batches
-    from oikyo_ray.train.worker import seed_everything
+    from oikyo_ray.train.start import seed_everything
 
     cfg = load_config(None, [f"model.cache_dir={cache_dir}", "train.warmup_ratio=0", "train.log_every=1",
                              *overrides])

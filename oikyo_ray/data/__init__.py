@@ -1,7 +1,10 @@
-"""Data stage: read, normalise, validate, filter, split and tokenise (core, Ray-free) + the Ray Data pipeline.
+"""Data stage: read, normalise, validate, filter, split and tokenise (core, Ray-free) + its Ray adapter.
 
-readers (file -> rows) -> formats (row -> messages + meta) -> validate -> quality (row filters, keys)
--> split -> tokenize, per row in `curate`; `quality.global_filter` (duplicates, leakage) over all rows;
-`pipeline.prepare` runs it on Ray Data (`prepare_local` in-process) and writes what `manifest` describes;
-`cli` holds `oikyo data prepare|inspect`.
+paths (data.paths -> files) -> pieces (files -> byte ranges) -> per row in `curate`: readers (file ->
+rows) -> formats (row -> messages + meta) -> validate -> quality (row filters, keys) -> split ->
+tokenize; `dedupe` (duplicates, leakage; `exact` and `near` matches) over all rows; `prepare` runs
+the stage and writes what `manifest` describes, reusing `cache`; `packing` packs the train split;
+`prepared` reads a prepared split; `columns` holds the Arrow/numpy helpers.
+Ray layer: `ray_data` (the stage on Ray Data tasks, splits as Ray Datasets); `cli` holds
+`oikyo data prepare|inspect`.
 """

@@ -16,9 +16,12 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from oikyo_ray.cluster import init_ray
+from oikyo_ray.config import load_config
+from oikyo_ray.data.manifest import SPLITS, data_config_hash
+from oikyo_ray.data.prepared import read_column
 from oikyo_ray.errors import DataError
 
-SPLITS = ("train", "val", "test")
 PNG_NAME = "token_hist.png"
 
 
@@ -42,10 +45,10 @@ def add_data_commands(subparsers) -> None:
 
 
 def cmd_data_prepare(args) -> int:
-    from oikyo_ray.config import load_config
-    from oikyo_ray.data.manifest import data_config_hash
-    from oikyo_ray.data.pipeline import prepare, prepare_local
-    from oikyo_ray.model.load import resolve_model_path
+    # the stage (transformers, Ray) takes seconds to import: only `prepare` pays for it, not
+    # every `oikyo` command that builds this parser
+    from oikyo_ray.data import prepare, ray_data  # noqa: PLC0415
+    from oikyo_ray.model.load import resolve_model_path  # noqa: PLC0415
 
     cfg = load_config(args.config, args.overrides)  # validated before Ray starts
     if not args.out and cfg.run.root.startswith("s3://"):
@@ -53,12 +56,10 @@ def cmd_data_prepare(args) -> int:
     out = Path(args.out) if args.out else Path(cfg.run.root) / "data" / data_config_hash(cfg.data)
     tokenizer_path = resolve_model_path(cfg.model)
     if args.no_ray:
-        manifest = prepare_local(cfg, tokenizer_path, out)
+        manifest = prepare.prepare(cfg, tokenizer_path, out)
     else:
-        from oikyo_ray.cluster import init_ray
-
         init_ray()
-        manifest = prepare(cfg, tokenizer_path, out)
+        manifest = ray_data.prepare(cfg, tokenizer_path, out)
     print(format_report(manifest, _read_rejects(out), out, top=args.top))
     return 0
 
@@ -175,19 +176,15 @@ def _text_histogram(h: dict | None, width: int = 40) -> list[str]:
 
 def _lengths(d: Path) -> dict[str, list[int]] | None:
     """num_tokens of every kept row per split, from the parquet shards (None when absent)."""
-    import pyarrow.parquet as pq
-
-    out = {}
-    for s in SPLITS:
-        files = sorted((d / s).glob("*.parquet"))
-        out[s] = [n for f in files for n in pq.read_table(f, columns=["num_tokens"])["num_tokens"].to_pylist()]
+    out = {s: read_column(d, s, "num_tokens") for s in SPLITS}
     return out if any(out.values()) else None
 
 
 def write_histogram_png(manifest: dict, d: Path, png: Path) -> Path:
     """Token lengths per split as a stacked histogram (from the shards, else the manifest's bins)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    # matplotlib takes a second to import: only `inspect` draws, not every `oikyo` command
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
 
     fig = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(fig)

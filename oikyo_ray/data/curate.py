@@ -1,38 +1,52 @@
 """Per-file curation: parse -> normalise -> validate -> filter -> split -> tokenise, one record per row.
 
-Ray-free: `curate_file` is what the Ray Data pipeline maps over file pieces (`curate_pieces`),
-and what tests call directly. Every input row yields exactly one record, accepted ("ok") or rejected ("reject") with
+Ray-free: `prepare` maps `curate_pieces` over pieces of the input files (in this process, or
+one Ray Data task per piece from `ray_data`); `curate_file` curates a whole file in memory.
+Every input row yields exactly one record, accepted (Status.OK) or rejected (Status.REJECT) with
 its reason and `filter` (the check that rejected it), so `accepted + rejected == read` holds by
-construction. A file that cannot be read at all gives one FILE_ERROR record naming why.
+construction. A file that cannot be read at all gives one Status.FILE_ERROR record naming why.
 
 Accepted records also carry the keys and MinHash signatures the global pass (duplicates,
-near-duplicates, leakage across splits; see `quality.global_filter`) needs, so that pass never
-re-reads the data.
+near-duplicates, leakage across splits; see `dedupe`) needs, so that pass never re-reads the data.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 from array import array
 from collections.abc import Iterator
+from enum import Enum
 from functools import lru_cache
 from itertools import islice
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+from jinja2 import TemplateError
+from transformers import AutoTokenizer
 
 from oikyo_ray.config import DataConfig
+from oikyo_ray.data.columns import list_column
 from oikyo_ray.data.formats import RowError, normaliser
 from oikyo_ray.data.manifest import SPLITS, meta_tags
+from oikyo_ray.data.pieces import read_piece
 from oikyo_ray.data.quality import row_filters, row_keys
 from oikyo_ray.data.readers import BAD, iter_rows
 from oikyo_ray.data.split import assign_split, content_hash
 from oikyo_ray.data.tokenize import encode_messages
 from oikyo_ray.data.validate import validate_messages
 from oikyo_ray.errors import DataError
+from oikyo_ray.model.chat_template import ensure_chat_template
 
-FILE_ERROR = "file_error"
+
+class Status(str, Enum):
+    """What became of an input row: the records' and the summary's `status` column."""
+
+    OK = "ok"
+    REJECT = "reject"
+    FILE_ERROR = "file_error"  # the file could not be read at all (also the record's `filter`)
 
 KEY = pa.binary()  # 16-byte digests (keys) and MinHash signatures: compact on the driver
 SCHEMA = pa.schema([
@@ -56,16 +70,12 @@ TOKEN_COLUMNS = ("input_ids", "labels")
 
 @lru_cache(maxsize=4)
 def _tokenizer(path: str, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    from oikyo_ray.model.chat_template import ensure_chat_template
-
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     ensure_chat_template(tok)
     return tok
 
 
-_DEFAULTS = {"status": "ok", "reason": "", "filter": "", "split": "", "hash": "", "messages": "", "meta": "{}",
+_DEFAULTS = {"status": Status.OK, "reason": "", "filter": "", "split": "", "hash": "", "messages": "", "meta": "{}",
              "meta_tags": "", "input_ids": (), "labels": (), "num_tokens": 0, "full_tokens": 0,
              "digest": b"", "dup_key": b"", "dup_group": b"", "leak_group": b"", "prompt_key": b"", "text_sig": b"",
              "prompt_sig": b""}
@@ -83,8 +93,6 @@ def max_row_bytes(data: DataConfig) -> int:
 
 def curate_row(raw, data: DataConfig, tokenizer, norm=None) -> dict:
     """Fields of an accepted row; raises RowError (with `kind`) with the reason otherwise."""
-    from jinja2 import TemplateError
-
     msgs, meta = (norm or normaliser(data)).normalise(raw, data.format)
     validate_messages(msgs, data.max_chars, meta)
     row_filters(msgs, meta, data)
@@ -129,31 +137,22 @@ def iter_records(source: str, data_bytes: bytes, data: DataConfig, tokenizer, fi
             if raw is BAD:
                 kind = "not_utf8" if reason.startswith("not UTF-8") else \
                     "too_long" if reason.startswith("row is ") else "invalid_json"
-                yield _record(source, n, status="reject", reason=reason, filter=kind)
+                yield _record(source, n, status=Status.REJECT, reason=reason, filter=kind)
                 continue
             try:
                 yield _record(source, n, **curate_row(raw, data, tokenizer, norm))
             except RowError as e:
-                yield _record(source, n, status="reject", reason=str(e), filter=e.kind)
+                yield _record(source, n, status=Status.REJECT, reason=str(e), filter=e.kind)
     except DataError as e:
         reason = e.args[0] + (f" ({e.hint})" if e.hint else "")
-        yield _record(source, 0, status=FILE_ERROR, reason=reason, filter=FILE_ERROR)
+        yield _record(source, 0, status=Status.FILE_ERROR, reason=reason, filter=Status.FILE_ERROR)
 
 
 def curate_file(source: str, data_bytes: bytes, data: DataConfig, tokenizer, first_row: int = 1,
                 whole: bool = True) -> list[dict]:
     """All records of `iter_records`; a broken file gives its single FILE_ERROR record."""
     recs = list(iter_records(source, data_bytes, data, tokenizer, first_row, whole))
-    return recs[-1:] if recs and recs[-1]["status"] == FILE_ERROR else recs
-
-
-def list_column(flat, offsets) -> pa.Array:
-    """A list<int64> column from its flat values and row offsets (numpy arrays or buffers): built
-    this way it costs a copy, where pa.array on nested lists is ~7x slower."""
-    import numpy as np
-
-    return pa.ListArray.from_arrays(pa.array(np.frombuffer(offsets, dtype=np.int32)),
-                                    pa.array(np.frombuffer(flat, dtype=np.int64)))
+    return recs[-1:] if recs and recs[-1]["status"] == Status.FILE_ERROR else recs
 
 
 def _tokens(lists: list) -> pa.Array:
@@ -185,10 +184,6 @@ def curate_piece(piece: dict, data: DataConfig, tokenizer, work: str) -> int:
     """Curate one piece and write its parts under `work`: `summary/` (every row, SUMMARY_COLUMNS
     and the piece's index) and `<split>/` (kept rows, OUTPUT_COLUMNS); returns the rows read.
     Writing here, in the task, means the curated rows cross no process boundary and are written once."""
-    import pyarrow.parquet as pq
-
-    from oikyo_ray.data.pieces import read_piece
-
     name = part_name(int(piece["index"]))
     records = iter_records(str(piece["path"]), read_piece(piece), data, tokenizer, int(piece["first_row"]),
                            bool(piece["whole"]))
@@ -209,7 +204,7 @@ def curate_piece(piece: dict, data: DataConfig, tokenizer, work: str) -> int:
             summary = to_table(chunk, SUMMARY_COLUMNS)
             write("summary", summary.append_column("piece", pa.array([piece["index"]] * len(chunk), pa.int32())))
             for split in SPLITS:
-                rows = [r for r in chunk if r["status"] == "ok" and r["split"] == split]
+                rows = [r for r in chunk if r["status"] == Status.OK and r["split"] == split]
                 if rows:
                     write(split, to_table(rows, OUTPUT_COLUMNS))
     finally:
@@ -223,14 +218,12 @@ def _freeze_heap() -> None:
     """Once per worker, after the imports and the tokenizer: move the ~450k objects they made out
     of the garbage collector's reach. Curation allocates millions of short-lived objects, and each
     full collection would otherwise walk all of them again (up to ~15% of a task's time here)."""
-    import gc
-
     gc.freeze()
 
 
 def curate_pieces(batch: dict, data: dict, tokenizer_path: str, trust_remote_code: bool, work: str) -> dict:
-    """Ray Data `map_batches` UDF over pieces of input files (columns of `pieces.plan`'s pieces):
-    each task reads its own byte range and writes its own parts (`curate_piece`)."""
+    """A map UDF over a batch of pieces of input files (columns of `pieces.plan`'s pieces): each
+    call reads its own byte ranges and writes its own parts (`curate_piece`)."""
     # a conversation is a handful of short texts: the tokenizer's thread pool costs more than it
     # saves, and the pipeline already runs a task per core
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -236,7 +236,9 @@ def _tools(value: Any) -> list:
     for j, t in enumerate(value):
         if tool_name(t) is None:
             raise RowError(f"tools[{j}] has no function name", kind="tools")
-    return value
+    # one key order (sorted, as stored in the row's meta): training, eval and serving then render
+    # the same schema as the same text, whatever order the file or the client wrote its keys in
+    return json.loads(json.dumps(value, sort_keys=True))
 
 
 def tool_name(tool: Any) -> str | None:
@@ -268,8 +270,3 @@ def normaliser(data=None) -> _Norm:
 def normalise(row: Any, data=None) -> tuple[list[dict], dict]:
     """(messages, meta) of one raw row under a DataConfig's format, columns and role maps."""
     return normaliser(data).normalise(row, "auto" if data is None else data.format)
-
-
-def to_messages(row: Any, fmt: str = "auto") -> list[dict]:
-    """Messages only, with the built-in maps (kept for callers that need no metadata)."""
-    return _Norm().normalise(row, fmt)[0]

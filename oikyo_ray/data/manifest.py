@@ -19,8 +19,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
+from oikyo_ray.data.columns import codes, keys
+from oikyo_ray.data.prepared import split_files
+
 FORMAT_VERSION = 2
-CURATION_VERSION = "4"  # bump when curation logic changes what is kept: invalidates cached datasets
+CURATION_VERSION = "5"  # bump when curation changes what is kept or why a row goes: invalidates cached datasets
 SPLITS = ("train", "val", "test")
 PACKED = "train_packed"  # the train split packed into blocks (data.packing)
 HIST_BINS = 16
@@ -71,8 +76,6 @@ def cache_key(inputs: list[dict], data, tokenizer_path: str, trust_remote_code: 
 
 def histogram(lengths_by_split: dict, max_length: int) -> dict:
     """Token-length histogram over [0, max_length] in HIST_BINS equal bins (last bin closed)."""
-    import numpy as np
-
     step = max(1, -(-max_length // HIST_BINS))
     edges = list(range(0, step * HIST_BINS + 1, step))
     out: dict = {"edges": edges}
@@ -85,22 +88,16 @@ def histogram(lengths_by_split: dict, max_length: int) -> dict:
 def content_hash(digests) -> str:
     """Hash of the kept rows' digests (content, split, tokens, metadata), sorted: independent
     of file names and of the order rows were written."""
-    import numpy as np
-
     return hashlib.sha256(np.sort(np.asarray(digests, dtype="S16")).tobytes()).hexdigest()
 
 
 def output_hashes(out_dir: Path) -> dict[str, str]:
-    names = [out_dir / "rejects.jsonl"] + [f for s in (*SPLITS, PACKED) for f in sorted((out_dir / s).glob("*.parquet"))]
+    names = [out_dir / "rejects.jsonl"] + [f for s in (*SPLITS, PACKED) for f in split_files(out_dir, s)]
     return {str(f.relative_to(out_dir)): file_sha256(f) for f in names if f.is_file()}
 
 
 def _counts(col) -> Counter:
     """Rows per distinct value of an Arrow column."""
-    import numpy as np
-
-    from oikyo_ray.data.exact import codes
-
     names, idx = codes(col)
     return Counter(dict(zip(names, np.bincount(idx, minlength=len(names)).tolist())))
 
@@ -115,14 +112,12 @@ def build(*, inputs: list[dict], summary, kept, rejects: list[dict], stats: dict
         i["read"] = read_by_file[i["path"]]
         i["rejected"] = rejected_by_file[i["path"]]
         i["accepted"] = i["read"] - i["rejected"]
-    from oikyo_ray.data.exact import codes, keys
-
     names, split_idx = codes(kept["split"])
     tokens = kept["num_tokens"].to_numpy()
     per_split = {s: tokens[split_idx == names.index(s)] if s in names else tokens[:0] for s in SPLITS}
     counts = {"read": summary.num_rows, "accepted": kept.num_rows, "rejected": len(rejects)}
     counts.update({s: len(per_split[s]) for s in SPLITS})
-    tags = Counter()
+    tags: Counter[str] = Counter()
     for value, n in _counts(kept["meta_tags"]).items():
         for t in filter(None, value.split(",")):
             tags[t] += n

@@ -8,14 +8,23 @@ implementation: flash-attention uses them as variable-length boundaries, sdpa an
 runs on CPU) get a dense block-diagonal mask, so packed samples never attend to each other, at
 the cost of an L x L mask per block. A sample's first label is masked too: it would otherwise be
 predicted from the previous sample's last token.
+
+`pack_files` packs a prepared train split's parts into the ``train_packed`` split (one call per
+part, so the blocks do not depend on scheduling); `packing_report` is its manifest entry.
 """
 
 from __future__ import annotations
 
 import bisect
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from oikyo_ray.data.columns import blocks_column, list_rows
+from oikyo_ray.data.manifest import PACKED
+from oikyo_ray.data.prepared import TRAIN_COLUMNS, read_column
 from oikyo_ray.data.tokenize import IGNORE
 
 PACKED_COLUMNS = ["input_ids", "labels", "position_ids", "num_tokens"]
@@ -83,3 +92,23 @@ def padded_efficiency(lengths: list[int], batch_size: int) -> float:
         real += sum(chunk)
         padded += max(chunk) * len(chunk)
     return real / padded if padded else 0.0
+
+
+def pack_files(batch: dict, length: int, pad_id: int) -> dict:
+    """Packs each train part (`src`) into blocks written to `dst` (a map UDF over parts)."""
+    for src, dst in zip(batch["src"], batch["dst"]):
+        t = pq.read_table(src, columns=TRAIN_COLUMNS)
+        cols = pack_rows(list_rows(t["input_ids"]), list_rows(t["labels"]), length, pad_id)
+        pq.write_table(pa.table({k: pa.array(v, type=pa.int64()) if k == "num_tokens" else blocks_column(v, length)
+                                 for k, v in cols.items()}), dst)
+    return {"dst": list(batch["dst"])}
+
+
+def packing_report(out_dir: Path, length: int, batch_size: int, seed: int) -> dict:
+    """Blocks, rows and the non-pad token share packed vs right-padded batches of the same rows
+    (shuffled with the training seed, as the loader would)."""
+    blocks, rows = read_column(out_dir, PACKED, "num_tokens"), read_column(out_dir, "train", "num_tokens")
+    shuffled = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
+    return {"length": length, "rows": len(rows), "blocks": len(blocks),
+            "efficiency": round(efficiency(blocks, length), 4),
+            "padded_efficiency": round(padded_efficiency(shuffled, batch_size), 4), "padded_batch_size": batch_size}

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 
+import pyarrow.fs as pafs
+
 from oikyo_ray.data.readers import is_jsonl
+from oikyo_ray.storage import filesystem
 
 PIECE_BYTES = 4 * 2**20  # ~20k alpaca rows: enough pieces to keep every core of a node busy
 READ_BYTES = 2**20
@@ -50,10 +53,6 @@ def scan_file(read, jsonl: bool, piece_bytes: int = PIECE_BYTES) -> tuple[str, i
 
 def filesystem_of(kind: str):
     """The pyarrow filesystem of an input group ('local' or 's3')."""
-    import pyarrow.fs as pafs
-
-    from oikyo_ray.storage import filesystem
-
     return filesystem("s3://x")[0] if kind == "s3" else pafs.LocalFileSystem()
 
 
@@ -68,7 +67,8 @@ def read_piece(piece: dict) -> bytes:
 def plan(groups: dict[str, list[str]], piece_bytes: int | None = None) -> tuple[list[dict], list[dict]]:
     """(inputs for the manifest: [{path, sha256, bytes}], pieces: [{index, kind, path, start, end,
     first_row, whole}]) of every input file, each streamed once and never held whole."""
-    inputs, pieces = [], []
+    inputs: list[dict] = []
+    pieces: list[dict] = []
     for kind, files in groups.items():
         fs = filesystem_of(kind)
         for path in files:

@@ -1,14 +1,10 @@
-"""Quality filters, duplicate and leakage detection (Ray-free).
+"""Per-row quality filters, and the keys the duplicate and leakage pass compares (Ray-free).
 
 Per row (inside `curate_row`, in parallel):
   `row_filters`   length/ratio filters on the assistant text (too short, too few letters and
                   digits, degenerate repetition);
   `row_keys`      exact keys (normalised-text hashes) and MinHash signatures of the conversation
-                  and of its prompt, the only columns the global pass needs.
-Over all accepted rows (one pass on the driver, rows in file order then row order):
-  `global_filter` exact duplicates, then near-duplicates (MinHash + LSH, `datasketch`), then
-                  leakage: prompts equal or nearly equal across splits. Every removed row gets a
-                  reason naming the row it duplicates; nothing is dropped silently.
+                  and of its prompt, the only columns the global pass (`dedupe`) needs.
 
 Text is normalised (NFKC, casefolded, whitespace collapsed) before hashing; near-duplicates are
 measured as the Jaccard similarity of word 3-gram sets. The leakage check compares prompts (the
@@ -24,17 +20,15 @@ import hashlib
 import json
 import re
 import unicodedata
-from dataclasses import dataclass, field
 from functools import lru_cache
 
-import numpy as np
+from datasketch import MinHash
 
 from oikyo_ray.data.formats import RowError
 
 SCHEME = "affine32"  # datasketch MinHash scheme, pinned: signatures are stored and compared
 SEED = 1
 NGRAM = 3
-SPLIT_RANK = {"test": 0, "val": 1, "train": 2}  # a leak is removed from the later split
 
 
 def norm_text(text: str) -> str:
@@ -123,15 +117,11 @@ def row_filters(msgs: list[dict], meta: dict, data) -> None:
 
 @lru_cache(maxsize=8)
 def _permutations(num_perm: int):
-    from datasketch import MinHash
-
     return MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME).permutations
 
 
 def signature(text: str, num_perm: int) -> bytes:
     """MinHash of the normalised text's word 3-grams, as little-endian uint32 bytes."""
-    from datasketch import MinHash
-
     words = norm_text(text).split()
     shingles = {" ".join(words[i:i + NGRAM]) for i in range(max(1, len(words) - NGRAM + 1))}
     m = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME, permutations=_permutations(num_perm))
@@ -166,140 +156,3 @@ def row_keys(msgs: list[dict], meta: dict, data) -> dict:
     if data.leakage != "off" and data.leakage_threshold is not None:
         keys["prompt_sig"] = signature(prompt, data.minhash_num_perm)
     return keys
-
-
-# ---- the global pass -----------------------------------------------------------------------------
-
-@dataclass
-class Removal:
-    kind: str  # duplicate | near_duplicate | leakage
-    reason: str
-
-
-@dataclass
-class GlobalResult:
-    removed: dict = field(default_factory=dict)  # (source, row) -> Removal
-    leaks: list = field(default_factory=list)  # every leaked pair, removed or only reported
-    stats: dict = field(default_factory=dict)
-
-
-class _Near:
-    """LSH index of kept rows; `match` returns the most similar kept row at or above threshold."""
-
-    def __init__(self, threshold: float, num_perm: int):
-        from datasketch import MinHashLSH
-
-        self.threshold, self.num_perm = threshold, num_perm
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self.sigs: dict[int, tuple[np.ndarray, str]] = {}
-
-    def _minhash(self, sig: np.ndarray):
-        from datasketch import LeanMinHash
-
-        return LeanMinHash(seed=SEED, hashvalues=sig, scheme=SCHEME)
-
-    def match(self, sig_bytes: bytes, group: str) -> tuple[int, float] | None:
-        sig = np.frombuffer(sig_bytes, dtype="<u4")
-        if len(sig) != self.num_perm:
-            raise ValueError(f"MinHash signature has {len(sig)} values, expected {self.num_perm}")
-        best = None
-        for key in self.lsh.query(self._minhash(sig)):
-            other, other_group = self.sigs[key]
-            if other_group != group:
-                continue
-            j = float(np.mean(sig == other))
-            if j >= self.threshold and (best is None or (j, -key) > (best[1], -best[0])):
-                best = (key, j)
-        return best
-
-    def add(self, key: int, sig_bytes: bytes, group: str) -> None:
-        sig = np.frombuffer(sig_bytes, dtype="<u4")
-        self.sigs[key] = (sig, group)
-        self.lsh.insert(key, self._minhash(sig))
-
-
-def _ref(r: dict) -> str:
-    return f"{r['source']}:{r['row']}"
-
-
-def global_filter(rows: list[dict], data, file_order: list[str] | None = None) -> GlobalResult:
-    """Decide which accepted rows go: duplicates, near-duplicates, leaked rows (see module doc).
-
-    `rows`: accepted rows with source, row, split and the `row_keys` columns. The first occurrence
-    (in `file_order`, then row number) is kept; the result names, for each removed row, the row
-    it duplicates or leaks into.
-    """
-    rank = {s: i for i, s in enumerate(file_order or [])}
-    rows = sorted(rows, key=lambda r: (rank.get(r["source"], len(rank)), r["source"], r["row"]))
-    res = GlobalResult()
-    stats = {"duplicate": 0, "near_duplicate": 0}
-    kept: list[dict] = []
-    exact: dict[str, dict] = {}
-    near = _Near(data.near_dup_threshold, data.minhash_num_perm) if data.near_dup_threshold else None
-    for r in rows:
-        if data.dedupe and r["dup_key"] in exact:
-            res.removed[(r["source"], r["row"])] = Removal("duplicate", f"duplicate of {_ref(exact[r['dup_key']])}")
-            stats["duplicate"] += 1
-            continue
-        if near is not None:
-            hit = near.match(r["text_sig"], r["dup_group"])
-            if hit is not None:
-                other = kept[hit[0]]
-                res.removed[(r["source"], r["row"])] = Removal(
-                    "near_duplicate", f"near-duplicate of {_ref(other)} (estimated Jaccard {hit[1]:.2f} >= "
-                    f"data.near_dup_threshold={data.near_dup_threshold})")
-                stats["near_duplicate"] += 1
-                continue
-            near.add(len(kept), r["text_sig"], r["dup_group"])
-        exact.setdefault(r["dup_key"], r)
-        kept.append(r)
-    res.stats = {"dedupe": stats, "leakage": _leakage(kept, data, res)}
-    return res
-
-
-def _leakage(rows: list[dict], data, res: GlobalResult) -> dict:
-    """Prompts shared across splits: test is kept, then val; the later split's copy leaks."""
-    pairs: dict[str, int] = {}
-    out = {"action": data.leakage, "threshold": data.leakage_threshold, "exact": 0, "near": 0,
-           "removed": 0, "pairs": pairs}
-    if data.leakage == "off":
-        return out
-    rows = sorted(rows, key=lambda r: SPLIT_RANK[r["split"]])  # stable: file order within a split
-    exact: dict[str, dict] = {}
-    near = _Near(data.leakage_threshold, data.minhash_num_perm) if data.leakage_threshold else None
-    held: list[dict] = []  # rows of earlier (held-out) splits indexed so far
-    current = None
-    pending: list[tuple[dict, int]] = []  # rows of the current split, indexed when it ends
-    for r in rows + [None]:
-        split = r["split"] if r else None
-        if split != current:  # index the finished split so later splits are checked against it
-            for p, idx in pending:
-                exact.setdefault(p["prompt_key"], p)
-                if near is not None:
-                    near.add(idx, p["prompt_sig"], p["leak_group"])
-            pending, current = [], split
-        if r is None:
-            break
-        other, how = exact.get(r["prompt_key"]), "same prompt as"
-        if other is not None and other["split"] == split:
-            other = None
-        if other is None and near is not None:
-            hit = near.match(r["prompt_sig"], r["leak_group"])
-            if hit is not None:
-                other = held[hit[0]]
-                how = f"prompt near-duplicate (estimated Jaccard {hit[1]:.2f}) of"
-        if other is not None:
-            kind = "exact" if how == "same prompt as" else "near"
-            out[kind] += 1
-            pair = f"{split}~{other['split']}"
-            pairs[pair] = pairs.get(pair, 0) + 1
-            reason = f"leaks into {other['split']}: {how} {_ref(other)}"
-            res.leaks.append({"source": r["source"], "row": r["row"], "split": split, "kind": kind,
-                              "other": _ref(other), "other_split": other["split"]})
-            if data.leakage == "remove":
-                res.removed[(r["source"], r["row"])] = Removal("leakage", reason)
-                out["removed"] += 1
-                continue
-        held.append(r)
-        pending.append((r, len(held) - 1))
-    return out

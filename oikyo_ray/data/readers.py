@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Iterator
+from collections.abc import Iterator
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
 from oikyo_ray.errors import DataError
 
@@ -107,8 +111,6 @@ def _jsonl(path: str, data: bytes, max_row_bytes: int | None, first_row: int = 1
 
 
 def _read_parquet(path: str, data: bytes):
-    import pyarrow.parquet as pq
-
     if not data:
         raise _empty(path)
     try:
@@ -118,9 +120,6 @@ def _read_parquet(path: str, data: bytes):
 
 
 def _read_csv(path: str, data: bytes):
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
     _decode(data, path)  # names the first non-UTF-8 byte, which pyarrow would not
     if not data.strip(BOM + b" \t\r\n"):
         raise _empty(path)

@@ -1,8 +1,7 @@
-"""`oikyo eval RUN_DIR` and `oikyo runs compare RUN_A RUN_B ...`.
+"""`oikyo eval RUN_DIR`.
 
 Run as:
     oikyo eval RUN_DIR [key=value ...] [--fail-on-regression] [--tuned DIR]
-    oikyo runs compare RUN_A RUN_B [...] [--out compare.md]
 
 `oikyo eval` re-reads RUN_DIR/config.yaml (overrides apply on top, e.g. eval.backend=ray
 eval.max_samples=500), evaluates base vs fine-tuned on RUN_DIR/data/test and rewrites RUN_DIR/eval/.
@@ -12,10 +11,16 @@ With --fail-on-regression it exits 3 when a gate fails (0 otherwise); user error
 from __future__ import annotations
 
 import argparse
+import sys
+import tempfile
 from pathlib import Path
 
+from oikyo_ray.cluster import default_auth_mode
+from oikyo_ray.config import load_config
+from oikyo_ray.data.prepared import load_split_rows
 from oikyo_ray.errors import OikyoError
 from oikyo_ray.eval.gates import GATE_EXIT_CODE
+from oikyo_ray.runs import store
 
 
 def tuned_dir_of(run_dir: Path, cfg) -> Path:
@@ -27,11 +32,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, tuned:
                  log=print) -> dict:
     """Evaluate one run directory (or s3:// run: fetched, then its eval/ uploaded) and write its
     eval/ report; returns the report."""
-    from oikyo_ray.runs import store
-
     if store.is_remote(run_dir):
-        import tempfile
-
         if not store.exists(store.join(run_dir, "config.yaml")):
             raise OikyoError(f"not a run directory (no config.yaml): {run_dir}")
         with tempfile.TemporaryDirectory(prefix="oikyo-eval-") as tmp:
@@ -42,10 +43,11 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, tuned:
             log(f"[oikyo] uploaded the report to {store.join(run_dir, 'eval')}")
             return report
 
-    from oikyo_ray.config import load_config
-    from oikyo_ray.data.pipeline import load_split_rows
-    from oikyo_ray.eval.report import write_report
-    from oikyo_ray.model.load import resolve_model_path
+    # the model stack and Ray take seconds to import, and Ray must come after default_auth_mode()
+    # (`main`): imported when a run is evaluated, not whenever `oikyo` builds its parser
+    from oikyo_ray.eval import ray_eval  # noqa: PLC0415
+    from oikyo_ray.eval.report import write_report  # noqa: PLC0415
+    from oikyo_ray.model.load import resolve_model_path  # noqa: PLC0415
 
     run = Path(run_dir).expanduser().resolve()
     if not (run / "config.yaml").is_file():
@@ -57,12 +59,8 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, tuned:
         raise OikyoError(f"fine-tuned weights not found: {tuned_dir}",
                          hint="did training finish? or pass --tuned DIR (an adapter or merged model dir)")
     rows = load_split_rows(run / "data", "test")
-    model_path = resolve_model_path(cfg.model)
-    if cfg.eval.backend == "ray":
-        from oikyo_ray.cluster import init_ray
-
-        init_ray()
-    report = write_report(cfg, model_path, str(tuned_dir), rows, run / "eval")
+    report = write_report(cfg, resolve_model_path(cfg.model), str(tuned_dir), rows, run / "eval",
+                          scorer=ray_eval.score)
     log(report["table"])
     log(f"[oikyo] report: {run / 'eval' / 'report.md'}")
     return report
@@ -95,25 +93,8 @@ def add_eval_commands(subparsers) -> None:
     add_eval_arguments(p)
 
 
-def cmd_runs_compare(args) -> int:
-    from oikyo_ray.runs.compare import compare_runs, format_comparison
-
-    runs = getattr(args, "runs", None) or []
-    if not runs:
-        raise OikyoError("runs compare needs run directories", hint="oikyo runs compare runs/a runs/b")
-    text = format_comparison(compare_runs(runs))
-    print(text)
-    if getattr(args, "out", None):
-        Path(args.out).write_text(text + "\n")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """`oikyo eval` on its own (what jobs/evaluate.py runs)."""
-    import sys
-
-    from oikyo_ray.cluster import default_auth_mode
-
     default_auth_mode()
     args = add_eval_arguments(argparse.ArgumentParser(prog="oikyo eval")).parse_intermixed_args(argv)
     try:

@@ -20,8 +20,12 @@ from __future__ import annotations
 import json
 import re
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any
+
+import sacrebleu
+from rouge_score import rouge_scorer
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -46,23 +50,18 @@ def token_f1(pred: str, ref: str) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
-_ROUGE = None
+@lru_cache(maxsize=1)
+def _rouge() -> rouge_scorer.RougeScorer:
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def rouge_l(pred: str, ref: str) -> float:
     """ROUGE-L F-measure of one pair (rouge-score's tokeniser: lower-case ASCII words and digits)."""
-    global _ROUGE
-    if _ROUGE is None:
-        from rouge_score import rouge_scorer
-
-        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    return float(_ROUGE.score(ref, pred)["rougeL"].fmeasure)
+    return float(_rouge().score(ref, pred)["rougeL"].fmeasure)
 
 
 def corpus_bleu(preds: list[str], refs: list[str]) -> float:
     """sacrebleu corpus BLEU (one reference per prediction), scaled to [0, 1]."""
-    import sacrebleu
-
     if not preds:
         return float("nan")
     return float(sacrebleu.corpus_bleu(preds, [refs]).score) / 100.0
@@ -131,7 +130,7 @@ METRICS: dict[str, tuple[Callable[[str, bool], bool], Callable[[list[str], list[
 TEXT_METRICS = ["exact_match", "token_f1", "rouge_l", "bleu"]
 
 
-def choose_metrics(requested: list[str] | str, refs: list[str], tool_flags: list[bool]) -> list[str]:
+def choose_metrics(requested: Sequence[str] | str, refs: list[str], tool_flags: list[bool]) -> list[str]:
     """The metrics to compute: the configured list, or for "auto" the text metrics plus
     json_valid when some reference is JSON and tool_call/tool_name when some row is a tool call."""
     if requested != "auto":

@@ -5,6 +5,9 @@
     metrics.png   generation metrics, base vs fine-tuned
     perplexity.png  test-split and general-text perplexity, base vs fine-tuned (forgetting)
     probes.png    probe pass rate per kind, base vs fine-tuned
+
+    write_report(cfg, model_path, tuned_dir, rows, out_dir, scorer=score_in_process) -> report
+(Ray-free: `scorer` is where the items are scored, see `scoring.Scorer`).
 """
 
 from __future__ import annotations
@@ -13,9 +16,14 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from oikyo_ray.config import OikyoConfig
 from oikyo_ray.errors import DataError
-from oikyo_ray.eval.compare import compare, format_table
+from oikyo_ray.eval.compare import compare
+from oikyo_ray.eval.scoring import Scorer, score_in_process
 
 COLOURS = {"base": "#8c8c8c", "tuned": "#1f77b4"}
 
@@ -31,8 +39,6 @@ def _json_safe(x):
 
 
 def _bars(ax, labels: list[str], base: list[float], tuned: list[float], title: str, ylabel: str) -> None:
-    import numpy as np
-
     x = np.arange(len(labels))
     w = 0.38
     for off, name, vals in [(-w / 2, "base", base), (w / 2, "tuned", tuned)]:
@@ -48,22 +54,21 @@ def _bars(ax, labels: list[str], base: list[float], tuned: list[float], title: s
 
 
 def write_charts(report: dict, out_dir: Path) -> list[str]:
-    """PNG charts (matplotlib, Agg backend); returns their file names."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    """PNG charts (matplotlib's Agg canvas: no display, no global pyplot state); returns their file names."""
     written = []
+
+    def axes(figsize: tuple[float, float]):
+        fig = Figure(figsize=figsize)
+        FigureCanvasAgg(fig)
+        return fig, fig.add_subplot()
 
     def save(fig, name):
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=100)
-        plt.close(fig)
         written.append(name)
 
-    names = [m for m in report["metrics"]]
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names) + 2), 3.5))
+    names = list(report["metrics"])
+    fig, ax = axes((max(4, 1.2 * len(names) + 2), 3.5))
     _bars(ax, names, [report["base"][m] for m in names], [report["tuned"][m] for m in names],
           "Generation metrics on the test split", "score (0-1)")
     ax.set_ylim(0, 1.1)
@@ -75,7 +80,7 @@ def write_charts(report: dict, out_dir: Path) -> list[str]:
         labels.append("general text" + (" (FLAGGED)" if f["flagged"] else ""))
         b.append(f["base_perplexity"])
         t.append(f["tuned_perplexity"])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = axes((5, 3.5))
     _bars(ax, labels, b, t, "Perplexity (lower is better)", "perplexity")
     if all(v is not None and math.isfinite(v) and v > 0 for v in b + t):
         ax.set_yscale("log")
@@ -83,7 +88,7 @@ def write_charts(report: dict, out_dir: Path) -> list[str]:
 
     kinds = (report.get("probes") or {}).get("kinds", {})
     if kinds:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, ax = axes((5, 3.5))
         _bars(ax, [f"{k}{' (REGRESSED)' if v['regressed'] else ''}" for k, v in kinds.items()],
               [v["base"] for v in kinds.values()], [v["tuned"] for v in kinds.values()],
               "Probe pass rate (higher is better)", "pass rate")
@@ -95,6 +100,39 @@ def write_charts(report: dict, out_dir: Path) -> list[str]:
 def _cell(s: str, n: int = 80) -> str:
     s = s.replace("|", "\\|").replace("\n", " ")
     return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return "n/a" if math.isnan(x) else ("inf" if math.isinf(x) else f"{x:.4f}")
+    return str(x)
+
+
+def format_table(report: dict) -> str:
+    """Markdown side-by-side table of base vs fine-tuned: value, delta and gate result per metric."""
+    b, t = report["base"], report["tuned"]
+    gates: dict[str, list[dict]] = {}
+    for g in report.get("gates", []):
+        if g.get("metric"):
+            gates.setdefault(g["metric"], []).append(g)
+    lines = ["| metric | base | fine-tuned | delta | gate |", "|---|---|---|---|---|"]
+    for k in ["loss", "perplexity", *report.get("metrics", ["exact_match", "token_f1"])]:
+        d = t[k] - b[k] if math.isfinite(t[k]) and math.isfinite(b[k]) else float("nan")
+        gate = ", ".join(f"{'pass' if g['passed'] else 'FAIL'} ({g['rule']})" for g in gates.get(k, []))
+        n = report.get("metric_n", {}).get(k)
+        name = k if n is None or n == b["n"] else f"{k} (n={n})"
+        lines.append(f"| {name} | {_fmt(b[k])} | {_fmt(t[k])} | {_fmt(d)} | {gate} |")
+    f = report.get("forgetting")
+    if f:
+        lines.append(f"| general-text perplexity (forgetting) | {_fmt(f['base_perplexity'])} | "
+                     f"{_fmt(f['tuned_perplexity'])} | {f['relative_increase']:+.1%} | "
+                     f"{'FLAGGED' if f['flagged'] else 'pass'} (rise <= {f['threshold']:.0%}) |")
+    for kind, p in (report.get("probes") or {}).get("kinds", {}).items():
+        lines.append(f"| probe pass rate: {kind} (n={p['n']}) | {p['base']:.3f} | {p['tuned']:.3f} | "
+                     f"{p['delta']:+.3f} | {'FAIL' if p['regressed'] else 'pass'} "
+                     f"(drop <= {report['probes']['threshold']}) |")
+    lines.append(f"\n{b['n']} test rows; gates {'passed' if report.get('passed', True) else 'FAILED'}.")
+    return "\n".join(lines)
 
 
 def render_markdown(report: dict, table: str) -> str:
@@ -127,13 +165,13 @@ def render_markdown(report: dict, table: str) -> str:
 
 
 def write_report(cfg: OikyoConfig, model_path: str, tuned_dir: str, rows: list[dict], out_dir: Path,
-                 backend: str | None = None) -> dict:
+                 scorer: Scorer = score_in_process) -> dict:
     """Evaluate base vs fine-tuned on `rows` and write eval/report.{json,md} and the charts; returns
     the report with a "table" (the Markdown summary) added."""
     if not rows:
         raise DataError("the test split is empty: nothing to evaluate",
                         hint="raise data.test_fraction or add data, or set eval.enabled=false")
-    report = compare(cfg, model_path, tuned_dir, rows, backend=backend)
+    report = compare(cfg, model_path, tuned_dir, rows, scorer=scorer)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report["charts"] = write_charts(report, out_dir)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from oikyo_ray.config import DEMO_MODEL, ModelConfig
 from oikyo_ray.errors import ModelError
 from oikyo_ray.model.chat_template import ensure_chat_template
+from oikyo_ray.model.tiny import ensure_tiny_model
+from oikyo_ray.storage import download_dir
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -14,12 +19,8 @@ _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 def resolve_model_path(cfg: ModelConfig) -> str:
     """A local dir or hub id that `from_pretrained` accepts; builds or fetches what it must."""
     if cfg.name_or_path == DEMO_MODEL:
-        from oikyo_ray.model.tiny import ensure_tiny_model
-
         return str(ensure_tiny_model(cfg.cache_dir))
     if cfg.name_or_path.startswith("s3://"):
-        from oikyo_ray.storage import download_dir
-
         dest = Path(cfg.cache_dir).expanduser() / "s3" / cfg.name_or_path[len("s3://") :].strip("/")
         return str(download_dir(cfg.name_or_path, dest))
     return cfg.name_or_path
@@ -37,8 +38,6 @@ HINT = "check model.name_or_path; offline machines need a local dir or an s3:// 
 
 
 def load_tokenizer(cfg: ModelConfig, path: str | None = None):
-    from transformers import AutoTokenizer
-
     path = path or resolve_model_path(cfg)
     _check_local(path)
     try:
@@ -53,9 +52,6 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
 
 def load_model(cfg: ModelConfig, path: str | None = None, quantization_config=None):
     """The base model from a local dir or resolved hub id; `quantization_config`: a qlora base."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     path = path or resolve_model_path(cfg)
     _check_local(path)
     try:

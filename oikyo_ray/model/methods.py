@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import BitsAndBytesConfig
+
 from oikyo_ray.config import MethodConfig
+from oikyo_ray.model.qlora import compute_dtype, keep_trainable, require_bitsandbytes
 
 
 def check_method(method: MethodConfig) -> None:
@@ -10,8 +15,6 @@ def check_method(method: MethodConfig) -> None:
     CPU backend), guarded by qlora.keep_trainable in apply_method."""
     if method.type != "qlora":
         return
-    from oikyo_ray.model.qlora import require_bitsandbytes
-
     require_bitsandbytes()
 
 
@@ -20,11 +23,6 @@ def quantization_config(method: MethodConfig, use_gpu: bool | None = None):
     compute dtype bf16 on GPU, float32 on CPU (use_gpu None: whether CUDA is available)."""
     if method.type != "qlora":
         return None
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    from oikyo_ray.model.qlora import compute_dtype
-
     gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method.quant_type,
                               bnb_4bit_use_double_quant=method.double_quant,
@@ -40,8 +38,6 @@ def apply_method(model, method: MethodConfig, gradient_checkpointing: bool = Fal
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     if method.type == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -57,8 +53,6 @@ def apply_method(model, method: MethodConfig, gradient_checkpointing: bool = Fal
     )
     model = get_peft_model(model, peft_cfg)
     if method.type == "qlora":  # bnb's CPU eval repack would cut the LoRA gradients (qlora.py)
-        from oikyo_ray.model.qlora import keep_trainable
-
         keep_trainable(model)
     return model
 

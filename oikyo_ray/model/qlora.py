@@ -11,6 +11,8 @@ multiple of 32. `keep_trainable` turns the repack off and undoes any that happen
 
 from __future__ import annotations
 
+import torch
+
 from oikyo_ray.errors import ModelError
 
 HINT = "pip install bitsandbytes (or pip install -e '.[qlora]'), or use method.type=lora"
@@ -19,7 +21,7 @@ HINT = "pip install bitsandbytes (or pip install -e '.[qlora]'), or use method.t
 def require_bitsandbytes() -> None:
     """qlora loads its base through bitsandbytes: say so before Ray starts, not in a worker."""
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes  # noqa: F401, PLC0415  (optional: only qlora needs it)
     except ImportError:
         raise ModelError("method.type=qlora needs bitsandbytes, which is not installed", hint=HINT) from None
 
@@ -27,13 +29,11 @@ def require_bitsandbytes() -> None:
 def compute_dtype(use_gpu: bool):
     """Matmul dtype of the 4-bit layers: bf16 on GPU; float32 on CPU, exact and fast on any CPU
     (bf16 matmuls are only fast with AVX512-BF16/AMX; train.mixed_precision=bf16 still autocasts)."""
-    import torch
-
     return torch.bfloat16 if use_gpu else torch.float32
 
 
 def _linear4bit_layers(model):
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # noqa: PLC0415  (optional: only qlora needs it)
 
     return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
@@ -45,7 +45,7 @@ def is_packed(layer) -> bool:
 
 def unpack(layer) -> None:
     """Undo the CPU inference repack (bnb's own inverse, as it does before `.cuda()` or saving)."""
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # noqa: PLC0415  (optional)
 
     layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
         layer.weight.data, layer.weight.quant_state)
@@ -54,8 +54,6 @@ def unpack(layer) -> None:
 
 def _unpack_before_grad_forward(layer, args) -> None:
     """Forward pre-hook: a forward that builds a graph must not run on the repacked layout."""
-    import torch
-
     if torch.is_grad_enabled() and is_packed(layer):
         try:
             unpack(layer)

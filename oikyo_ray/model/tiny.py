@@ -12,6 +12,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+from oikyo_ray.demo.tasks import ASSET
 from oikyo_ray.model.chat_template import DEFAULT_CHAT_TEMPLATE, IM_END, IM_START
 
 VERSION = "v2"  # v2: the default template renders tools
@@ -22,8 +27,6 @@ SPECIAL = ["<|pad|>", "<|endoftext|>", IM_START, IM_END]
 
 
 def _corpus() -> list[str]:
-    from oikyo_ray.demo.tasks import ASSET
-
     texts = []
     with ASSET.open(encoding="utf-8") as f:
         for line in f:
@@ -33,9 +36,6 @@ def _corpus() -> list[str]:
 
 
 def build_tokenizer(out_dir: Path, vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -59,9 +59,6 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 512):
 
 
 def build_model(out_dir: Path, vocab_size: int, seed: int = 0):
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     cfg = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=64,

@@ -1,15 +1,23 @@
-"""`oikyo runs list|show|compare|export`."""
+"""`oikyo runs list|show|compare|export`.
+
+    oikyo runs list [--root DIR|s3://...]
+    oikyo runs show RUN
+    oikyo runs compare RUN_A RUN_B [...] [--out compare.md]
+    oikyo runs export RUN --out DIR [--merge]
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from oikyo_ray.errors import OikyoError
+from oikyo_ray.runs.compare import compare_runs, format_comparison
+from oikyo_ray.runs.rundir import list_runs
+from oikyo_ray.runs.store import join, read_text, run_name
 
 
 def cmd_list(args) -> int:
-    from oikyo_ray.runs.rundir import list_runs
-
     rows = list_runs(args.root)
     if not rows:
         print(f"no runs under {args.root}")
@@ -22,8 +30,6 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from oikyo_ray.runs.store import join, read_text, run_name
-
     read = lambda name: read_text(join(args.run, name))  # noqa: E731  (local dir or s3:// run)
     config = read("config.yaml")
     if config is None:
@@ -42,14 +48,17 @@ def cmd_show(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from oikyo_ray.runs.compare import compare_runs, format_comparison
-
-    print(format_comparison(compare_runs(args.runs)))
+    text = format_comparison(compare_runs(args.runs))
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
     return 0
 
 
 def cmd_export(args) -> int:
-    from oikyo_ray.runs.export import export_run
+    # export loads peft and the model stack (seconds): only this command pays for it, not every
+    # `oikyo` command that builds this parser
+    from oikyo_ray.runs.export import export_run  # noqa: PLC0415
 
     out = export_run(args.run, args.out, merge=args.merge)
     print(f"[oikyo] exported {'merged model' if args.merge else 'adapter'} to {out}")
@@ -66,7 +75,8 @@ def add_runs_commands(sub) -> None:
     p.add_argument("run", help="a run directory or s3://bucket/prefix/<run>")
     p.set_defaults(fn=cmd_show)
     p = rs.add_parser("compare", help="several runs' evaluation reports side by side")
-    p.add_argument("runs", nargs="+")
+    p.add_argument("runs", nargs="+", help="run directories or s3:// runs")
+    p.add_argument("--out", help="also write the table to this Markdown file")
     p.set_defaults(fn=cmd_compare)
     p = rs.add_parser("export", help="package a run's adapter (or merged model) with tokenizer and model card")
     p.add_argument("run")

@@ -47,7 +47,7 @@ def compare_runs(run_dirs: list[str | Path]) -> dict:
         metrics += [m for m in r.get("metrics", ["exact_match", "token_f1"]) if m not in metrics]
     rows = []
     for m in metrics:
-        cells = []
+        cells: list[tuple[float, float | None]] = []
         for r in reports:
             t, b = _num(r["tuned"].get(m)), _num(r["base"].get(m))
             cells.append((t, t - b if math.isfinite(t) and math.isfinite(b) else float("nan")))

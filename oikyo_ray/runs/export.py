@@ -10,9 +10,11 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from peft import PeftModel
 
 from oikyo_ray.config import OikyoConfig
 from oikyo_ray.errors import OikyoError
+from oikyo_ray.model.load import load_model, load_tokenizer, resolve_model_path
 from oikyo_ray.runs import store
 
 EXPORT_PARTS = ("config.yaml", "lineage.json", "eval/report.json", "adapter", "model")  # all export reads
@@ -71,14 +73,11 @@ def export_run(run: str | Path, out: str | Path, merge: bool = False) -> Path:
     src = _final_dir(run)
     out.mkdir(parents=True, exist_ok=True)
     if merge and (src / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        from oikyo_ray.model.load import load_model, load_tokenizer, resolve_model_path
-
         base_path = resolve_model_path(cfg.model)
         merged = PeftModel.from_pretrained(load_model(cfg.model, base_path), str(src)).merge_and_unload()
         merged.save_pretrained(out, safe_serialization=True)
-        load_tokenizer(cfg.model, str(src) if (src / "tokenizer_config.json").exists() else base_path).save_pretrained(out)
+        tokenizer_path = str(src) if (src / "tokenizer_config.json").exists() else base_path
+        load_tokenizer(cfg.model, tokenizer_path).save_pretrained(out)
     else:
         for f in src.iterdir():
             if f.is_file() and f.suffix not in (".bin", ".pt", ".pkl") and f.name != "trainer_state.json":

@@ -24,7 +24,7 @@ PACKAGES = ["oikyo-ray", "ray", "torch", "transformers", "peft", "datasets", "py
 
 
 def package_versions() -> dict[str, str | None]:
-    out = {}
+    out: dict[str, str | None] = {}
     for p in PACKAGES:
         try:
             out[p] = metadata.version(p)

@@ -1,1 +1,2 @@
-"""Serve stage: an OpenAI-compatible app on Ray Serve over one base model and its adapters."""
+"""Serve stage: an OpenAI-compatible API over one base model and its adapters. The HTTP app, the
+replica's batching and the engine are Ray-free; `ray_serve.py` deploys them on Ray Serve."""

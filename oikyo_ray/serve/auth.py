@@ -6,8 +6,14 @@ import hmac
 import os
 from pathlib import Path
 
+from fastapi.security import HTTPBearer
+
 from oikyo_ray.config import ServeConfig
 from oikyo_ray.errors import ConfigError
+
+# `Authorization: <scheme> <token>` with the scheme matched case-insensitively (RFC 7235); no
+# header or another scheme gives None (auto_error=False), so the app answers in OpenAI's shape
+bearer = HTTPBearer(auto_error=False)
 
 
 def load_token(cfg: ServeConfig) -> str | None:
@@ -28,9 +34,8 @@ def load_token(cfg: ServeConfig) -> str | None:
     return token
 
 
-def authorized(expected: str | None, header: str | None) -> bool:
+def authorized(expected: str | None, given: str | None) -> bool:
+    """Does the bearer token `given` (None: none sent) match? Compared in constant time."""
     if expected is None:
         return True
-    if not header or not header.startswith("Bearer "):
-        return False
-    return hmac.compare_digest(header[len("Bearer "):].strip().encode(), expected.encode())
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())

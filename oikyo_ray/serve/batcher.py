@@ -9,7 +9,7 @@ queued while the previous batch ran are taken together.
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 
 class MixedBatcher:

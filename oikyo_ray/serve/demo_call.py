@@ -1,4 +1,5 @@
-"""Serve a fresh adapter, ask it one question over real HTTP, shut Serve down (used by the demo)."""
+"""The demo's HTTP call (Ray-free): a throwaway token, one chat request to a running server.
+`ray_serve.serve_and_ask` starts the server around it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from oikyo_ray.config import OikyoConfig
 
 
-def _ephemeral_token(cfg: OikyoConfig) -> Path:
+def ephemeral_token(cfg: OikyoConfig) -> Path:
     """A random token in a 0600 file under the cache dir: never in the config or the run dir."""
     p = Path(cfg.model.cache_dir).expanduser() / "serve-token"
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -29,26 +30,7 @@ def post_json(url: str, body: dict, token: str | None, timeout: float = 60) -> d
         return json.loads(r.read())
 
 
-def serve_and_ask(cfg: OikyoConfig, model_path: str, adapter_dir: Path, log=print,
-                  question: str = "What is the capital of Peru?") -> dict:
-    from ray import serve
-
-    from oikyo_ray.serve.app import start
-
-    name = adapter_dir.parent.name  # the run name selects the adapter
-    token_file = _ephemeral_token(cfg)
-    scfg = cfg.model_copy(deep=True)
-    scfg.serve.adapters = {name: str(adapter_dir)}
-    scfg.serve.token_file = str(token_file)
-    log(f"[oikyo] serve: base + adapter '{name}' on Ray Serve ...")
-    try:
-        url = start(scfg, model_path)
-        body = {"model": name, "messages": [{"role": "user", "content": question}],
-                "max_tokens": 16, "temperature": 0}
-        answer = post_json(f"{url}/v1/chat/completions", body, token_file.read_text().strip())
-        log(f"[oikyo] POST {url}/v1/chat/completions model={name!r}: {question!r} -> "
-            f"{answer['choices'][0]['message']['content']!r}")
-        return answer
-    finally:
-        serve.shutdown()
-        token_file.unlink(missing_ok=True)
+def ask(url: str, model: str, question: str, token: str | None) -> dict:
+    """One short greedy chat completion from `model` (an adapter name or the base)."""
+    body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 16, "temperature": 0}
+    return post_json(f"{url}/v1/chat/completions", body, token)

@@ -8,9 +8,17 @@ each LoRA layer computing all rows' adapters in two batched matmuls (`multi_lora
 from __future__ import annotations
 
 import threading
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import TextIteratorStreamer
 
 from oikyo_ray.config import ModelConfig
+from oikyo_ray.eval.generate import generate
+from oikyo_ray.model.chat_template import stop_token_ids
+from oikyo_ray.model.load import load_model, load_tokenizer
 from oikyo_ray.serve.adapters import check_adapter_dir
 from oikyo_ray.serve.multi_lora import MixedLoRA
 
@@ -19,11 +27,9 @@ BASE_ROW = "__base__"  # peft's name for "no adapter" in adapter_names
 
 class Engine:
     def __init__(self, model_cfg: ModelConfig, model_path: str):
-        from oikyo_ray.model.load import load_model, load_tokenizer
-
         self.tokenizer = load_tokenizer(model_cfg, model_path)
         self.model = load_model(model_cfg, model_path)
-        self.model.to("cuda" if _cuda() else "cpu")
+        self.model.to("cuda" if torch.cuda.is_available() else "cpu")
         self.model.eval()
         self.loaded: list[str] = []
         self.mixed = MixedLoRA()
@@ -31,9 +37,7 @@ class Engine:
 
     # adapters -------------------------------------------------------------------------------
     def add_adapter(self, name: str, path: str) -> None:
-        from peft import PeftModel
-
-        p = check_adapter_dir(path)
+        p = check_adapter_dir(path, name)
         with self._lock:
             if name in self.loaded:
                 return
@@ -58,8 +62,6 @@ class Engine:
     # generation -----------------------------------------------------------------------------
     def generate_many(self, items: list[dict]) -> list[dict]:
         """items: {"adapter": name or None, "prompt": str, "sampling": dict}; outputs in order."""
-        from oikyo_ray.eval.generate import generate
-
         out: list[dict | None] = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(items):
@@ -69,7 +71,7 @@ class Engine:
             for idx in groups.values():
                 sampling = items[idx[0]]["sampling"]
                 prompts = [items[i]["prompt"] for i in idx]
-                extra = {}
+                extra: dict[str, Any] = {}
                 if self.loaded:
                     extra["adapter_names"] = [items[i]["adapter"] or BASE_ROW for i in idx]
                 for i, res in zip(idx, generate(self.model, self.tokenizer, prompts, **sampling, **extra)):
@@ -78,11 +80,6 @@ class Engine:
 
     def stream(self, adapter: str | None, prompt: str, sampling: dict) -> Iterator[str]:
         """Yield text pieces as they are generated (one request; holds the model meanwhile)."""
-        import torch
-        from transformers import TextIteratorStreamer
-
-        from oikyo_ray.model.chat_template import stop_token_ids
-
         stops = list(sampling.get("stop") or [])
         kwargs = {"max_new_tokens": sampling["max_new_tokens"], "do_sample": sampling["temperature"] > 0,
                   "eos_token_id": stop_token_ids(self.tokenizer), "pad_token_id": self.tokenizer.pad_token_id}
@@ -109,15 +106,11 @@ class Engine:
             worker.join()
 
     def _generate_quietly(self, enc, streamer, kwargs) -> None:
-        import torch
-
         with torch.no_grad():
             self.model.generate(**enc, streamer=streamer, **kwargs)
 
     def healthy(self) -> bool:
         """A one-token forward pass works (skipped while busy: a busy engine is a working one)."""
-        import torch
-
         if not self._lock.acquire(blocking=False):
             return True
         try:
@@ -127,9 +120,3 @@ class Engine:
             return bool(torch.isfinite(logits).all())
         finally:
             self._lock.release()
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

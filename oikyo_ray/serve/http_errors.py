@@ -1,38 +1,124 @@
-"""HTTP error shapes of the Serve app (kept apart: Serve pickles the ingress class by value
-when it is decorated, so helpers it calls must be importable, not defined after it)."""
+"""Errors as OpenAI-shaped JSON answers, and the FastAPI exception handlers that write them
+(Ray-free).
+
+Every failure becomes an `APIError` (`api_error` is the one mapping): the handlers answer with it,
+the metered routes count its status. A body never carries a path or an exception's own text:
+adapter errors answer with their path-free `public` message, unexpected errors are logged with
+their traceback and answered "internal error".
+"""
+
+from __future__ import annotations
 
 import asyncio
+import logging
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
+from oikyo_ray.data.formats import RowError
+from oikyo_ray.serve.adapters import AdapterError
 from oikyo_ray.serve.protocol import error_body
 
+log = logging.getLogger(__name__)
 
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, type_: str, headers: dict | None = None):
+INTERNAL = "internal error; the server log has the details"
+
+
+class APIError(Exception):
+    """An answer other than 200: HTTP status, OpenAI error type, a message the client can act on."""
+
+    def __init__(self, status: int, message: str, type_: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.type, self.headers = status, type_, headers or {}
+
+    @classmethod
+    def from_dict(cls, out: dict) -> APIError:
+        """The error a replica's error dict carries (see `raise_for_error`)."""
+        err = out["error"]
+        return cls(err["status"], err["message"], err["type"])
 
     def response(self) -> JSONResponse:
         return JSONResponse(error_body(str(self), self.type), status_code=self.status, headers=self.headers)
 
 
-def error_dict(e: Exception) -> dict:
-    from oikyo_ray.errors import OikyoError
-    from oikyo_ray.serve.adapters import AdapterNotFound
-
-    # not found -> 404; any other refusal we raised (bad name, escape, pickled weights) -> 400
-    status = 404 if isinstance(e, AdapterNotFound) else 400 if isinstance(e, OikyoError) else 500
-    kind = {404: "model_not_found", 400: "invalid_request_error"}.get(status, "server_error")
-    return {"error": {"status": status, "message": str(e).split("\n")[0], "type": kind}}
+class InvalidRequest(APIError):
+    def __init__(self, message: str):
+        super().__init__(400, message, "invalid_request_error")
 
 
-def exception_status(e: Exception) -> tuple[int, HTTPError]:
-    from ray.serve.exceptions import BackPressureError
+class Unauthorized(APIError):
+    def __init__(self) -> None:
+        super().__init__(401, "missing or invalid bearer token", "authentication_error",
+                         {"WWW-Authenticate": "Bearer"})
 
-    if isinstance(e, BackPressureError):
-        return 503, HTTPError(503, "server busy: too many queued requests, retry shortly", "server_busy",
-                              {"Retry-After": "1"})
+
+class ServerBusy(APIError):
+    def __init__(self) -> None:
+        super().__init__(503, "server busy: too many queued requests, retry shortly", "server_busy",
+                         {"Retry-After": "1"})
+
+
+def validation_message(e: RequestValidationError) -> str:
+    """The first problem of a request body, naming its field (`messages.0.role: Field required`)."""
+    first = e.errors()[0]
+    if first["type"] == "json_invalid":
+        return "request body is not valid JSON"
+    loc = [str(p) for p in first["loc"]]
+    where = ".".join(loc[1:] if loc[:1] == ["body"] else loc)
+    if not where:  # no body, or one that is not JSON (FastAPI parses only application/json)
+        return f"the request body must be a JSON object sent as Content-Type: application/json ({first['msg']})"
+    return f"{where}: {first['msg']}"
+
+
+def _adapter_error(e: AdapterError) -> APIError:
+    return APIError(e.status, e.public, "model_not_found" if e.status == 404 else "invalid_request_error")
+
+
+def adapter_error_dict(e: AdapterError) -> dict:
+    """An adapter failure as data: a replica's exceptions reach the ingress wrapped with their
+    traceback, so replicas return this instead (see `raise_for_error`)."""
+    err = _adapter_error(e)
+    return {"error": {"status": err.status, "message": str(err), "type": err.type}}
+
+
+def internal_error_dict() -> dict:
+    return {"error": {"status": 500, "message": INTERNAL, "type": "server_error"}}
+
+
+def raise_for_error(out: dict) -> dict:
+    """A replica's answer, or the APIError it carries."""
+    if "error" in out:
+        raise APIError.from_dict(out)
+    return out
+
+
+def api_error(e: Exception) -> APIError:
+    """What a failure answers."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, RequestValidationError):
+        return InvalidRequest(validation_message(e))
+    if isinstance(e, RowError):  # invalid chat messages: formats names the message and field
+        return InvalidRequest(str(e))
+    if isinstance(e, AdapterError):
+        return _adapter_error(e)
+    if isinstance(e, HTTPException):  # FastAPI's own: unknown path, wrong method
+        return APIError(e.status_code, str(e.detail), "invalid_request_error", dict(e.headers or {}))
     if isinstance(e, asyncio.TimeoutError):
-        return 504, HTTPError(504, "request timed out", "timeout")
-    return 500, HTTPError(500, f"internal error: {type(e).__name__}", "server_error")
+        return APIError(504, "request timed out", "timeout")
+    return APIError(500, INTERNAL, "server_error")
+
+
+async def answer_error(request: Request, e: Exception) -> JSONResponse:
+    err = api_error(e)
+    if err.status == 500 and not isinstance(e, APIError):
+        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+    return err.response()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for kind in (APIError, RequestValidationError, RowError, AdapterError, HTTPException, asyncio.TimeoutError,
+                 Exception):
+        app.add_exception_handler(kind, answer_error)

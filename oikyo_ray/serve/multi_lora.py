@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, Linear
 
 
 @dataclass
@@ -50,13 +51,12 @@ class MixedLoRA:
 
     def install(self, model) -> None:
         """Route the mixed-batch forward of every (new) LoRA Linear layer of `model` through here."""
-        from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, Linear
-
         self.variant_keys = tuple(VARIANT_KWARG_KEYS)
         for m in model.modules():
             if isinstance(m, Linear) and "_oikyo_peft_mixed" not in m.__dict__:
-                m._oikyo_peft_mixed = m._mixed_batch_forward  # peft's, bound to m
-                m._mixed_batch_forward = partial(self._forward, m)
+                # instance attributes (as nn.Module's setattr would store them) shadow peft's method
+                m.__dict__["_oikyo_peft_mixed"] = m._mixed_batch_forward  # peft's, bound to m
+                m.__dict__["_mixed_batch_forward"] = partial(self._forward, m)
         self.changed()
 
     def changed(self) -> None:
@@ -89,7 +89,8 @@ class MixedLoRA:
     def _forward(self, m, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         st = self._stack(m)
         variant = {k: kwargs.pop(k) for k in self.variant_keys if k in kwargs}  # not for base_layer
-        if st.A is None or m.training or x.dim() != 3 or any(v is not None for v in variant.values()):
+        if (st.A is None or st.B is None or st.scale is None or m.training or x.dim() != 3
+                or any(v is not None for v in variant.values())):
             return m._oikyo_peft_mixed(x, *args, adapter_names=adapter_names, **kwargs, **variant)
         result = m.base_layer(x, *args, **kwargs)
         idx = st.slots(adapter_names, x.device)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class _Req(BaseModel):
+class GenerationRequest(BaseModel):
+    """What both generation endpoints take: the model (adapter) and the decoding settings."""
+
     # clients send fields we do not use (logprobs, user, ...): accept and ignore them
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -24,19 +27,33 @@ class _Req(BaseModel):
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def sampling(self) -> dict:
+        """The engine's decoding settings for this request."""
+        return {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "seed": self.seed, "stop": self.stops()}
 
-class CompletionRequest(_Req):
+
+class CompletionRequest(GenerationRequest):
     prompt: str | list[str]
 
 
 class ChatMessage(BaseModel):
+    """One OpenAI chat message: `content` is text or typed parts; an assistant message may carry
+    `tool_calls` instead, and a `tool` message answers one (its `tool_call_id` is accepted; the
+    template pairs results with calls by order). The parts and calls are checked where training
+    reads the same shapes, `data/formats.py` (see `serve/prompts.py`), so they stay loose here."""
+
     model_config = ConfigDict(extra="ignore")
     role: str
-    content: str
+    content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
-class ChatRequest(_Req):
+class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None  # function schemas, shown to the model by the template
+    # accepted for compatibility; not enforced: the template offers every tool and the model decides
+    tool_choice: str | dict[str, Any] | None = None
 
 
 def _usage(outs: list[dict]) -> dict:
@@ -45,15 +62,19 @@ def _usage(outs: list[dict]) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
 def completion_response(model: str, outs: list[dict]) -> dict:
-    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
             "model": model, "usage": _usage(outs),
             "choices": [{"index": i, "text": o["text"], "finish_reason": o["finish_reason"], "logprobs": None}
                         for i, o in enumerate(outs)]}
 
 
 def chat_response(model: str, out: dict) -> dict:
-    return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
+    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
             "model": model, "usage": _usage([out]),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
                          "finish_reason": out["finish_reason"]}]}

@@ -1,1 +1,2 @@
-"""Sweep stage: search spaces over any config field (core) and ASHA on Ray Tune (tuner)."""
+"""Sweep stage: search spaces over any config field, budgets and results (Ray-free core), and ASHA
+on Ray Tune (ray_tune.py, the stage's only Ray module)."""

@@ -1,4 +1,5 @@
-"""Sweep results: table (CSV + Markdown), metric-vs-step PNG, and promotion of the best trial."""
+"""Sweep results (Ray-free): table (CSV + Markdown), metric-vs-step PNG, and promotion of the best
+trial. `grid` is what Ray Tune returns: results with .metrics, .config, .path and .error."""
 
 from __future__ import annotations
 
@@ -7,14 +8,22 @@ import json
 import math
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+from matplotlib.figure import Figure
 
 from oikyo_ray.config import OikyoConfig
 from oikyo_ray.errors import OikyoError
 from oikyo_ray.runs import store
-from oikyo_ray.runs.rundir import publish
+from oikyo_ray.runs.rundir import publish, write_lineage
+from oikyo_ray.sweep.budget import trial_budget
+from oikyo_ray.sweep.space import with_params
+from oikyo_ray.train.checkpoint import TRAINING_ONLY
+
+# evaluate(trial config, model_path, final adapter/model dir, run dir): writes run_dir/eval
+Evaluate = Callable[[OikyoConfig, str, Path, Path], None]
 
 
 _TRIAL_ID = re.compile(r"[0-9a-f]{5}_\d{5}")
@@ -28,10 +37,7 @@ def _metric_history(trial_dir: Path, metric: str) -> list[tuple[int, float]]:
     return [(r["step"], r[metric]) for r in rows if metric in r]
 
 
-def trial_rows(cfg: OikyoConfig, sweep_dir: Path, grid, rows_per_worker: int) -> list[dict]:
-    from oikyo_ray.sweep.space import with_params
-    from oikyo_ray.train.loop import total_steps
-
+def trial_rows(cfg: OikyoConfig, sweep_dir: Path, grid, manifest: dict) -> list[dict]:
     metric, sign = cfg.sweep.metric, (1 if cfg.sweep.mode == "min" else -1)
     out = []
     for res in grid:
@@ -39,8 +45,7 @@ def trial_rows(cfg: OikyoConfig, sweep_dir: Path, grid, rows_per_worker: int) ->
         params = (res.config or {}).get("params", {})
         trial_dir = sweep_dir / "trials" / tid
         hist = _metric_history(trial_dir, metric)
-        budget = total_steps(with_params(cfg.model_dump(mode="json"), params).train, rows_per_worker)
-        budget = min(budget, cfg.sweep.max_t or budget)
+        budget = trial_budget(cfg, with_params(cfg.model_dump(mode="json"), params), manifest)
         last_step = hist[-1][0] if hist else 0
         if res.error:
             status = f"failed: {str(res.error).splitlines()[0][:200]}"
@@ -70,12 +75,8 @@ def write_table(rows: list[dict], sweep_dir: Path) -> str:
 
 
 def plot(rows: list[dict], metric: str, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))  # no pyplot: no GUI backend, nothing global to close
+    ax = fig.subplots()
     for r in rows:
         hist = _metric_history(Path(r["dir"]), metric)
         if not hist:
@@ -90,13 +91,12 @@ def plot(rows: list[dict], metric: str, out: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
 
 
-def promote(cfg: OikyoConfig, sweep_dir: Path, best: dict, model_path: str) -> Path:
-    """Copy the best trial into the runs registry as <sweep>-best, with its lineage."""
-    from oikyo_ray.runs.rundir import write_lineage
-
+def promote(cfg: OikyoConfig, sweep_dir: Path, best: dict, model_path: str,
+            evaluate: Evaluate | None = None) -> Path:
+    """Copy the best trial into the runs registry as <sweep>-best, with its lineage; `evaluate`
+    (with eval.enabled) writes its evaluation."""
     src = Path(best["dir"])
     trial_cfg = OikyoConfig.model_validate(yaml.safe_load((src / "config.yaml").read_text()))
     dest = sweep_dir.parent / f"{sweep_dir.name}-best"
@@ -110,8 +110,6 @@ def promote(cfg: OikyoConfig, sweep_dir: Path, best: dict, model_path: str) -> P
     if (src / final).exists():
         shutil.copytree(src / final, dest / final)
     else:  # Tune may end a trial at its last report, before fit() copies the final checkpoint
-        from oikyo_ray.train.checkpoint import TRAINING_ONLY
-
         ckpts = sorted(p for p in (src / "checkpoints").glob("checkpoint_*") if p.is_dir())
         if not ckpts:
             raise OikyoError(f"best trial {best['trial']} left no checkpoint in {src / 'checkpoints'}")
@@ -121,16 +119,14 @@ def promote(cfg: OikyoConfig, sweep_dir: Path, best: dict, model_path: str) -> P
     write_lineage(dest, trial_cfg, manifest, model_path,
                   parent={"sweep": store.join(cfg.run.root, sweep_dir.name), "trial": best["trial"],
                           "params": {k[6:]: v for k, v in best.items() if k.startswith("param:")}})
-    if cfg.eval.enabled:
-        from oikyo_ray.data.pipeline import load_split_rows
-        from oikyo_ray.eval.report import write_report
-
-        write_report(trial_cfg, model_path, str(dest / final), load_split_rows(dest / "data", "test"), dest / "eval")
+    if cfg.eval.enabled and evaluate is not None:
+        evaluate(trial_cfg, model_path, dest / final, dest)
     return dest
 
 
-def summarise(cfg: OikyoConfig, sweep_dir: Path, grid, rows_per_worker: int, model_path: str, log=print) -> Path:
-    rows = trial_rows(cfg, sweep_dir, grid, rows_per_worker)
+def summarise(cfg: OikyoConfig, sweep_dir: Path, grid, manifest: dict, model_path: str,
+              evaluate: Evaluate | None = None, log=print) -> Path:
+    rows = trial_rows(cfg, sweep_dir, grid, manifest)
     table = write_table(rows, sweep_dir)
     plot(rows, cfg.sweep.metric, sweep_dir / f"{cfg.sweep.metric}_vs_step.png")
     log(table)
@@ -139,7 +135,7 @@ def summarise(cfg: OikyoConfig, sweep_dir: Path, grid, rows_per_worker: int, mod
     if not done:
         raise OikyoError(f"no trial completed; see {sweep_dir / 'results.md'}")
     best = (min if cfg.sweep.mode == "min" else max)(done, key=lambda r: r[key])
-    dest = promote(cfg, sweep_dir, best, model_path)
+    dest = promote(cfg, sweep_dir, best, model_path, evaluate)
     where = store.join(cfg.run.root, dest.name)
     if store.is_remote(where):  # replace an earlier promotion (a resumed sweep) entirely
         if store.exists(where):

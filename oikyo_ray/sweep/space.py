@@ -1,4 +1,5 @@
-"""Search spaces over dotted config paths: validation before Ray starts, and sampling (Ray-free)."""
+"""Search spaces over dotted config paths (Ray-free): validation before Ray starts, and each trial's
+config from its sampled values. ray_tune.tune_domains turns a space into Ray Tune's samplers."""
 
 from __future__ import annotations
 
@@ -72,15 +73,3 @@ def validate_space(cfg: OikyoConfig) -> None:
             except ConfigError as e:
                 raise ConfigError(f"sweep.space.{path}: value {v!r} is invalid for that field:\n{e}") from None
 
-
-def tune_domains(cfg: OikyoConfig) -> dict[str, Any]:
-    """Ray Tune sampling domains keyed by dotted path."""
-    from ray import tune
-
-    out = {}
-    for path, d in cfg.sweep.space.items():
-        out[path] = {"loguniform": lambda: tune.loguniform(d.low, d.high),
-                     "uniform": lambda: tune.uniform(d.low, d.high),
-                     "randint": lambda: tune.randint(int(d.low), int(d.high)),
-                     "choice": lambda: tune.choice(list(d.values or []))}[d.type]()
-    return out

@@ -1,1 +1,2 @@
-"""Train stage: the explicit training loop (core, Ray-free) and its Ray Train orchestration."""
+"""Train stage: the explicit training loop and what it needs (Ray-free core), and its Ray Train
+driver and worker function (ray_train.py, the stage's only Ray module)."""

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
+from peft import set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 STATE = "trainer_state.json"
 OPTIM = "optimizer.safetensors"
@@ -63,15 +68,11 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_optimizer(sd: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
     tensors, meta = _flatten_optimizer(sd)
     save_file(tensors, str(path), metadata={"oikyo": json.dumps(meta)})
 
 
 def load_optimizer(path: Path) -> dict:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads(f.metadata()["oikyo"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
@@ -109,8 +110,6 @@ def write_checkpoint(out: Path, model, model_sd: dict, optim_sd: dict | None, st
                      tokenizer=None) -> None:
     """Write a complete checkpoint into `out` (a fresh temp dir; Ray persists it afterwards).
     `model` is the unwrapped (peft or HF) model; `model_sd` its full state dict."""
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, state_dict=model_sd, safe_serialization=True)
     if tokenizer is not None:
@@ -134,11 +133,7 @@ def read_state(ckpt: Path) -> TrainState:
 
 def load_weights(model, ckpt: Path, full: bool) -> None:
     """Load the checkpoint's weights into an unwrapped model (before DDP/FSDP/DeepSpeed wrap it)."""
-    from safetensors.torch import load_file
-
     if not full:
-        from peft import set_peft_model_state_dict
-
         set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
         return
     sd = {}
@@ -153,8 +148,6 @@ def load_weights(model, ckpt: Path, full: bool) -> None:
 
 def restore(engine, ckpt: Path) -> TrainState:
     """Optimizer, schedule and RNG from `ckpt` into `engine`; the returned state resumes the loop."""
-    from safetensors.torch import load_file
-
     state = read_state(ckpt)
     if (ckpt / OPTIM).is_file():
         engine.load_optimizer(load_optimizer(ckpt / OPTIM))
@@ -163,3 +156,24 @@ def restore(engine, ckpt: Path) -> TrainState:
     restore_rng(state.rng, load_file(str(ckpt / RNG)) if (ckpt / RNG).is_file() else {})
     state.resumed_from = state.step
     return state
+
+
+# -- the run's result -----------------------------------------------------------------------------
+
+C = TypeVar("C")
+
+
+def choose_final(final: str, kept: Iterable[tuple[C, dict | None]], last: C | None) -> C | None:
+    """The checkpoint that becomes the run's adapter/model: for checkpoint.final=best the kept one
+    (checkpoint, its metrics) with the lowest val_loss, else, or when none has one, the last."""
+    if final == "best":
+        scored = [(m["val_loss"], c) for c, m in kept if m and "val_loss" in m]
+        if scored:
+            return min(scored, key=lambda t: t[0])[1]
+    return last
+
+
+def drop_training_state(final_dir: Path) -> None:
+    """Remove what only a resume needs (optimizer, RNG) from a final adapter/model directory."""
+    for name in TRAINING_ONLY:
+        (final_dir / name).unlink(missing_ok=True)

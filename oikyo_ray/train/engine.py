@@ -16,6 +16,17 @@ import contextlib
 import math
 
 import torch
+import torch.distributed as dist
+from torch._utils import _unflatten_dense_tensors
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 from oikyo_ray.config import OikyoConfig, TrainConfig
 
@@ -50,8 +61,6 @@ def build_scheduler(opt, cfg: TrainConfig, total_steps: int):
 
 
 def _dist_world() -> int:
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -64,10 +73,8 @@ class TorchEngine:
         self.cfg, self.eval_model = cfg, model
         self.model = model
         if wrap and _dist_world() > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             ids = [device] if device is not None and torch.device(device).type == "cuda" else None
-            self.model = DDP(model, device_ids=ids)
+            self.model = DistributedDataParallel(model, device_ids=ids)
         self.device_type = torch.device(device).type if device is not None else "cpu"
         self._init_optim(steps)
 
@@ -117,9 +124,6 @@ class FSDP2Engine(TorchEngine):
     name = "fsdp2"
 
     def __init__(self, model, cfg: TrainConfig, steps: int, device=None):
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
         dev = torch.device(device) if device is not None else torch.device("cpu")
         mesh = init_device_mesh(dev.type, (_dist_world(),))
         for m in model.modules():
@@ -129,20 +133,12 @@ class FSDP2Engine(TorchEngine):
         super().__init__(model, cfg, steps, device, wrap=False)
 
     def full_state(self):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         # cpu_offload gathers onto rank 0 only; ranks > 0 get an empty dict (they do not write)
         return (get_model_state_dict(self.model, options=opts),
                 get_optimizer_state_dict(self.model, self.optimizer, options=opts))
 
     def load_optimizer(self, sd: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=sd,
                                  options=StateDictOptions(full_state_dict=True))
 
@@ -164,9 +160,7 @@ def _replicated_moments(opt, key: str) -> dict:
     """ZeRO-0: parameter -> a view of its moment `key`. DeepSpeed steps the parameters themselves
     (fp32), an fp32 copy of each (bf16, torch optimizers) or one flat fp32 copy per group (bf16,
     fused optimizers), in the parameters' order."""
-    from torch._utils import _unflatten_dense_tensors
-
-    views = {}
+    views: dict[torch.Tensor, torch.Tensor] = {}
     lp_groups = getattr(opt, "fp16_groups", None) or [g["params"] for g in opt.param_groups]
     for g, ps in zip(opt.param_groups, lp_groups):
         stepped = [opt.state[t][key] for t in g["params"]]
@@ -194,7 +188,7 @@ class DeepSpeedEngine:
     name = "deepspeed"
 
     def __init__(self, model, cfg: OikyoConfig, steps: int, device=None):
-        import deepspeed
+        import deepspeed  # noqa: PLC0415 (heavy, and only scaling.strategy=deepspeed needs it)
 
         tc, sc = cfg.train, cfg.scaling
         self.cfg = tc
@@ -264,7 +258,7 @@ class DeepSpeedEngine:
         return sd, self._full_optimizer_state()
 
     def _full_optimizer_state(self) -> dict | None:
-        from deepspeed.utils import safe_get_full_optimizer_state
+        from deepspeed.utils import safe_get_full_optimizer_state  # noqa: PLC0415 (as in __init__)
 
         opt, params = self.optimizer, self._trainable()
         first = opt.state.get(_stepped_tensors(opt)[0])
@@ -290,7 +284,7 @@ class DeepSpeedEngine:
         ZeRO-0 all of them). The base optimizer's state is created first, as DeepSpeed's first step
         would (with the saved step count), and linked to the parameters' fragments; the param
         groups get back the lr the schedule had reached."""
-        from deepspeed.utils import safe_set_full_optimizer_state
+        from deepspeed.utils import safe_set_full_optimizer_state  # noqa: PLC0415 (as in __init__)
 
         opt, params = self.optimizer, self._trainable()
         saved = next(iter(sd["state"].values()))

@@ -18,7 +18,17 @@ import torch
 from oikyo_ray.config import TrainConfig
 from oikyo_ray.data.tokenize import IGNORE
 from oikyo_ray.train.checkpoint import TrainState
-from oikyo_ray.train.engine import build_optimizer, build_scheduler  # noqa: F401 (re-exported)
+from oikyo_ray.train.engine import TorchEngine, build_optimizer, build_scheduler  # noqa: F401 (re-exported)
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows has no getrusage
+    resource = None  # type: ignore[assignment]
+
+StepHook = Callable[[TrainState], None]
+# fit(step_hook=...): called on each worker with its rank; what it returns (or None) is that worker's
+# LoopHooks.on_step. It travels to the workers pickled: a module-level function or a functools.partial.
+StepHookFactory = Callable[[int], StepHook | None]
 
 
 def collate(batch: dict, pad_id: int) -> dict[str, torch.Tensor]:
@@ -51,13 +61,6 @@ def shuffled_batches(rows: list[dict], batch_size: int, seed: int):
         yield {k: [r[k] for r in chunk] for k in rows[0]}
 
 
-def total_steps(cfg: TrainConfig, rows_per_worker: int) -> int:
-    micro = rows_per_worker // cfg.batch_size
-    per_epoch = max(1, micro // cfg.grad_accum)
-    steps = per_epoch * cfg.epochs
-    return min(steps, cfg.max_steps) if cfg.max_steps else steps
-
-
 def loss_on(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token loss over labelled tokens, and how many tokens that was (a 0-d tensor on
     the batch's device: reading it would wait for the device). Packed batches carry position_ids
@@ -69,14 +72,15 @@ def loss_on(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def eval_loss(model, batches: Iterable[dict], all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+def eval_loss(model, batches: Iterable[dict],
+              all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """Token-weighted mean loss over `batches`, summed across workers by `all_reduce`."""
     was_training = model.training
     model.eval()
     acc = torch.zeros(2, dtype=torch.float64)
     for b in batches:
-        loss, n = loss_on(model, b)
-        n = int(n)
+        loss, count = loss_on(model, b)
+        n = int(count)
         acc += torch.tensor([float(loss) * n, n], dtype=torch.float64)
     if all_reduce is not None:
         acc = all_reduce(acc)
@@ -96,7 +100,7 @@ class LoopHooks:
     val_batches: Callable[[], Iterable[dict]] | None = None
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     world_size: int = 1
-    on_step: Callable[[TrainState], None] | None = None
+    on_step: StepHook | None = None
     eval_at_checkpoint: bool = False  # every checkpoint carries val_loss (checkpoint score)
 
 
@@ -104,12 +108,9 @@ def peak_memory_mb() -> float:
     """Peak memory of this process: CUDA allocations when on GPU, else the peak resident set."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    except ImportError:  # pragma: no cover - Windows
+    if resource is None:  # pragma: no cover - Windows
         return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _improved(state: TrainState, val: float, cfg: TrainConfig) -> bool:
@@ -129,8 +130,6 @@ def train_loop(model, train_epochs: Callable[[int], Iterable[dict]], cfg: TrainC
     resumed from step k with the same data, seed and restored optimizer ends where an
     uninterrupted run would. Early stopping on val_loss (train.early_stopping_*) ends it sooner.
     """
-    from oikyo_ray.train.engine import TorchEngine
-
     engine = engine or TorchEngine(model, cfg, steps, wrap=False)
     eval_model = eval_model or engine.eval_model
     state = state or TrainState()
@@ -146,7 +145,7 @@ def train_loop(model, train_epochs: Callable[[int], Iterable[dict]], cfg: TrainC
                 loss, _ = loss_on(engine.model, batch)
             grad_norm = engine.micro_step(loss, last)
             losses.append(loss.detach())  # stays on the device: no wait for it here
-            tokens += int(batch["num_tokens"].sum())  # a host tensor (worker.py keeps it there)
+            tokens += int(batch["num_tokens"].sum())  # a host tensor (ray_train.py keeps it there)
             micro += 1
             if not last:
                 continue

@@ -10,16 +10,18 @@ import json
 import math
 from pathlib import Path
 
+from matplotlib.figure import Figure
+from torch.utils.tensorboard import SummaryWriter
+
 SKIP = {"step", "epoch", "time", "resumed_from", "best_step"}
 
 
 class TensorBoardLog:
     def __init__(self, log_dir: Path):
-        self.log_dir, self._w = Path(log_dir), None
+        self.log_dir = Path(log_dir)
+        self._w: SummaryWriter | None = None
 
     def write(self, metrics: dict) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
         if self._w is None:
             self._w = SummaryWriter(str(self.log_dir))
         step = int(metrics.get("step", 0))
@@ -44,14 +46,10 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
     rows = read_metrics(metrics_path)
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train = {r["step"]: r["loss"] for r in rows if "loss" in r}
     val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6, 4), dpi=100)  # no pyplot: no GUI backend, nothing global to close
+    ax = fig.subplots()
     ax.plot(sorted(train), [train[s] for s in sorted(train)], label="train loss")
     if val:
         ax.plot(sorted(val), [val[s] for s in sorted(val)], "o-", label="val loss")
@@ -64,5 +62,4 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out)
-    plt.close(fig)
     return out

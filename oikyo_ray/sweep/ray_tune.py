@@ -1,30 +1,62 @@
-"""The sweep on Ray Tune: each trial is a full oikyo training run (Ray Train inside Tune), ASHA
-stops weak trials early, the best completed trial is promoted into the runs registry.
+"""The sweep on Ray Tune (the sweep stage's only Ray module): each trial is a full oikyo training
+run (ray_train.fit inside a Tune trial), ASHA stops weak trials early, the best completed trial is
+promoted into the runs registry (report.py).
 
     run_sweep(cfg, resume=False) -> sweep_dir
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Any
 
-from oikyo_ray.config import OikyoConfig, dump_yaml
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch  # imports without optuna; it is checked when chosen
+
+from oikyo_ray.cluster import init_ray
+from oikyo_ray.config import OikyoConfig, SearchDim, dump_yaml
+from oikyo_ray.data.paths import expand_paths
+from oikyo_ray.data.prepared import load_split_rows
+from oikyo_ray.data.ray_data import prepare
 from oikyo_ray.errors import OikyoError
+from oikyo_ray.eval import ray_eval
+from oikyo_ray.eval.report import write_report
+from oikyo_ray.model.load import load_tokenizer, resolve_model_path
 from oikyo_ray.runs import store
+from oikyo_ray.runs.rundir import create_run_dir, existing_run_dir, publishing, run_exists
+from oikyo_ray.sweep.budget import max_t
+from oikyo_ray.sweep.report import summarise
+from oikyo_ray.sweep.space import validate_space, with_params
+from oikyo_ray.train.ray_train import fit
 
 TRIAL_CPU = 0.01  # the trial function only waits on its TorchTrainer; workers hold the real CPUs
 
 
+def _domain(d: SearchDim):
+    if d.type == "choice":
+        return tune.choice(list(d.values or []))
+    low, high = float(d.low or 0), float(d.high or 0)  # set for every other type (config checks)
+    if d.type == "loguniform":
+        return tune.loguniform(low, high)
+    if d.type == "uniform":
+        return tune.uniform(low, high)
+    return tune.randint(int(low), int(high))
+
+
+def tune_domains(cfg: OikyoConfig) -> dict[str, Any]:
+    """Ray Tune sampling domains keyed by dotted path."""
+    return {path: _domain(d) for path, d in cfg.sweep.space.items()}
+
+
 def _trial(tc: dict) -> None:
     """One Tune trial: a whole training run in sweep_dir/trials/<trial id>, reporting to Tune."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from oikyo_ray.sweep.space import with_params
-    from oikyo_ray.train.trainer import fit
-
     cfg = with_params(tc["base"], tc["params"])
     # ASHA compares the metric at each report: make every report an evaluation
     cfg.train.log_every = cfg.train.checkpoint_every = cfg.train.eval_every
@@ -38,9 +70,13 @@ def _trial(tc: dict) -> None:
     fit(cfg, run_dir, tc["model_path"], tc["manifest"], log=lambda s: None, callbacks=(TuneReportCallback(),))
 
 
-def _concurrency(cfg: OikyoConfig) -> int:
-    import ray
+def _evaluate(cfg: OikyoConfig, model_path: str, final: Path, run_dir: Path) -> None:
+    """The promoted trial's evaluation, as a finetune run's: base vs fine-tuned on the test split."""
+    write_report(cfg, model_path, str(final), load_split_rows(run_dir / "data", "test"), run_dir / "eval",
+                 scorer=ray_eval.score)
 
+
+def _concurrency(cfg: OikyoConfig) -> int:
     if cfg.sweep.max_concurrent_trials:
         return cfg.sweep.max_concurrent_trials
     sc, res = cfg.scaling, ray.cluster_resources()
@@ -54,23 +90,21 @@ def _concurrency(cfg: OikyoConfig) -> int:
 def _search(cfg: OikyoConfig, concurrency: int):
     """The search algorithm, limited to `concurrency` live trials (an explicit searcher is not
     limited by TuneConfig.max_concurrent_trials)."""
-    from ray import tune
-
     if cfg.sweep.search == "optuna":
-        try:
-            from ray.tune.search.optuna import OptunaSearch
-        except ImportError:
-            raise OikyoError("sweep.search=optuna needs optuna: pip install optuna") from None
-        return tune.search.ConcurrencyLimiter(OptunaSearch(seed=cfg.sweep.seed), max_concurrent=concurrency)
-    return tune.search.BasicVariantGenerator(random_state=cfg.sweep.seed, max_concurrent=concurrency)
+        if importlib.util.find_spec("optuna") is None:
+            raise OikyoError("sweep.search=optuna needs optuna: pip install optuna")
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.sweep.seed), max_concurrent=concurrency)
+    return BasicVariantGenerator(random_state=cfg.sweep.seed, max_concurrent=concurrency)
+
+
+def _asha(cfg: OikyoConfig, manifest: dict) -> ASHAScheduler:
+    """ASHA on the `step` of each report, up to the steps a trial trains (budget.max_t)."""
+    t = max_t(cfg, manifest)
+    return ASHAScheduler(time_attr="step", max_t=t, grace_period=min(cfg.sweep.grace_period, t),
+                         reduction_factor=cfg.sweep.reduction_factor)
 
 
 def run_sweep(cfg: OikyoConfig, resume: bool = False, log=print) -> Path:
-    from oikyo_ray.data.pipeline import expand_paths
-    from oikyo_ray.model.load import load_tokenizer, resolve_model_path
-    from oikyo_ray.runs.rundir import create_run_dir, existing_run_dir, publishing, run_exists
-    from oikyo_ray.sweep.space import validate_space
-
     validate_space(cfg)  # before Ray starts: bad paths and values name the field
     model_path = resolve_model_path(cfg.model)
     load_tokenizer(cfg.model, model_path)
@@ -90,15 +124,6 @@ def run_sweep(cfg: OikyoConfig, resume: bool = False, log=print) -> Path:
 
 
 def _tune(cfg: OikyoConfig, sweep_dir: Path, model_path: str, resume: bool, publish, log) -> Path:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    from oikyo_ray.cluster import init_ray
-    from oikyo_ray.data.pipeline import prepare
-    from oikyo_ray.sweep.report import summarise
-    from oikyo_ray.sweep.space import tune_domains
-    from oikyo_ray.train.loop import total_steps
-
     tune_dir = sweep_dir / "tune"
     init_ray()
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -111,18 +136,16 @@ def _tune(cfg: OikyoConfig, sweep_dir: Path, model_path: str, resume: bool, publ
         prepare(cfg, model_path, sweep_dir / "data")
         publish()
     manifest = json.loads((sweep_dir / "data" / "manifest.json").read_text())
-    rows_per_worker = manifest["counts"]["train"] // cfg.scaling.num_workers
-    max_t = cfg.sweep.max_t or total_steps(cfg.train, rows_per_worker)
 
     trainable = tune.with_resources(_trial, {"cpu": TRIAL_CPU})
     if resume and tune.Tuner.can_restore(str(tune_dir)):
         log(f"[oikyo] sweep: resuming {tune_dir}")
         tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        scheduler = ASHAScheduler(time_attr="step", max_t=max_t, grace_period=min(cfg.sweep.grace_period, max_t),
-                                  reduction_factor=cfg.sweep.reduction_factor)
+        scheduler = _asha(cfg, manifest)
         conc = _concurrency(cfg)
-        log(f"[oikyo] sweep: {cfg.sweep.num_samples} trials, up to {conc} at once, ASHA over {max_t} steps")
+        log(f"[oikyo] sweep: {cfg.sweep.num_samples} trials, up to {conc} at once, "
+            f"ASHA over {max_t(cfg, manifest)} steps")
         tuner = tune.Tuner(
             trainable,
             param_space={"params": tune_domains(cfg), "base": cfg.model_dump(mode="json"),
@@ -132,4 +155,4 @@ def _tune(cfg: OikyoConfig, sweep_dir: Path, model_path: str, resume: bool, publ
             run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)),
         )
     grid = tuner.fit()
-    return summarise(cfg, sweep_dir, grid, rows_per_worker, model_path, log=log)
+    return summarise(cfg, sweep_dir, grid, manifest, model_path, evaluate=_evaluate, log=log)

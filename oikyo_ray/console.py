@@ -1,0 +1,136 @@
+"""What the `oikyo` CLI prints: its own lines and real warnings, without known third-party noise,
+and progress bars for long steps (Ray-free).
+
+    quiet_third_party()          once, first thing in the CLI (before ray/torch are imported)
+    with progress(total, "train") as bar: bar.update(n, loss=...)
+
+Noise is removed with the switches the libraries offer where they offer one (environment
+variables, `warnings` filters); lines that Ray's, DeepSpeed's and bitsandbytes' loggers, and
+Ray's raylet log stream, print with no switch to turn them off are dropped by exact pattern
+(`NOISE`, each with the reason it is noise). Anything not listed is printed as before, so a new
+warning is never hidden. `oikyo --verbose` prints everything.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from tqdm.auto import tqdm
+
+# (pattern, who prints it, why it is noise for an oikyo user)
+NOISE: tuple[tuple[str, str, str], ...] = (
+    (r"Setting accelerator to CPU\. If you have GPU or other accelerator",
+     "deepspeed", "a CPU-only machine is expected to have no accelerator"),
+    (r"Token authentication is enabled for this Ray cluster\. Set RAY_AUTH_MODE=disabled",
+     "ray", "oikyo turns token auth on deliberately (safe by default)"),
+    (r"Progress bars disabled\. To enable, set `ray\.data\.DataContext",
+     "ray.data", "oikyo turns Ray Data's per-operator bars off and times each stage itself"),
+    (r"Dataset \S+ execution finished in [\d.]+ seconds",
+     "ray.data", "oikyo prints each stage's duration"),
+    (r"Failed to load CPU gemm_4bit_forward from kernels-community",
+     "bitsandbytes", "an optional faster CPU kernel (the `kernels` package); qlora works without it"),
+    (r"Task ServeController\.graceful_shutdown failed\. There are infinite retries remaining",
+     "ray (raylet)", "serve.shutdown() kills the controller while its own shutdown task is in flight"),
+    (r"serve \d+ -- (Started Serve in namespace|Connecting to existing Serve app in namespace"
+     r"|Application '[^']*' is ready at)",
+     "ray.serve", "oikyo prints the URL it serves on"),
+    (r"PYTHON worker processes have been started on node: \S+ with address: \S+, which is \d+x the "
+     r"maximum expected startup concurrency",
+     "ray (raylet)", "fractional-CPU Ray Data and Train workers on a small machine start together"),
+)
+# (category, message regex, why): warnings whose source is a third-party library's own call
+WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated",
+     "transformers calls its own deprecated property while loading peft models"),
+    (Warning, r"`ExecutionOptions\.exclude_resources` is deprecated",
+     "Ray Train sets it on Ray Data itself"),
+)
+_NOISE_RE = re.compile("|".join(f"(?:{p})" for p, _, _ in NOISE))
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def is_noise(line: str) -> bool:
+    return bool(_NOISE_RE.search(_ANSI.sub("", line)))
+
+
+class FilteredStream(io.TextIOBase):
+    """A text stream that drops whole lines matching `NOISE` and passes everything else on.
+
+    Lines are held until their newline; a carriage return (another tool's progress bar redrawing)
+    is passed straight through, so bars still animate."""
+
+    def __init__(self, stream):
+        self.stream, self._buf = stream, ""
+
+    def write(self, s: str) -> int:
+        self._buf += s
+        *lines, self._buf = self._buf.split("\n")
+        out = "".join(line + "\n" for line in lines if not is_noise(line))
+        if "\r" in self._buf:
+            out, self._buf = out + self._buf, ""
+        if out:
+            self.stream.write(out)
+        return len(s)
+
+    def flush(self) -> None:
+        if self._buf and not is_noise(self._buf):
+            self.stream.write(self._buf)
+        self._buf = ""
+        self.stream.flush()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    @property
+    def encoding(self):  # type: ignore[override]
+        return self.stream.encoding
+
+
+def quiet_third_party() -> None:
+    """Set the libraries' own switches and install the line filter on stdout and stderr. Call it
+    before ray, torch or transformers are imported: loggers bind their stream at import."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' load/save bars
+    for category, message, _ in WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    if not isinstance(sys.stdout, FilteredStream):
+        sys.stdout = FilteredStream(sys.stdout)
+    if not isinstance(sys.stderr, FilteredStream):
+        sys.stderr = FilteredStream(sys.stderr)
+
+
+class _Bar:
+    def __init__(self, bar: tqdm):
+        self._bar = bar
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if postfix:
+            self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(n)
+
+    def moveto(self, done: int, **postfix) -> None:
+        """Set the count to `done` (a resumed run starts past zero; a restarted worker repeats)."""
+        if done > self._bar.n:
+            self.update(done - self._bar.n, **postfix)
+
+
+@contextmanager
+def progress(total: int | None, desc: str, unit: str = "step") -> Iterator[_Bar]:
+    """A tqdm bar (rate and ETA included) on the real stderr, so the noise filter never holds it;
+    redrawn at most every 30 s where stderr is a log file rather than a terminal."""
+    stream = sys.stderr.stream if isinstance(sys.stderr, FilteredStream) else sys.stderr
+    tty = stream.isatty()
+    bar = tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=tty, leave=True,
+               mininterval=0.2 if tty else 30.0, ascii=not tty)
+    try:
+        yield _Bar(bar)
+    finally:
+        bar.close()

@@ -1,0 +1,46 @@
+"""The data stage on Ray Data: what of it needs Ray (the Ray-free stage is `prepare`).
+
+    prepare(cfg, tokenizer_path, out_dir) -> manifest   `prepare.prepare`, one Ray Data task per piece
+    read_split(data_dir, split, packed=False) -> ray.data.Dataset   a prepared split, streamed to workers
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import ray
+
+from oikyo_ray.config import OikyoConfig
+from oikyo_ray.data import prepare as preparation
+from oikyo_ray.data.manifest import PACKED
+from oikyo_ray.data.packing import PACKED_COLUMNS
+from oikyo_ray.data.prepared import TRAIN_COLUMNS, split_files
+
+IN_MEMORY_SPLIT_BYTES = 256 * 2**20  # splits up to this size skip Ray Data's read stage
+
+
+def map_tasks(fn: Callable[..., dict], items: list[dict], fn_kwargs: dict) -> None:
+    """`fn` over `items`, one Ray Data task per item (each writes its own files)."""
+    ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        fn, batch_size=1, fn_kwargs=fn_kwargs).take_all()
+
+
+def prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path) -> dict:
+    """The data stage with every piece curated (and packed) by its own Ray Data task."""
+    return preparation.prepare(cfg, tokenizer_path, out_dir, run_map=map_tasks)
+
+
+def read_split(data_dir: Path, split: str, packed: bool = False) -> ray.data.Dataset:
+    """A prepared split as a Ray Dataset of TRAIN_COLUMNS; `packed`: the train split's packed
+    blocks (PACKED_COLUMNS) instead."""
+    columns = PACKED_COLUMNS if packed else TRAIN_COLUMNS
+    split = PACKED if packed else split
+    files = split_files(data_dir, split)
+    if sum(f.stat().st_size for f in files) <= IN_MEMORY_SPLIT_BYTES:
+        # Small splits go to the object store straight from here: Ray Data's file listing task
+        # wants a whole CPU (fixed in Ray 2.60), which training workers and sweep trials that
+        # hold the cluster's CPUs would otherwise starve forever.
+        return ray.data.from_arrow(pq.ParquetDataset([str(f) for f in files]).read(columns=columns))
+    return ray.data.read_parquet(str(Path(data_dir) / split), columns=columns, num_cpus=0.25)

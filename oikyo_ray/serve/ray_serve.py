@@ -1,0 +1,201 @@
+"""The serve stage on Ray Serve (its one Ray adapter): an ingress deployment running the Ray-free
+FastAPI app (`app.py`) in front of model replicas (`replica.py`: one base model each, adapters
+multiplexed LRU, mixed-adapter batches), and Prometheus metrics through Ray's metrics agent.
+
+Run as:  RAY_AUTH_MODE=token serve run serve/oikyo.yaml   (import path oikyo_ray.serve.ray_serve:build_app)
+   or:   oikyo serve CONFIG.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ray import serve
+from ray.serve import metrics
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from oikyo_ray.config import OikyoConfig, load_config
+from oikyo_ray.model.load import load_tokenizer, resolve_model_path
+from oikyo_ray.serve.app import Service, create_app
+from oikyo_ray.serve.auth import load_token
+from oikyo_ray.serve.demo_call import ask, ephemeral_token
+from oikyo_ray.serve.engine import Engine
+from oikyo_ray.serve.http_errors import ServerBusy
+from oikyo_ray.serve.replica import ModelReplica, load_adapter
+
+LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+COUNTS = [1, 2, 4, 8, 16, 32, 64]
+
+
+# ---- metrics (exported as ray_oikyo_*) ----------------------------------------------------------
+
+class RequestMetrics:
+    """Per-model (adapter) requests by HTTP status, tokens and end-to-end latency."""
+
+    def __init__(self) -> None:
+        tags = ("model", "status")
+        self.requests = metrics.Counter("oikyo_requests", description="Requests by model and HTTP status.",
+                                        tag_keys=tags)
+        self.token_count = metrics.Counter("oikyo_tokens", description="Tokens by model and kind.",
+                                           tag_keys=("model", "kind"))
+        self.latency = metrics.Histogram("oikyo_request_latency_ms", description="End-to-end latency.",
+                                         boundaries=LATENCY_MS, tag_keys=tags)
+
+    def request(self, model: str, status: int, seconds: float) -> None:
+        tags = {"model": model, "status": str(status)}
+        self.requests.inc(1, tags=tags)
+        self.latency.observe(seconds * 1000, tags=tags)
+
+    def tokens(self, model: str, outs: list[dict]) -> None:
+        for o in outs:
+            for kind in ("prompt", "completion"):
+                if o.get(f"{kind}_tokens"):
+                    self.token_count.inc(o[f"{kind}_tokens"], tags={"model": model, "kind": kind})
+
+
+class BatchMetrics:
+    """Per replica: how full the engine's batches are, how mixed, and how long the engine takes."""
+
+    def __init__(self) -> None:
+        self.size = metrics.Histogram("oikyo_batch_size", description="Requests per engine call.",
+                                      boundaries=COUNTS)
+        self.models = metrics.Histogram(
+            "oikyo_batch_models", boundaries=COUNTS,
+            description="Distinct models (adapters, the base) per engine call; above 1 they shared one generate().")
+        self.engine = metrics.Histogram("oikyo_engine_latency_ms", description="Wall time of an engine call.",
+                                        boundaries=LATENCY_MS)
+
+    def batch(self, adapters: list, seconds: float) -> None:
+        self.size.observe(len(adapters))
+        self.models.observe(len(set(adapters)))
+        self.engine.observe(seconds * 1000)
+
+
+# ---- deployments --------------------------------------------------------------------------------
+
+@serve.deployment(name="Model", health_check_period_s=10)
+class ModelServer:
+    """One base model; adapters load on first use (from the static map or the adapter root)."""
+
+    def __init__(self, config: dict, model_path: str):
+        cfg = OikyoConfig.model_validate(config)
+        sc = cfg.serve
+        self.engine = engine = Engine(cfg.model, model_path)
+
+        async def load(name: str):  # a plain function: Serve keeps its LRU cache on it
+            return await load_adapter(engine, name, sc, cfg.model.cache_dir)
+
+        acquire = serve.multiplexed(max_num_models_per_replica=sc.max_adapters_per_replica)(load)
+        self.replica = ModelReplica(engine, acquire, sc.max_batch_size, sc.batch_wait_timeout_s, BatchMetrics().batch)
+
+    async def generate(self, prompt: str, sampling: dict) -> dict:
+        return await self.replica.generate(serve.get_multiplexed_model_id() or None, prompt, sampling)
+
+    async def stream(self, prompt: str, sampling: dict) -> AsyncIterator[str | dict]:
+        async for piece in self.replica.stream(serve.get_multiplexed_model_id() or None, prompt, sampling):
+            yield piece
+
+    def check_health(self) -> None:
+        if not self.engine.healthy():
+            raise RuntimeError("model produced non-finite logits")
+
+
+class ModelClient:
+    """The app's backend: the Model deployment, the adapter sent as Serve's multiplexed model id
+    (so requests go to replicas that hold it)."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def generate(self, adapter: str, prompt: str, sampling: dict) -> dict:
+        with _busy_answers_503():
+            return await self.handle.options(multiplexed_model_id=adapter).generate.remote(prompt, sampling)
+
+    async def stream(self, adapter: str, prompt: str, sampling: dict) -> AsyncIterator[str | dict]:
+        gen = self.handle.options(multiplexed_model_id=adapter, stream=True).stream.remote(prompt, sampling)
+        with _busy_answers_503():
+            async for piece in gen:
+                yield piece
+
+
+@contextmanager
+def _busy_answers_503() -> Iterator[None]:
+    """Serve's full queue as the app's 503. (Serve puts its own plain-text handler for
+    BackPressureError on the app, so it is translated here, where the handle raises it.)"""
+    try:
+        yield
+    except BackPressureError:
+        raise ServerBusy() from None
+
+
+@serve.deployment(name="OpenAIIngress", max_ongoing_requests=256)
+@serve.ingress()
+class OpenAIIngress:
+    """Auth, validation, SSE and metrics: `app.py`'s FastAPI app over the Model deployment."""
+
+    def __init__(self, config: dict, model_path: str, model: DeploymentHandle):
+        cfg = OikyoConfig.model_validate(config)
+        self.service = Service(cfg.serve, load_tokenizer(cfg.model, model_path), load_token(cfg.serve),
+                               ModelClient(model), RequestMetrics())
+
+    def __serve_build_asgi_app__(self):  # Serve calls this after __init__, in the replica
+        return create_app(self.service)
+
+
+# ---- applications -------------------------------------------------------------------------------
+
+def build(cfg: OikyoConfig, model_path: str):
+    """The bound application for `serve.run` (deployment options come from `serve.*`)."""
+    sc = cfg.serve
+    conf = cfg.model_dump(mode="json")
+    autoscaling = None
+    if sc.max_replicas > 1 or sc.min_replicas != 1:
+        autoscaling = {"min_replicas": sc.min_replicas, "max_replicas": sc.max_replicas,
+                       "target_ongoing_requests": sc.target_ongoing_requests}
+    model = ModelServer.options(
+        num_replicas="auto" if autoscaling else 1,
+        autoscaling_config=autoscaling,
+        max_ongoing_requests=sc.max_ongoing_requests,
+        max_queued_requests=sc.max_queued_requests,
+        ray_actor_options={"num_cpus": sc.cpus_per_replica, "num_gpus": sc.gpus_per_replica},
+    ).bind(conf, model_path)
+    return OpenAIIngress.options(ray_actor_options={"num_cpus": 0}).bind(conf, model_path, model)
+
+
+def build_app(args: dict):
+    """Application builder for `serve run`/`serve deploy`: args = {"config": path, "overrides": [...]}."""
+    overrides = args.get("overrides") or []
+    if isinstance(overrides, str):
+        overrides = overrides.split()
+    cfg = load_config(args.get("config"), overrides)
+    return build(cfg, resolve_model_path(cfg.model))
+
+
+def start(cfg: OikyoConfig, model_path: str, blocking: bool = False, name: str = "oikyo") -> str:
+    """Start Serve's HTTP proxy on serve.host:port and deploy the app; returns its base URL."""
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build(cfg, model_path), name=name, route_prefix=cfg.serve.route_prefix, blocking=blocking)
+    return f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
+
+
+def serve_and_ask(cfg: OikyoConfig, model_path: str, adapter_dir: Path, log=print,
+                  question: str = "What is the capital of Peru?") -> dict:
+    """Serve a fresh adapter, ask it one question over real HTTP, shut Serve down (the demo's last step)."""
+    name = adapter_dir.parent.name  # the run name selects the adapter
+    token_file = ephemeral_token(cfg)
+    scfg = cfg.model_copy(deep=True)
+    scfg.serve.adapters = {name: str(adapter_dir)}
+    scfg.serve.token_file = str(token_file)
+    log(f"[oikyo] serve: base + adapter '{name}' on Ray Serve ...")
+    try:
+        url = start(scfg, model_path)
+        answer = ask(url, name, question, token_file.read_text().strip())
+        log(f"[oikyo] POST {url}/v1/chat/completions model={name!r}: {question!r} -> "
+            f"{answer['choices'][0]['message']['content']!r}")
+        return answer
+    finally:
+        serve.shutdown()
+        token_file.unlink(missing_ok=True)
