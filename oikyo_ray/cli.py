@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 
 from oikyo_ray.errors import OikyoError
 
@@ -140,15 +141,15 @@ def main(argv: list[str] | None = None) -> int:
     from oikyo_ray.console import quiet_third_party
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--verbose" not in argv[:1]:
-        quiet_third_party()  # before anything imports ray, torch or transformers
-    default_auth_mode()  # before anything imports ray
-    args = build_parser().parse_args(argv)
-    try:
-        return args.fn(args)
-    except OikyoError as e:
-        print(f"oikyo: error: {e}", file=sys.stderr)
-        return e.exit_code
+    # before anything imports ray, torch or transformers
+    with nullcontext() if "--verbose" in argv[:1] else quiet_third_party():
+        default_auth_mode()  # before anything imports ray
+        args = build_parser().parse_args(argv)
+        try:
+            return args.fn(args)
+        except OikyoError as e:
+            print(f"oikyo: error: {e}", file=sys.stderr)
+            return e.exit_code
 
 
 if __name__ == "__main__":

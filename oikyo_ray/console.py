@@ -1,7 +1,7 @@
 """What the `oikyo` CLI prints: its own lines and real warnings, without known third-party noise,
 and progress bars for long steps (Ray-free).
 
-    quiet_third_party()          once, first thing in the CLI (before ray/torch are imported)
+    with quiet_third_party():    around the CLI's work (entered before ray/torch are imported)
     with progress(total, "train") as bar: bar.update(n, loss=...)
 
 Noise is removed with the switches the libraries offer where they offer one (environment
@@ -95,16 +95,32 @@ class FilteredStream(io.TextIOBase):
         return self.stream.encoding
 
 
-def quiet_third_party() -> None:
-    """Set the libraries' own switches and install the line filter on stdout and stderr. Call it
-    before ray, torch or transformers are imported: loggers bind their stream at import."""
+@contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """Set the libraries' own switches and filter stdout and stderr while the block runs. Enter it
+    before ray, torch or transformers are imported: some loggers bind their stream at import.
+
+    The streams are put back on exit: the CLI also runs in-process (tests, notebooks), where a
+    wrapper left behind would outlive the stream it wraps (a closed capture) and break every later
+    write, such as a Ray Data thread logging its shutdown."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' load/save bars
     for category, message, _ in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    saved = sys.stdout, sys.stderr
     if not isinstance(sys.stdout, FilteredStream):
         sys.stdout = FilteredStream(sys.stdout)
     if not isinstance(sys.stderr, FilteredStream):
         sys.stderr = FilteredStream(sys.stderr)
+    try:
+        yield
+    finally:
+        for s in (sys.stdout, sys.stderr):
+            if isinstance(s, FilteredStream):
+                try:
+                    s.flush()
+                except ValueError:  # the wrapped stream was closed under us
+                    pass
+        sys.stdout, sys.stderr = saved
 
 
 class _Bar:
