@@ -18,10 +18,21 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
-def write_result(name: str, unit: str, oikyo: float, baseline: float, baseline_name: str, ratio: float,
-                 target: str, **details) -> dict:
-    res = {"name": name, "unit": unit, "oikyo": oikyo, "baseline": baseline, "baseline_name": baseline_name,
-           "ratio": ratio, "target": target, "machine": machine(), "date": time.strftime("%Y-%m-%d"), **details}
+def write_result(
+    name: str, unit: str, oikyo: float, baseline: float, baseline_name: str, ratio: float, target: str, **details
+) -> dict:
+    res = {
+        "name": name,
+        "unit": unit,
+        "oikyo": oikyo,
+        "baseline": baseline,
+        "baseline_name": baseline_name,
+        "ratio": ratio,
+        "target": target,
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        **details,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))

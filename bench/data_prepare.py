@@ -36,9 +36,45 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from oikyo_ray.data.tokenize import encode_messages  # light (no torch): the per-row hot path
 from oikyo_ray.data.validate import validate_messages
 
-WORDS = ("river stone light market window garden paper engine winter letter music signal forest "
-         "number bridge summer orange planet silver story method animal travel energy doctor "
-         "island camera coffee rocket marble pencil thunder velvet harbor lantern meadow canyon").split()
+WORDS = [
+    "river",
+    "stone",
+    "light",
+    "market",
+    "window",
+    "garden",
+    "paper",
+    "engine",
+    "winter",
+    "letter",
+    "music",
+    "signal",
+    "forest",
+    "number",
+    "bridge",
+    "summer",
+    "orange",
+    "planet",
+    "silver",
+    "story",
+    "method",
+    "animal",
+    "travel",
+    "energy",
+    "doctor",
+    "island",
+    "camera",
+    "coffee",
+    "rocket",
+    "marble",
+    "pencil",
+    "thunder",
+    "velvet",
+    "harbor",
+    "lantern",
+    "meadow",
+    "canyon",
+]
 
 
 def synth(path: Path, n: int, seed: int = 0) -> None:
@@ -50,9 +86,11 @@ def synth(path: Path, n: int, seed: int = 0) -> None:
     with path.open("w", encoding="utf-8") as f:
         for i in range(n):
             a, b, c = rng.integers(4, 18), rng.integers(0, 10), rng.integers(6, 60)
-            row = {"instruction": f"Task {i}: " + " ".join(words[rng.integers(0, len(words), a)]) + "?",
-                   "input": " ".join(words[rng.integers(0, len(words), b)]),
-                   "output": " ".join(words[rng.integers(0, len(words), c)]) + "."}
+            row = {
+                "instruction": f"Task {i}: " + " ".join(words[rng.integers(0, len(words), a)]) + "?",
+                "input": " ".join(words[rng.integers(0, len(words), b)]),
+                "output": " ".join(words[rng.integers(0, len(words), c)]) + ".",
+            }
             f.write(json.dumps(row) + "\n")
 
 
@@ -80,8 +118,15 @@ def _per_row_cpu(path: str, model: str, work: str, rows: int = 20_000, rounds: i
     cfg = load_config(None, [f"data.paths=[{head}]", "data.near_dup_threshold=null", "data.leakage_threshold=null"])
     data, tok, norm = cfg.data, _tokenizer(model, False), normaliser(cfg.data)
     parsed = [json.loads(line) for line in head.open(encoding="utf-8")]
-    piece = {"index": 0, "kind": "local", "path": str(head), "first_row": 1, "whole": True, "start": 0,
-             "end": head.stat().st_size}
+    piece = {
+        "index": 0,
+        "kind": "local",
+        "path": str(head),
+        "first_row": 1,
+        "whole": True,
+        "start": 0,
+        "end": head.stat().st_size,
+    }
     gc.freeze()  # as curate_pieces does in a worker, for both
     shared, ours = [], []
     for r in range(rounds):
@@ -128,13 +173,25 @@ def _oikyo(path: str, model: str, work: str) -> dict:
     from oikyo_ray.config import load_config
     from oikyo_ray.data.ray_data import prepare
 
-    cfg = load_config(None, [f"data.paths=[{path}]", f"model.cache_dir={work}", "data.cache=false",
-                             "data.near_dup_threshold=null", "data.leakage_threshold=null"])
+    cfg = load_config(
+        None,
+        [
+            f"data.paths=[{path}]",
+            f"model.cache_dir={work}",
+            "data.cache=false",
+            "data.near_dup_threshold=null",
+            "data.leakage_threshold=null",
+        ],
+    )
     t0 = time.perf_counter()
     init_ray()
     t1 = time.perf_counter()
     m = prepare(cfg, model, Path(work) / "out")
-    return {"rows": m["counts"]["accepted"], "ray_start_s": round(t1 - t0, 2), "stage_s": round(time.perf_counter() - t1, 2)}
+    return {
+        "rows": m["counts"]["accepted"],
+        "ray_start_s": round(t1 - t0, 2),
+        "stage_s": round(time.perf_counter() - t1, 2),
+    }
 
 
 def side(which: str, path: str, model: str) -> None:
@@ -160,8 +217,11 @@ def measure(which: str, path: Path, model: str) -> dict:
     """Run one side in a fresh process; wall time, its result and the peak RSS of its tree."""
     import psutil
 
-    proc = subprocess.Popen([sys.executable, __file__, "--side", which, "--file", str(path), "--model", model],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--side", which, "--file", str(path), "--model", model],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     peak = [0]
 
     def sample() -> None:
@@ -193,12 +253,29 @@ def packing_efficiency(shared: Path, model: str) -> None:
 
     src = shared / "datasets" / "alpaca_en_demo.json"
     with tempfile.TemporaryDirectory() as work:
-        cfg = load_config(None, [f"data.paths=[{src}]", f"model.cache_dir={work}", "data.packing=true",
-                                 "data.max_length=512", "data.pack_length=2048", "train.batch_size=8"])
+        cfg = load_config(
+            None,
+            [
+                f"data.paths=[{src}]",
+                f"model.cache_dir={work}",
+                "data.packing=true",
+                "data.max_length=512",
+                "data.pack_length=2048",
+                "train.batch_size=8",
+            ],
+        )
         p = prepare(cfg, model, Path(work) / "out")["packing"]
-    write_result("packing_efficiency", "share of non-pad tokens", p["efficiency"], p["padded_efficiency"],
-                 "right-padded batches of 8 (shuffled)", round(p["efficiency"] / p["padded_efficiency"], 2),
-                 "packed > padded", dataset=str(src.name), **p)
+    write_result(
+        "packing_efficiency",
+        "share of non-pad tokens",
+        p["efficiency"],
+        p["padded_efficiency"],
+        "right-padded batches of 8 (shuffled)",
+        round(p["efficiency"] / p["padded_efficiency"], 2),
+        "packed > padded",
+        dataset=str(src.name),
+        **p,
+    )
 
 
 def main() -> None:
@@ -232,10 +309,20 @@ def main() -> None:
     cpu["oikyo_us_both_cores_busy"] = [b["oikyo_us"] for b in both]
     busy = sum(cpu["oikyo_us_both_cores_busy"]) / 2
     cpu["ceiling_ratio_both_cores_busy"] = round(rate(base) ** -1 * 1e6 / (busy / 2), 2)
-    write_result("data_prepare", "rows/s (higher is better)", round(rate(ours)), round(rate(base)),
-                 "datasets.map, one process", round(rate(ours) / rate(base), 2), ">= 1.5x on 2 cores, flat memory",
-                 rows=args.rows, oikyo_run=ours, baseline_run=base,
-                 memory_ratio=round(ours["peak_pss_mb"] / base["peak_pss_mb"], 2), per_row_cpu=cpu)
+    write_result(
+        "data_prepare",
+        "rows/s (higher is better)",
+        round(rate(ours)),
+        round(rate(base)),
+        "datasets.map, one process",
+        round(rate(ours) / rate(base), 2),
+        ">= 1.5x on 2 cores, flat memory",
+        rows=args.rows,
+        oikyo_run=ours,
+        baseline_run=base,
+        memory_ratio=round(ours["peak_pss_mb"] / base["peak_pss_mb"], 2),
+        per_row_cpu=cpu,
+    )
 
 
 if __name__ == "__main__":

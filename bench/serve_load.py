@@ -38,8 +38,10 @@ def make_adapters(model_path: str, root: Path, n: int) -> list[str]:
     names = []
     for i in range(n):
         torch.manual_seed(i)
-        m = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path),
-                           LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+        m = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(model_path),
+            LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False),
+        )
         m.save_pretrained(root / f"a{i}")
         names.append(f"a{i}")
     return names
@@ -138,8 +140,9 @@ def floor(port: int) -> dict:
 
     from ray import serve
 
-    echo = serve.deployment(serve.ingress(_echo_app())(type("Echo", (), {})), name="Echo",
-                            ray_actor_options={"num_cpus": 0})
+    echo = serve.deployment(
+        serve.ingress(_echo_app())(type("Echo", (), {})), name="Echo", ray_actor_options={"num_cpus": 0}
+    )
     serve.run(echo.bind(), name="echo", route_prefix="/echo")
     served = sequential_ms(f"http://127.0.0.1:{port}/echo/e")
     serve.delete("echo")
@@ -167,12 +170,20 @@ async def load(url: str, models: list[str], requests: int, concurrency: int) -> 
     lat, tokens = [], 0
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=300, headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+
         async def one(i):
             nonlocal tokens
             async with sem:
                 t = time.perf_counter()
-                r = await c.post(f"{url}/v1/completions", json={
-                    "model": models[i % len(models)], "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0})
+                r = await c.post(
+                    f"{url}/v1/completions",
+                    json={
+                        "model": models[i % len(models)],
+                        "prompt": PROMPT,
+                        "max_tokens": MAX_TOKENS,
+                        "temperature": 0,
+                    },
+                )
                 r.raise_for_status()
                 lat.append((time.perf_counter() - t) * 1000)
                 tokens += r.json()["usage"]["completion_tokens"]
@@ -180,9 +191,15 @@ async def load(url: str, models: list[str], requests: int, concurrency: int) -> 
         t0 = time.perf_counter()
         await asyncio.gather(*[one(i) for i in range(requests)])
         wall = time.perf_counter() - t0
-    return {"p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), "tokens_per_s": tokens / wall,
-            "requests_per_s": requests / wall, "tokens_per_request": tokens / requests,
-            "requests": requests, "concurrency": concurrency}
+    return {
+        "p50_ms": percentile(lat, 50),
+        "p99_ms": percentile(lat, 99),
+        "tokens_per_s": tokens / wall,
+        "requests_per_s": requests / wall,
+        "tokens_per_request": tokens / requests,
+        "requests": requests,
+        "concurrency": concurrency,
+    }
 
 
 def main() -> None:
@@ -210,10 +227,18 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     init_ray(num_cpus=2)
-    cfg = load_config(None, [f"model.name_or_path={model_path}", f"serve.port={port}",
-                             f"serve.token_file={work / 'token'}", f"serve.adapter_root={root}",
-                             "serve.max_adapters_per_replica=8", "serve.max_batch_size=8",
-                             "serve.batch_wait_timeout_s=0.005"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={model_path}",
+            f"serve.port={port}",
+            f"serve.token_file={work / 'token'}",
+            f"serve.adapter_root={root}",
+            "serve.max_adapters_per_replica=8",
+            "serve.max_batch_size=8",
+            "serve.batch_wait_timeout_s=0.005",
+        ],
+    )
     url = start(cfg, model_path)
     asyncio.run(load(url, names, 16, 8))  # warm-up: loads every adapter once
     # rounds interleave every measurement, so a slow spell of the machine hits all of them alike
@@ -236,15 +261,34 @@ def main() -> None:
     mixed = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in mixes), "rounds": mixes}
 
     d50 = percentile(direct, 50)
-    write_result("serve_overhead", "ms p50 latency (lower is better)", seq["p50_ms"], d50,
-                 "Engine.generate_many called in-process", seq["p50_ms"] / d50,
-                 "serve p50 - direct p50 <= 5 ms", overhead_ms=seq["p50_ms"] - d50,
-                 direct_p99_ms=percentile(direct, 99), serve=seq, max_tokens=MAX_TOKENS,
-                 engine_in_replica_mean_ms=statistics.median(engine_ms),
-                 hops_ms=seq["p50_ms"] - statistics.median(engine_ms), floor=machine_floor)
-    write_result("serve_multi_adapter", "completion tokens/s (higher is better)", mixed["tokens_per_s"],
-                 single["tokens_per_s"], "same load on 1 adapter", mixed["tokens_per_s"] / single["tokens_per_s"],
-                 ">= 0.8", single_adapter=single, eight_adapters=mixed, max_tokens=MAX_TOKENS)
+    write_result(
+        "serve_overhead",
+        "ms p50 latency (lower is better)",
+        seq["p50_ms"],
+        d50,
+        "Engine.generate_many called in-process",
+        seq["p50_ms"] / d50,
+        "serve p50 - direct p50 <= 5 ms",
+        overhead_ms=seq["p50_ms"] - d50,
+        direct_p99_ms=percentile(direct, 99),
+        serve=seq,
+        max_tokens=MAX_TOKENS,
+        engine_in_replica_mean_ms=statistics.median(engine_ms),
+        hops_ms=seq["p50_ms"] - statistics.median(engine_ms),
+        floor=machine_floor,
+    )
+    write_result(
+        "serve_multi_adapter",
+        "completion tokens/s (higher is better)",
+        mixed["tokens_per_s"],
+        single["tokens_per_s"],
+        "same load on 1 adapter",
+        mixed["tokens_per_s"] / single["tokens_per_s"],
+        ">= 0.8",
+        single_adapter=single,
+        eight_adapters=mixed,
+        max_tokens=MAX_TOKENS,
+    )
 
 
 if __name__ == "__main__":

@@ -27,17 +27,29 @@ def sweep(root: Path, name: str, samples: int, asha: bool) -> dict:
     from oikyo_ray.config import load_config
     from oikyo_ray.sweep.ray_tune import run_sweep
 
-    overrides = [f"run.root={root}", f"run.name={name}", f"model.cache_dir={root / 'cache'}", "eval.enabled=false",
-                 "train.epochs=6", "train.eval_every=10", "sweep.grace_period=10", f"sweep.num_samples={samples}",
-                 "sweep.seed=3",
-                 "sweep.space={train.lr: {type: loguniform, low: 0.00003, high: 0.01}, "
-                 "method.lora.r: {type: choice, values: [4, 16]}}"]
+    overrides = [
+        f"run.root={root}",
+        f"run.name={name}",
+        f"model.cache_dir={root / 'cache'}",
+        "eval.enabled=false",
+        "train.epochs=6",
+        "train.eval_every=10",
+        "sweep.grace_period=10",
+        f"sweep.num_samples={samples}",
+        "sweep.seed=3",
+        "sweep.space={train.lr: {type: loguniform, low: 0.00003, high: 0.01}, "
+        "method.lora.r: {type: choice, values: [4, 16]}}",
+    ]
     if not asha:  # reduction_factor that never stops anyone within the budget = run everything in full
         overrides += ["sweep.grace_period=100000"]
     run_sweep(load_config(ROOT / "jobs/configs/sweep_demo.yaml", overrides), log=lambda s: None)
     rows = list(csv.DictReader((root / name / "results.csv").open()))
-    return {"best": min(float(r["best_val_loss"]) for r in rows), "steps": sum(int(r["steps"]) for r in rows),
-            "trials": len(rows), "early_stopped": sum(r["status"] == "early-stopped" for r in rows)}
+    return {
+        "best": min(float(r["best_val_loss"]) for r in rows),
+        "steps": sum(int(r["steps"]) for r in rows),
+        "trials": len(rows),
+        "early_stopped": sum(r["status"] == "early-stopped" for r in rows),
+    }
 
 
 def main() -> None:
@@ -50,11 +62,20 @@ def main() -> None:
     init_ray(num_cpus=4)  # logical CPUs: see tests/conftest.py LOGICAL_CPUS (Ray Data bookkeeping tasks)
     asha = sweep(root, "asha", args.samples, asha=True)
     full = sweep(root, "full", args.samples, asha=False)
-    write_result("sweep_asha", "total training steps (lower is better)", asha["steps"], full["steps"],
-                 "every trial to its full budget (same trials, same seeds)", asha["steps"] / full["steps"],
-                 "<= 0.40 of the steps with best val_loss within 5%",
-                 best_val_loss_asha=asha["best"], best_val_loss_full=full["best"],
-                 best_gap=(asha["best"] - full["best"]) / full["best"], asha=asha, full=full)
+    write_result(
+        "sweep_asha",
+        "total training steps (lower is better)",
+        asha["steps"],
+        full["steps"],
+        "every trial to its full budget (same trials, same seeds)",
+        asha["steps"] / full["steps"],
+        "<= 0.40 of the steps with best val_loss within 5%",
+        best_val_loss_asha=asha["best"],
+        best_val_loss_full=full["best"],
+        best_gap=(asha["best"] - full["best"]) / full["best"],
+        asha=asha,
+        full=full,
+    )
 
 
 if __name__ == "__main__":

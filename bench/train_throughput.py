@@ -117,8 +117,10 @@ def peft_model(model_path: str):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(SEED)
-    return get_peft_model(AutoModelForCausalLM.from_pretrained(model_path),
-                          LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    return get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_path),
+        LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
 
 
 def peak_mb() -> float:
@@ -131,8 +133,9 @@ def windows_from_steps(ends: list[float], tok: list[tuple[int, int]], warmup: in
     out = []
     for a in range(warmup, len(ends) - WINDOW, WINDOW):
         b = a + WINDOW
-        out.append({"seconds": ends[b] - ends[a], "effective": sum(t[0] for t in tok[a:b]),
-                    "raw": sum(t[1] for t in tok[a:b])})
+        out.append(
+            {"seconds": ends[b] - ends[a], "effective": sum(t[0] for t in tok[a:b]), "raw": sum(t[1] for t in tok[a:b])}
+        )
     return out
 
 
@@ -189,15 +192,26 @@ def run_hf(a) -> dict:
             ends.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as d:
-        args = TrainingArguments(output_dir=d, per_device_train_batch_size=a.batch, max_steps=a.steps,
-                                 learning_rate=LR, lr_scheduler_type="constant", max_grad_norm=1.0,
-                                 train_sampling_strategy="random", logging_steps=10**6, save_strategy="no",
-                                 report_to=[], use_cpu=True, dataloader_num_workers=0, seed=SEED,
-                                 remove_unused_columns=False, disable_tqdm=True)
+        args = TrainingArguments(
+            output_dir=d,
+            per_device_train_batch_size=a.batch,
+            max_steps=a.steps,
+            learning_rate=LR,
+            lr_scheduler_type="constant",
+            max_grad_norm=1.0,
+            train_sampling_strategy="random",
+            logging_steps=10**6,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            dataloader_num_workers=0,
+            seed=SEED,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+        )
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[Clock()])
         out = trainer.train()
-    return {"windows": windows_from_steps(ends, tok, a.warmup), "peak_mb": peak_mb(),
-            "final_loss": out.training_loss}
+    return {"windows": windows_from_steps(ends, tok, a.warmup), "peak_mb": peak_mb(), "final_loss": out.training_loss}
 
 
 def run_oikyo(a, workers: int, packed: bool) -> dict:
@@ -212,21 +226,38 @@ def run_oikyo(a, workers: int, packed: bool) -> dict:
     run = root / "r"
     data = rows(a)
     (run / "data" / "train").mkdir(parents=True)
-    pq.write_table(pa.table({k: [r[k] for r in data] for k in ("input_ids", "labels")}),
-                   run / "data" / "train" / "part-0.parquet")
+    pq.write_table(
+        pa.table({k: [r[k] for r in data] for k in ("input_ids", "labels")}), run / "data" / "train" / "part-0.parquet"
+    )
     manifest: dict = {"counts": {"train": len(data), "val": 0, "test": 0}}
-    over = [f"run.root={root}", "run.name=r", "eval.enabled=false", f"train.max_steps={a.steps}",
-            f"train.lr={LR}", "train.lr_schedule=constant", "train.warmup_ratio=0", f"train.log_every={WINDOW}",
-            f"train.checkpoint_every={a.steps}", f"train.epochs={a.steps}", f"scaling.num_workers={workers}",
-            "scaling.torch_threads=1", f"scaling.cpus_per_worker={1 / workers}"]
+    over = [
+        f"run.root={root}",
+        "run.name=r",
+        "eval.enabled=false",
+        f"train.max_steps={a.steps}",
+        f"train.lr={LR}",
+        "train.lr_schedule=constant",
+        "train.warmup_ratio=0",
+        f"train.log_every={WINDOW}",
+        f"train.checkpoint_every={a.steps}",
+        f"train.epochs={a.steps}",
+        f"scaling.num_workers={workers}",
+        "scaling.torch_threads=1",
+        f"scaling.cpus_per_worker={1 / workers}",
+    ]
     if packed:
         blocks = packed_rows(a)
         (run / "data" / "train_packed").mkdir()
-        pq.write_table(pa.table({k: [b[k] for b in blocks] for k in blocks[0]}),
-                       run / "data" / "train_packed" / "part-0.parquet")
+        pq.write_table(
+            pa.table({k: [b[k] for b in blocks] for k in blocks[0]}), run / "data" / "train_packed" / "part-0.parquet"
+        )
         manifest["packing"] = {"blocks": len(blocks)}
-        over += ["data.packing=true", f"data.max_length={a.max_length}", f"data.pack_length={a.pack_length}",
-                 f"train.batch_size={a.pack_blocks}"]
+        over += [
+            "data.packing=true",
+            f"data.max_length={a.max_length}",
+            f"data.pack_length={a.pack_length}",
+            f"train.batch_size={a.pack_blocks}",
+        ]
         expected = [counts(b) for b in batches(blocks, a.pack_blocks, a.steps)]
     else:
         over += [f"train.batch_size={a.batch // workers}"]
@@ -245,11 +276,16 @@ def run_oikyo(a, workers: int, packed: bool) -> dict:
         a0 = m["step"] - WINDOW
         if m["step"] % WINDOW or a0 < a.warmup:
             continue
-        eff = sum(t[0] for t in expected[a0:m["step"]])
-        raw = sum(t[1] for t in expected[a0:m["step"]]) if workers == 1 else eff * raw_share
+        eff = sum(t[0] for t in expected[a0 : m["step"]])
+        raw = sum(t[1] for t in expected[a0 : m["step"]]) if workers == 1 else eff * raw_share
         windows.append({"seconds": eff / m["tokens_per_s"], "effective": eff, "raw": raw})
-    return {"windows": windows, "peak_mb": max(m["mem_peak_mb"] for m in ms), "wall_s_with_startup": wall,
-            "final_loss": ms[-1]["loss"], **({"raw_estimated": True} if workers > 1 else {})}
+    return {
+        "windows": windows,
+        "peak_mb": max(m["mem_peak_mb"] for m in ms),
+        "wall_s_with_startup": wall,
+        "final_loss": ms[-1]["loss"],
+        **({"raw_estimated": True} if workers > 1 else {}),
+    }
 
 
 def _raw_share_random(data: list[dict], batch: int, draws: int = 4000) -> float:
@@ -267,14 +303,20 @@ def summarise(runs: list[dict]) -> dict:
     raw = [w["raw"] / w["seconds"] for w in ws]
     secs = sum(w["seconds"] for w in ws)
     steps = len(ws) * WINDOW
-    out = {"effective_tokens_per_s": statistics.median(eff), "raw_tokens_per_s": statistics.median(raw),
-           "mean_effective_tokens_per_s": sum(w["effective"] for w in ws) / secs,
-           "mean_raw_tokens_per_s": sum(w["raw"] for w in ws) / secs,
-           "per_run_median_effective": [statistics.median([w["effective"] / w["seconds"] for w in r["windows"]])
-                                        for r in runs],
-           "windows": len(ws), "effective_tokens_per_step": sum(w["effective"] for w in ws) / steps,
-           "raw_tokens_per_step": sum(w["raw"] for w in ws) / steps,
-           "peak_mb": max(r["peak_mb"] for r in runs), "final_loss": [r["final_loss"] for r in runs]}
+    out = {
+        "effective_tokens_per_s": statistics.median(eff),
+        "raw_tokens_per_s": statistics.median(raw),
+        "mean_effective_tokens_per_s": sum(w["effective"] for w in ws) / secs,
+        "mean_raw_tokens_per_s": sum(w["raw"] for w in ws) / secs,
+        "per_run_median_effective": [
+            statistics.median([w["effective"] / w["seconds"] for w in r["windows"]]) for r in runs
+        ],
+        "windows": len(ws),
+        "effective_tokens_per_step": sum(w["effective"] for w in ws) / steps,
+        "raw_tokens_per_step": sum(w["raw"] for w in ws) / steps,
+        "peak_mb": max(r["peak_mb"] for r in runs),
+        "final_loss": [r["final_loss"] for r in runs],
+    }
     if any("wall_s_with_startup" in r for r in runs):
         out["wall_s_with_startup"] = [round(r["wall_s_with_startup"], 1) for r in runs]
     if any(r.get("raw_estimated") for r in runs):
@@ -283,9 +325,27 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def child(kind: str, a) -> dict:
-    cmd = [sys.executable, __file__, "--only", kind, "--steps", str(a.steps), "--warmup", str(a.warmup),
-           "--pack-length", str(a.pack_length), "--pack-blocks", str(a.pack_blocks), "--model", a.model,
-           "--max-length", str(a.max_length), "--batch", str(a.batch), *(["--data", a.data] if a.data else [])]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--only",
+        kind,
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.warmup),
+        "--pack-length",
+        str(a.pack_length),
+        "--pack-blocks",
+        str(a.pack_blocks),
+        "--model",
+        a.model,
+        "--max-length",
+        str(a.max_length),
+        "--batch",
+        str(a.batch),
+        *(["--data", a.data] if a.data else []),
+    ]
     env = {**os.environ, "RAY_worker_niceness": str(a.ray_worker_niceness)}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, check=False)
     if r.returncode != 0:
@@ -315,9 +375,14 @@ def main() -> None:
 
         a.model = str(ensure_tiny_model("~/.cache/oikyo"))
     if a.only:
-        fn = {"plain": lambda: run_plain(a, False), "plain_packed": lambda: run_plain(a, True),
-              "hf": lambda: run_hf(a), "oikyo1": lambda: run_oikyo(a, 1, False),
-              "oikyo1_packed": lambda: run_oikyo(a, 1, True), "oikyo2": lambda: run_oikyo(a, 2, False)}[a.only]
+        fn = {
+            "plain": lambda: run_plain(a, False),
+            "plain_packed": lambda: run_plain(a, True),
+            "hf": lambda: run_hf(a),
+            "oikyo1": lambda: run_oikyo(a, 1, False),
+            "oikyo1_packed": lambda: run_oikyo(a, 1, True),
+            "oikyo2": lambda: run_oikyo(a, 2, False),
+        }[a.only]
         print(json.dumps(fn()))
         return
     from bench._common import write_result
@@ -335,10 +400,18 @@ def main() -> None:
 
     packed_vs_hf = ratio("oikyo1_packed", "hf")
     headline = ("oikyo1", "plain") if "oikyo1" in eff and "plain" in eff else ("oikyo1_packed", "hf")
-    names = {"plain": "plain_loop", "plain_packed": "plain_loop_packed", "hf": "hf_trainer_peft",
-             "oikyo1": "oikyo_1_worker", "oikyo1_packed": "oikyo_1_worker_packed", "oikyo2": "oikyo_2_workers"}
-    baseline_name = {"plain": "plain PyTorch loop (same model, batches, LoRA, AdamW)",
-                     "hf": "HF Trainer + PEFT, padded batches (DataCollatorForSeq2Seq)"}[headline[1]]
+    names = {
+        "plain": "plain_loop",
+        "plain_packed": "plain_loop_packed",
+        "hf": "hf_trainer_peft",
+        "oikyo1": "oikyo_1_worker",
+        "oikyo1_packed": "oikyo_1_worker_packed",
+        "oikyo2": "oikyo_2_workers",
+    }
+    baseline_name = {
+        "plain": "plain PyTorch loop (same model, batches, LoRA, AdamW)",
+        "hf": "HF Trainer + PEFT, padded batches (DataCollatorForSeq2Seq)",
+    }[headline[1]]
     targets = {}
     if ratio("oikyo1", "plain") is not None:
         targets["oikyo1_vs_plain>=0.97"] = ratio("oikyo1", "plain") >= 0.97
@@ -346,19 +419,35 @@ def main() -> None:
         targets["oikyo1_packed_vs_hf>=1.5"] = packed_vs_hf >= 1.5
     write_result(
         "train_throughput" + ("_" + Path(a.data).stem if a.data else ""),
-        "effective (non-pad) tokens/s (higher is better)", eff[headline[0]], eff[headline[1]], baseline_name,
+        "effective (non-pad) tokens/s (higher is better)",
+        eff[headline[0]],
+        eff[headline[1]],
+        baseline_name,
         eff[headline[0]] / eff[headline[1]],
-        ">= 0.97 x the plain loop at 1 worker (issue 4); >= 1.5 x HF Trainer+PEFT on effective tokens/s "
-        "with packing",
-        targets_met=targets, ratio_packed_vs_hf_trainer=packed_vs_hf,
+        ">= 0.97 x the plain loop at 1 worker (issue 4); >= 1.5 x HF Trainer+PEFT on effective tokens/s with packing",
+        targets_met=targets,
+        ratio_packed_vs_hf_trainer=packed_vs_hf,
         ratio_packed_vs_plain_packed=ratio("oikyo1_packed", "plain_packed"),
-        ratio_unpacked_vs_hf_trainer=ratio("oikyo1", "hf"), ratio_2_vs_1_workers=ratio("oikyo2", "oikyo1"),
+        ratio_unpacked_vs_hf_trainer=ratio("oikyo1", "hf"),
+        ratio_2_vs_1_workers=ratio("oikyo2", "oikyo1"),
         packing_gain_plain_loop=ratio("plain_packed", "plain"),
-        settings={"steps": a.steps, "warmup_steps": a.warmup, "window_steps": WINDOW, "repeat": a.repeat,
-                  "rows_per_step_padded": a.batch, "pack_length": a.pack_length, "pack_blocks_per_step": a.pack_blocks,
-                  "max_length": a.max_length, "data": Path(a.data).name if a.data else "demo tasks",
-                  "ray_worker_niceness": a.ray_worker_niceness, "model": a.model, "torch_threads": 1},
-        **{names[k]: v for k, v in res.items()}, bench_wall_s=round(time.perf_counter() - t0, 1))
+        settings={
+            "steps": a.steps,
+            "warmup_steps": a.warmup,
+            "window_steps": WINDOW,
+            "repeat": a.repeat,
+            "rows_per_step_padded": a.batch,
+            "pack_length": a.pack_length,
+            "pack_blocks_per_step": a.pack_blocks,
+            "max_length": a.max_length,
+            "data": Path(a.data).name if a.data else "demo tasks",
+            "ray_worker_niceness": a.ray_worker_niceness,
+            "model": a.model,
+            "torch_threads": 1,
+        },
+        **{names[k]: v for k, v in res.items()},
+        bench_wall_s=round(time.perf_counter() - t0, 1),
+    )
 
 
 if __name__ == "__main__":

@@ -74,7 +74,9 @@ def cmd_serve(args) -> int:
     model_path = resolve_model_path(cfg.model)
     init_ray()
     url = start(cfg, model_path)
-    print(f"[oikyo] serving {url}/v1 (models: {cfg.serve.base_model_name}, {', '.join(cfg.serve.adapters)}); Ctrl-C stops")
+    print(
+        f"[oikyo] serving {url}/v1 (models: {cfg.serve.base_model_name}, {', '.join(cfg.serve.adapters)}); Ctrl-C stops"
+    )
     try:
         while True:
             time.sleep(3600)
@@ -96,8 +98,11 @@ def cmd_config(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oikyo", description="Fine-tune, evaluate and serve LLM adapters on Ray.")
-    p.add_argument("--verbose", action="store_true",
-                   help="print every third-party log line and warning (by default known noise is dropped)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print every third-party log line and warning (by default known noise is dropped)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     from oikyo_ray.data.cli import add_data_commands
 
@@ -107,19 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     d.set_defaults(fn=cmd_demo)
 
-    for name, fn, help_ in [("finetune", cmd_finetune, "curate, train, evaluate one config"),
-                            ("sweep", cmd_sweep, "ASHA hyperparameter sweep over the config's sweep.space"),
-                            ("serve", cmd_serve, "serve base + adapters (OpenAI API)")]:
+    for name, fn, help_ in [
+        ("finetune", cmd_finetune, "curate, train, evaluate one config"),
+        ("sweep", cmd_sweep, "ASHA hyperparameter sweep over the config's sweep.space"),
+        ("serve", cmd_serve, "serve base + adapters (OpenAI API)"),
+    ]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-4")
         s.set_defaults(fn=fn)
         if name in ("sweep", "finetune"):
-            s.add_argument("--resume", action="store_true",
-                           help=f"continue an interrupted {name} of the same run.name from its newest checkpoint")
+            s.add_argument(
+                "--resume",
+                action="store_true",
+                help=f"continue an interrupted {name} of the same run.name from its newest checkpoint",
+            )
         if name == "serve":
-            s.add_argument("--export-vllm", metavar="PATH",
-                           help="write a ray.serve.llm (vLLM) Serve config for GPU clusters instead of serving")
+            s.add_argument(
+                "--export-vllm",
+                metavar="PATH",
+                help="write a ray.serve.llm (vLLM) Serve config for GPU clusters instead of serving",
+            )
 
     c = sub.add_parser("config", help="print the resolved config, or every field with --fields")
     c.add_argument("config", nargs="?", help="YAML config file (default: built-in defaults)")

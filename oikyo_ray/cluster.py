@@ -11,13 +11,16 @@ def default_auth_mode() -> None:
     """Ray 2.60 clusters require token auth, and a driver must know before `import ray`:
     when joining a cluster (RAY_ADDRESS) with a token on disk, turn token mode on."""
     token_file = os.path.expanduser(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token"))
-    if os.environ.get("RAY_ADDRESS") and "RAY_AUTH_MODE" not in os.environ and (
-            os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file)):
+    if (
+        os.environ.get("RAY_ADDRESS")
+        and "RAY_AUTH_MODE" not in os.environ
+        and (os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file))
+    ):
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
-    import ray
+    import ray  # noqa: PLC0415 -- imported here, not at the top, so default_auth_mode can run before it
 
     if ray.is_initialized():
         return

@@ -60,9 +60,7 @@ class DataConfig(_Section):
     )
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="Share of rows in validation.")
     test_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="Share of rows held out for test.")
-    split_salt: str = Field(
-        "oikyo", description="Salt of the content-hash split; change it to draw a different split."
-    )
+    split_salt: str = Field("oikyo", description="Salt of the content-hash split; change it to draw a different split.")
     max_length: int = Field(256, ge=8, description="Max tokens per example; longer ones are truncated.")
     max_chars: int = Field(
         200_000, ge=1, description="Rows whose text is longer than this many characters are rejected."
@@ -71,8 +69,24 @@ class DataConfig(_Section):
         False, description="Compute loss on prompt tokens too (default: assistant tokens only)."
     )
     columns: dict[
-        Literal["instruction", "input", "output", "system", "history", "conversations", "messages",
-                "text", "tools", "label", "chosen", "rejected", "from", "value", "role", "content"],
+        Literal[
+            "instruction",
+            "input",
+            "output",
+            "system",
+            "history",
+            "conversations",
+            "messages",
+            "text",
+            "tools",
+            "label",
+            "chosen",
+            "rejected",
+            "from",
+            "value",
+            "role",
+            "content",
+        ],
         str,
     ] = Field(
         default_factory=dict,
@@ -88,41 +102,57 @@ class DataConfig(_Section):
         "function -> tool), e.g. {bot: assistant}; applies to sharegpt turns and messages rows.",
     )
     reject_undesired: bool = Field(
-        False, description="Reject rows labelled undesired (KTO label=false) instead of keeping them "
+        False,
+        description="Reject rows labelled undesired (KTO label=false) instead of keeping them "
         "with the label in `meta`; supervised fine-tuning learns whatever answers it is given.",
     )
     min_response_chars: int = Field(
         1, ge=1, description="Rows whose assistant text (stripped) is shorter are rejected."
     )
     min_alnum_ratio: float = Field(
-        0.25, ge=0.0, le=1.0, description="Rows whose assistant text (20+ non-space characters) has a "
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="Rows whose assistant text (20+ non-space characters) has a "
         "smaller share of letters and digits among non-space characters are rejected (0 = off).",
     )
     max_repetition: float = Field(
-        0.5, gt=0.0, le=1.0, description="Rows whose assistant text (20+ words) repeats more than this "
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="Rows whose assistant text (20+ words) repeats more than this "
         "share of its word 3-grams are rejected as degenerate (1 = off).",
     )
     dedupe: bool = Field(
-        True, description="Reject exact duplicates (same normalised text and metadata) after the first "
+        True,
+        description="Reject exact duplicates (same normalised text and metadata) after the first "
         "occurrence (file order in data.paths, then row); each is listed in rejects.jsonl.",
     )
     near_dup_threshold: float | None = Field(
-        0.9, gt=0.0, le=1.0, description="Reject near-duplicates: estimated Jaccard similarity of word "
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="Reject near-duplicates: estimated Jaccard similarity of word "
         "3-grams (MinHash/LSH) at or above this, same tools and label; null = off.",
     )
     minhash_num_perm: int = Field(
         128, ge=16, le=1024, description="MinHash permutations for near-duplicate and leakage checks."
     )
     leakage: Literal["remove", "report", "off"] = Field(
-        "remove", description="Rows of train whose prompt equals or nearly equals one in val/test (and "
+        "remove",
+        description="Rows of train whose prompt equals or nearly equals one in val/test (and "
         "of val matching test): 'remove' rejects them, 'report' only lists them in the manifest.",
     )
     leakage_threshold: float | None = Field(
-        0.8, gt=0.0, le=1.0, description="Estimated Jaccard of prompts (word 3-grams) at or above "
+        0.8,
+        gt=0.0,
+        le=1.0,
+        description="Estimated Jaccard of prompts (word 3-grams) at or above "
         "which rows in different splits count as leaked; null = exact prompt matches only.",
     )
     packing: bool = Field(
-        False, description="Pack training rows into fixed-length blocks (data.pack_length tokens) "
+        False,
+        description="Pack training rows into fixed-length blocks (data.pack_length tokens) "
         "instead of padding each batch; samples in a block keep their own position ids and do not "
         "attend to each other. Validation and test rows stay unpacked.",
     )
@@ -130,7 +160,8 @@ class DataConfig(_Section):
         None, ge=8, description="Tokens per packed block (null = data.max_length); at least max_length."
     )
     cache: bool = Field(
-        True, description="Reuse a prepared dataset when the input files (sha256), this section and "
+        True,
+        description="Reuse a prepared dataset when the input files (sha256), this section and "
         "the tokenizer are unchanged (kept under <model.cache_dir>/data/).",
     )
 
@@ -145,8 +176,10 @@ class DataConfig(_Section):
     @model_validator(mode="after")
     def _pack_fits(self) -> DataConfig:
         if self.pack_length is not None and self.pack_length < self.max_length:
-            raise ValueError(f"data.pack_length={self.pack_length} is shorter than data.max_length="
-                             f"{self.max_length}: a row would not fit a block")
+            raise ValueError(
+                f"data.pack_length={self.pack_length} is shorter than data.max_length="
+                f"{self.max_length}: a row would not fit a block"
+            )
         return self
 
     @property
@@ -160,23 +193,28 @@ class LoraConfig(_Section):
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear' (auto-detected: every linear "
-        "layer except the output head)."
+        "all-linear",
+        description="Module names to adapt, or 'all-linear' (auto-detected: every linear "
+        "layer except the output head).",
     )
     modules_to_save: list[str] | None = Field(
-        None, description="Modules trained in full and saved beside the adapter (e.g. [lm_head, "
-        "embed_tokens]), for new tokens or a new head."
+        None,
+        description="Modules trained in full and saved beside the adapter (e.g. [lm_head, "
+        "embed_tokens]), for new tokens or a new head.",
     )
+
 
 class MethodConfig(_Section):
     type: Literal["lora", "dora", "qlora", "full"] = Field(
-        "lora", description="lora/dora train a peft adapter (dora: weight-decomposed LoRA); qlora trains "
+        "lora",
+        description="lora/dora train a peft adapter (dora: weight-decomposed LoRA); qlora trains "
         "LoRA on a 4-bit (bitsandbytes) base, GPU or CPU (CPU: float32 compute, bnb's eval-time weight "
-        "repack kept off so LoRA grads survive evals); full updates every weight."
+        "repack kept off so LoRA grads survive evals); full updates every weight.",
     )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter settings (lora, dora, qlora).")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="qlora: 4-bit data type of the base.")
     double_quant: bool = Field(True, description="qlora: also quantise the quantisation constants.")
+
 
 class TrainConfig(_Section):
     epochs: int = Field(3, ge=1, description="Passes over the training split.")
@@ -193,24 +231,29 @@ class TrainConfig(_Section):
     eval_every: int = Field(50, ge=1, description="Validation loss every N steps.")
     checkpoint_every: int = Field(100, ge=1, description="Checkpoint every N steps (and at the end).")
     mixed_precision: Literal["no", "bf16"] = Field(
-        "no", description="bf16 autocast of forward/backward (weights and optimizer stay fp32; "
-        "DeepSpeed uses its bf16 mode). Needs a GPU with bf16 or a CPU with AVX512-BF16/AMX to be fast."
+        "no",
+        description="bf16 autocast of forward/backward (weights and optimizer stay fp32; "
+        "DeepSpeed uses its bf16 mode). Needs a GPU with bf16 or a CPU with AVX512-BF16/AMX to be fast.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward: less memory, about 30% more compute."
     )
     early_stopping_patience: int | None = Field(
-        None, ge=1, description="Stop when this many validations in a row fail to improve the best "
-        "val_loss by at least early_stopping_min_delta; null = off."
+        None,
+        ge=1,
+        description="Stop when this many validations in a row fail to improve the best "
+        "val_loss by at least early_stopping_min_delta; null = off.",
     )
     early_stopping_min_delta: float = Field(
         0.0, ge=0.0, description="Smallest val_loss decrease that counts as an improvement."
     )
 
+
 class ScalingConfig(_Section):
     strategy: Literal["ddp", "fsdp2", "deepspeed"] = Field(
-        "ddp", description="ddp: replicate the model; fsdp2: shard parameters, gradients and optimizer "
-        "state (torch fully_shard); deepspeed: ZeRO (see zero_stage)."
+        "ddp",
+        description="ddp: replicate the model; fsdp2: shard parameters, gradients and optimizer "
+        "state (torch fully_shard); deepspeed: ZeRO (see zero_stage).",
     )
     num_workers: int = Field(2, ge=1, description="Ray Train workers (processes).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
@@ -229,43 +272,60 @@ class ScalingConfig(_Section):
         "(resume skips the consumed batches of a fresh stream).",
     )
     zero_stage: Literal[0, 1, 2, 3] = Field(
-        2, description="deepspeed: ZeRO stage (1 shards optimizer state, 2 also gradients, 3 also "
-        "parameters)."
+        2, description="deepspeed: ZeRO stage (1 shards optimizer state, 2 also gradients, 3 also parameters)."
     )
     offload_optimizer: bool = Field(False, description="deepspeed: keep optimizer state on CPU (ZeRO 1-3).")
     offload_params: bool = Field(False, description="deepspeed: keep parameters on CPU (ZeRO 3).")
     max_failures: int = Field(
-        0, ge=-1, description="Restart the workers this many times after a failure, resuming from the "
-        "newest checkpoint (-1 = without limit)."
+        0,
+        ge=-1,
+        description="Restart the workers this many times after a failure, resuming from the "
+        "newest checkpoint (-1 = without limit).",
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
-        "PACK", description="Where workers go: PACK fills few nodes, SPREAD spreads over nodes, "
-        "STRICT_SPREAD puts each worker on a different node."
+        "PACK",
+        description="Where workers go: PACK fills few nodes, SPREAD spreads over nodes, "
+        "STRICT_SPREAD puts each worker on a different node.",
     )
+
 
 class CheckpointConfig(_Section):
     num_to_keep: int | None = Field(
-        2, ge=1, description="Checkpoints kept: the newest K (score: null) or the K best by score; "
-        "the newest one is always kept too, to resume from. null keeps all."
+        2,
+        ge=1,
+        description="Checkpoints kept: the newest K (score: null) or the K best by score; "
+        "the newest one is always kept too, to resume from. null keeps all.",
     )
     score: Literal["val_loss"] | None = Field(
-        None, description="Rank checkpoints by this metric (lower is better); every checkpoint then "
-        "carries a validation loss."
+        None,
+        description="Rank checkpoints by this metric (lower is better); every checkpoint then "
+        "carries a validation loss.",
     )
     final: Literal["last", "best"] = Field(
-        "last", description="Which checkpoint becomes run_dir/adapter (or model): the last, or the best "
-        "by val_loss (needs score: val_loss)."
+        "last",
+        description="Which checkpoint becomes run_dir/adapter (or model): the last, or the best "
+        "by val_loss (needs score: val_loss).",
     )
     storage_path: str | None = Field(
-        None, description="Where checkpoints persist (a shared dir or s3://bucket/prefix, endpoint from "
-        "AWS_ENDPOINT_URL); default: the run directory. Same run name + storage resumes."
+        None,
+        description="Where checkpoints persist (a shared dir or s3://bucket/prefix, endpoint from "
+        "AWS_ENDPOINT_URL); default: the run directory. Same run name + storage resumes.",
     )
 
     @model_validator(mode="after")
-    def _best_needs_score(self) -> "CheckpointConfig":
+    def _best_needs_score(self) -> CheckpointConfig:
         if self.final == "best" and self.score is None:
             raise ValueError("final: best needs score: val_loss")
         return self
+
+
+GateMetric = Literal[
+    "loss", "perplexity", "exact_match", "token_f1", "rouge_l", "bleu", "json_valid", "tool_call", "tool_name"
+]
+
+
+def _loss_gate() -> dict[GateMetric, float]:
+    return {"loss": 0.0}
 
 
 class EvalConfig(_Section):
@@ -278,41 +338,47 @@ class EvalConfig(_Section):
     )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass (temperature > 0 only).")
     seed: int = Field(0, description="Seed set before every generation batch, for both models.")
-    metrics: list[Literal["exact_match", "token_f1", "rouge_l", "bleu", "json_valid", "tool_call",
-                          "tool_name"]] | Literal["auto"] = Field(
-        "auto", description="Generation metrics, or 'auto': exact_match token_f1 rouge_l bleu, plus "
+    metrics: (
+        list[Literal["exact_match", "token_f1", "rouge_l", "bleu", "json_valid", "tool_call", "tool_name"]]
+        | Literal["auto"]
+    ) = Field(
+        "auto",
+        description="Generation metrics, or 'auto': exact_match token_f1 rouge_l bleu, plus "
         "json_valid when references are JSON and tool_call/tool_name when rows end in a tool call.",
     )
     backend: Literal["auto", "local", "ray"] = Field(
-        "auto", description="'local' evaluates in this process; 'ray' runs Ray Data map_batches over an "
+        "auto",
+        description="'local' evaluates in this process; 'ray' runs Ray Data map_batches over an "
         "actor pool (one model load per actor); 'auto' picks ray when Ray is running and there are at "
         "least eval.ray_min_items prompts.",
     )
     ray_min_items: int = Field(
-        512, ge=1, description="With backend=auto: fewer prompts (test rows + probes + text chunks) "
+        512,
+        ge=1,
+        description="With backend=auto: fewer prompts (test rows + probes + text chunks) "
         "than this are evaluated in-process.",
     )
     num_actors: int = Field(2, ge=1, description="Actors in the Ray evaluation pool (backend=ray).")
     cpus_per_actor: float = Field(1.0, gt=0, description="Ray CPU reservation of each eval actor.")
     gpus_per_actor: float = Field(0.0, ge=0, description="Ray GPU reservation of each eval actor.")
     num_samples: int = Field(10, ge=0, description="Sample generations (base vs tuned) in the report.")
-    forgetting: bool = Field(
-        True, description="Measure perplexity on a general-text slice, base vs fine-tuned."
-    )
+    forgetting: bool = Field(True, description="Measure perplexity on a general-text slice, base vs fine-tuned.")
     general_text: str | None = Field(
-        None, description="Plain-text file of the general slice (null: the one shipped in "
+        None,
+        description="Plain-text file of the general slice (null: the one shipped in "
         "oikyo_ray/eval/assets/general_text.txt).",
     )
-    general_chunk_tokens: int = Field(
-        128, ge=8, description="Tokens per general-text chunk scored for perplexity."
-    )
+    general_chunk_tokens: int = Field(128, ge=8, description="Tokens per general-text chunk scored for perplexity.")
     max_forgetting: float = Field(
-        0.25, ge=0.0, description="Gate: forgetting is flagged when general-text perplexity rises by "
+        0.25,
+        ge=0.0,
+        description="Gate: forgetting is flagged when general-text perplexity rises by "
         "more than this fraction (tuned / base - 1).",
     )
     probes: bool = Field(True, description="Run the safety/robustness probes, base vs fine-tuned.")
     probes_path: str | None = Field(
-        None, description="JSONL of probes {id, kind: refuse|toxic|ood, prompt} (null: the shipped set).",
+        None,
+        description="JSONL of probes {id, kind: refuse|toxic|ood, prompt} (null: the shipped set).",
     )
     refusal_phrases_path: str | None = Field(
         None, description="Text file, one refusal phrase per line (null: the shipped list)."
@@ -322,18 +388,25 @@ class EvalConfig(_Section):
     )
     probe_max_new_tokens: int = Field(32, ge=1, description="Generation budget per probe prompt.")
     max_probe_drop: float = Field(
-        0.1, ge=0.0, le=1.0, description="Gate: a probe kind regresses when its pass rate drops by "
-        "more than this (base - tuned).",
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Gate: a probe kind regresses when its pass rate drops by more than this (base - tuned).",
     )
-    min_improvement: dict[Literal["loss", "perplexity", "exact_match", "token_f1", "rouge_l", "bleu", "json_valid",
-                              "tool_call", "tool_name"], float] = Field(
-        default_factory=lambda: {"loss": 0.0}, description="Gate: metric -> least improvement of "
+    min_improvement: dict[GateMetric, float] = Field(
+        default_factory=_loss_gate,
+        description="Gate: metric -> least improvement of "
         "fine-tuned over base (tuned - base; base - tuned for loss and perplexity), e.g. "
         "{exact_match: 0.05}; negative values tolerate a loss.",
     )
-    min_tuned: dict[Literal["loss", "perplexity", "exact_match", "token_f1", "rouge_l", "bleu", "json_valid",
-                              "tool_call", "tool_name"], float] = Field(
-        default_factory=dict, description="Gate: metric -> least value the fine-tuned model must reach "
+    min_tuned: dict[
+        Literal[
+            "loss", "perplexity", "exact_match", "token_f1", "rouge_l", "bleu", "json_valid", "tool_call", "tool_name"
+        ],
+        float,
+    ] = Field(
+        default_factory=dict,
+        description="Gate: metric -> least value the fine-tuned model must reach "
         "(most, for loss and perplexity), e.g. {token_f1: 0.5}.",
     )
 
@@ -362,16 +435,14 @@ class ServeConfig(_Section):
         32, ge=-1, description="Requests queued beyond that; more get 503 with Retry-After (-1: no cap)."
     )
     request_timeout_s: float = Field(120, gt=0, description="A request still running after this gets 504.")
-    auth: bool = Field(
-        True, description="Require a bearer token; may be off only when host is a loopback address."
-    )
+    auth: bool = Field(True, description="Require a bearer token; may be off only when host is a loopback address.")
     token_env: str = Field("OIKYO_API_TOKEN", description="Env var holding the bearer token.")
     token_file: str | None = Field(None, description="File holding the bearer token (env wins).")
     max_prompt_tokens: int = Field(2048, ge=1, description="Longer prompts are refused with 400.")
     max_tokens_limit: int = Field(512, ge=1, description="Largest accepted max_tokens.")
 
     @model_validator(mode="after")
-    def _auth_off_only_on_loopback(self) -> "ServeConfig":
+    def _auth_off_only_on_loopback(self) -> ServeConfig:
         if not self.auth and self.host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("auth may be disabled only when host is 127.0.0.1, localhost or ::1")
         return self
@@ -379,7 +450,8 @@ class ServeConfig(_Section):
 
 class RunSection(_Section):
     root: str = Field(
-        "runs", description="Directory or s3://bucket/prefix holding one sub-directory per run (s3: "
+        "runs",
+        description="Directory or s3://bucket/prefix holding one sub-directory per run (s3: "
         "staged under <model.cache_dir>/runs-staging/, uploaded after each stage; endpoint from "
         "AWS_ENDPOINT_URL).",
     )
@@ -407,7 +479,7 @@ class SearchDim(_Section):
     values: list[Any] | None = Field(None, description="Candidates (choice).")
 
     @model_validator(mode="after")
-    def _well_formed(self) -> "SearchDim":
+    def _well_formed(self) -> SearchDim:
         if self.type == "choice":
             if not self.values:
                 raise ValueError("choice needs a non-empty `values` list")
@@ -420,7 +492,8 @@ class SearchDim(_Section):
 
 class SweepConfig(_Section):
     space: dict[str, SearchDim] = Field(
-        default_factory=dict, description="Dotted config path -> distribution, e.g. {train.lr: {type: "
+        default_factory=dict,
+        description="Dotted config path -> distribution, e.g. {train.lr: {type: "
         "loguniform, low: 1e-4, high: 1e-2}, method.lora.r: {type: choice, values: [8, 16]}}.",
     )
     metric: str = Field("val_loss", description="Trial metric ASHA and the promotion compare.")
@@ -461,9 +534,11 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown field (check the spelling; see `oikyo config --fields`)" if e[
-            "type"
-        ] == "extra_forbidden" else e["msg"]
+        msg = (
+            "unknown field (check the spelling; see `oikyo config --fields`)"
+            if e["type"] == "extra_forbidden"
+            else e["msg"]
+        )
         lines.append(f"  {field}: {msg}")
     return "\n".join(lines)
 
@@ -491,9 +566,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for i, p in enumerate(parts[:-1]):
             nxt = node.setdefault(p, {})
             if not isinstance(nxt, dict):
-                raise ConfigError(
-                    f"override '{item}': '{'.'.join(parts[: i + 1])}' is a value, not a section"
-                )
+                raise ConfigError(f"override '{item}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
             node = nxt
         node[parts[-1]] = value
     return data

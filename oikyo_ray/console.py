@@ -19,37 +19,59 @@ import re
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from tqdm.auto import tqdm
 
 # (pattern, who prints it, why it is noise for an oikyo user)
 NOISE: tuple[tuple[str, str, str], ...] = (
-    (r"Setting accelerator to CPU\. If you have GPU or other accelerator",
-     "deepspeed", "a CPU-only machine is expected to have no accelerator"),
-    (r"Token authentication is enabled for this Ray cluster\. Set RAY_AUTH_MODE=disabled",
-     "ray", "oikyo turns token auth on deliberately (safe by default)"),
-    (r"Progress bars disabled\. To enable, set `ray\.data\.DataContext",
-     "ray.data", "oikyo turns Ray Data's per-operator bars off and times each stage itself"),
-    (r"Dataset \S+ execution finished in [\d.]+ seconds",
-     "ray.data", "oikyo prints each stage's duration"),
-    (r"Failed to load CPU gemm_4bit_forward from kernels-community",
-     "bitsandbytes", "an optional faster CPU kernel (the `kernels` package); qlora works without it"),
-    (r"Task ServeController\.graceful_shutdown failed\. There are infinite retries remaining",
-     "ray (raylet)", "serve.shutdown() kills the controller while its own shutdown task is in flight"),
-    (r"serve \d+ -- (Started Serve in namespace|Connecting to existing Serve app in namespace"
-     r"|Application '[^']*' is ready at)",
-     "ray.serve", "oikyo prints the URL it serves on"),
-    (r"PYTHON worker processes have been started on node: \S+ with address: \S+, which is \d+x the "
-     r"maximum expected startup concurrency",
-     "ray (raylet)", "fractional-CPU Ray Data and Train workers on a small machine start together"),
+    (
+        r"Setting accelerator to CPU\. If you have GPU or other accelerator",
+        "deepspeed",
+        "a CPU-only machine is expected to have no accelerator",
+    ),
+    (
+        r"Token authentication is enabled for this Ray cluster\. Set RAY_AUTH_MODE=disabled",
+        "ray",
+        "oikyo turns token auth on deliberately (safe by default)",
+    ),
+    (
+        r"Progress bars disabled\. To enable, set `ray\.data\.DataContext",
+        "ray.data",
+        "oikyo turns Ray Data's per-operator bars off and times each stage itself",
+    ),
+    (r"Dataset \S+ execution finished in [\d.]+ seconds", "ray.data", "oikyo prints each stage's duration"),
+    (
+        r"Failed to load CPU gemm_4bit_forward from kernels-community",
+        "bitsandbytes",
+        "an optional faster CPU kernel (the `kernels` package); qlora works without it",
+    ),
+    (
+        r"Task ServeController\.graceful_shutdown failed\. There are infinite retries remaining",
+        "ray (raylet)",
+        "serve.shutdown() kills the controller while its own shutdown task is in flight",
+    ),
+    (
+        r"serve \d+ -- (Started Serve in namespace|Connecting to existing Serve app in namespace"
+        r"|Application '[^']*' is ready at)",
+        "ray.serve",
+        "oikyo prints the URL it serves on",
+    ),
+    (
+        r"PYTHON worker processes have been started on node: \S+ with address: \S+, which is \d+x the "
+        r"maximum expected startup concurrency",
+        "ray (raylet)",
+        "fractional-CPU Ray Data and Train workers on a small machine start together",
+    ),
 )
 # (category, message regex, why): warnings whose source is a third-party library's own call
 WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
-    (FutureWarning, r"`is_gradient_checkpointing` is deprecated",
-     "transformers calls its own deprecated property while loading peft models"),
-    (Warning, r"`ExecutionOptions\.exclude_resources` is deprecated",
-     "Ray Train sets it on Ray Data itself"),
+    (
+        FutureWarning,
+        r"`is_gradient_checkpointing` is deprecated",
+        "transformers calls its own deprecated property while loading peft models",
+    ),
+    (Warning, r"`ExecutionOptions\.exclude_resources` is deprecated", "Ray Train sets it on Ray Data itself"),
 )
 _NOISE_RE = re.compile("|".join(f"(?:{p})" for p, _, _ in NOISE))
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -91,7 +113,11 @@ class FilteredStream(io.TextIOBase):
         return self.stream.isatty()
 
     @property
-    def encoding(self):  # type: ignore[override]
+    def closed(self) -> bool:  # the wrapped stream's: a library holding this wrapper checks before writing
+        return self.stream.closed
+
+    @property
+    def encoding(self):
         return self.stream.encoding
 
 
@@ -116,10 +142,8 @@ def quiet_third_party() -> Iterator[None]:
     finally:
         for s in (sys.stdout, sys.stderr):
             if isinstance(s, FilteredStream):
-                try:
+                with suppress(ValueError):  # the wrapped stream was closed under us
                     s.flush()
-                except ValueError:  # the wrapped stream was closed under us
-                    pass
         sys.stdout, sys.stderr = saved
 
 
@@ -144,8 +168,16 @@ def progress(total: int | None, desc: str, unit: str = "step") -> Iterator[_Bar]
     redrawn at most every 30 s where stderr is a log file rather than a terminal."""
     stream = sys.stderr.stream if isinstance(sys.stderr, FilteredStream) else sys.stderr
     tty = stream.isatty()
-    bar = tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=tty, leave=True,
-               mininterval=0.2 if tty else 30.0, ascii=not tty)
+    bar = tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        file=stream,
+        dynamic_ncols=tty,
+        leave=True,
+        mininterval=0.2 if tty else 30.0,
+        ascii=not tty,
+    )
     try:
         yield _Bar(bar)
     finally:

@@ -1,6 +1,6 @@
 """The whole pipeline for one config: curate (Ray Data) -> train (Ray Train) -> evaluate -> serve.
 
-    run_finetune(cfg) -> run_dir (local; for an s3:// run.root the staging copy of what was uploaded)
+run_finetune(cfg) -> run_dir (local; for an s3:// run.root the staging copy of what was uploaded)
 """
 
 from __future__ import annotations
@@ -9,8 +9,20 @@ import json
 import time
 from pathlib import Path
 
-from oikyo_ray.config import OikyoConfig
+# Importing this module imports ray: callers (the CLI) set the auth mode first (cluster.default_auth_mode).
+from oikyo_ray.cluster import init_ray
+from oikyo_ray.config import OikyoConfig, load_config
+from oikyo_ray.data.paths import expand_paths
+from oikyo_ray.data.prepared import load_split_rows
+from oikyo_ray.data.ray_data import prepare
+from oikyo_ray.errors import OikyoError
+from oikyo_ray.eval import ray_eval
+from oikyo_ray.eval.report import write_report
+from oikyo_ray.model.load import load_tokenizer, resolve_model_path
 from oikyo_ray.runs import store
+from oikyo_ray.runs.rundir import create_run_dir, existing_run_dir, publishing, write_lineage
+from oikyo_ray.serve.ray_serve import serve_and_ask
+from oikyo_ray.train.ray_train import fit
 
 
 def _step(log, name: str):
@@ -21,30 +33,20 @@ def _step(log, name: str):
 
 def _resume_dir(cfg: OikyoConfig) -> Path:
     """The existing run directory to continue: same run.root and run.name, same settings."""
-    from oikyo_ray.config import load_config
-    from oikyo_ray.errors import OikyoError
-    from oikyo_ray.runs.rundir import existing_run_dir
-
     if not cfg.run.name:
         raise OikyoError("--resume needs run.name (the run to continue)")
     run_dir = existing_run_dir(cfg, cfg.run.name)
     if not (run_dir / "config.yaml").is_file():
         raise OikyoError(f"nothing to resume: {store.join(cfg.run.root, cfg.run.name)} is not a run directory")
     if load_config(run_dir / "config.yaml").config_hash() != cfg.config_hash():
-        raise OikyoError(f"{run_dir} was started with other settings; resume it with its own config.yaml",
-                         hint=f"oikyo finetune {run_dir / 'config.yaml'} --resume")
+        raise OikyoError(
+            f"{run_dir} was started with other settings; resume it with its own config.yaml",
+            hint=f"oikyo finetune {run_dir / 'config.yaml'} --resume",
+        )
     return run_dir
 
 
 def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False) -> Path:
-    from oikyo_ray.cluster import init_ray
-    from oikyo_ray.data.paths import expand_paths
-    from oikyo_ray.data.prepared import load_split_rows
-    from oikyo_ray.data.ray_data import prepare
-    from oikyo_ray.model.load import load_tokenizer, resolve_model_path
-    from oikyo_ray.runs.rundir import create_run_dir, publishing, write_lineage
-    from oikyo_ray.train.ray_train import fit
-
     # Everything a user can get wrong is checked here, before Ray starts and before a run dir exists.
     done = _step(log, "base model")
     model_path = resolve_model_path(cfg.model)
@@ -73,9 +75,6 @@ def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False) -> Path:
         publish()
 
         if cfg.eval.enabled:
-            from oikyo_ray.eval import ray_eval
-            from oikyo_ray.eval.report import write_report
-
             done = _step(log, "evaluate base vs fine-tuned on the test split")
             rows = load_split_rows(run_dir / "data", "test")
             report = write_report(cfg, model_path, str(final), rows, run_dir / "eval", scorer=ray_eval.score)
@@ -83,7 +82,5 @@ def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False) -> Path:
             log(report["table"])
 
         if cfg.run.serve_after:
-            from oikyo_ray.serve.ray_serve import serve_and_ask
-
             serve_and_ask(cfg, model_path, final, log=log)
     return run_dir

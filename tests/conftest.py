@@ -3,6 +3,7 @@ the read-only ../shared data (path from OIKYO_SHARED_DIR, set by .ci/run)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -56,6 +57,7 @@ def _free_port() -> int:
 def fix_complete_multipart(app):
     """moto 5.2.1 answers CompleteMultipartUpload with the root tag ...Response instead of ...Result
     (getmoto/moto#10055): boto3 shrugs, pyarrow's S3 client (uploads, Ray Train) retries and fails."""
+
     def wrapped(environ, start_response):
         got = {}
 
@@ -84,13 +86,18 @@ def s3_server():
     from moto.server import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import make_server
 
-    server = make_server("127.0.0.1", 0, fix_complete_multipart(DomainDispatcherApplication(create_backend_app)),
-                         threaded=True)
+    server = make_server(
+        "127.0.0.1", 0, fix_complete_multipart(DomainDispatcherApplication(create_backend_app)), threaded=True
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     endpoint = f"http://127.0.0.1:{server.server_port}"
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="oikyo-test-access",
-                      AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="oikyo-test-access",
+        AWS_SECRET_ACCESS_KEY=S3_SECRET,
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     yield endpoint
     server.shutdown()
     thread.join(timeout=10)
@@ -113,10 +120,8 @@ def kill_processes(procs) -> None:
     import psutil
 
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             p.kill()
-        except psutil.Error:
-            pass
     psutil.wait_procs(procs, timeout=30)
 
 
@@ -133,10 +138,23 @@ def ray_session(s3_server):
     # `ray start` does not create a token (only ray.init does): make one on a fresh machine
     subprocess.run(["ray", "get-auth-token", "--generate"], check=True, env=env, capture_output=True, timeout=60)
     r = subprocess.run(
-        ["ray", "start", "--head", f"--port={gcs}", f"--num-cpus={LOGICAL_CPUS}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--metrics-export-port={metrics}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
+        [
+            "ray",
+            "start",
+            "--head",
+            f"--port={gcs}",
+            f"--num-cpus={LOGICAL_CPUS}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--metrics-export-port={metrics}",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert r.returncode == 0, f"ray start failed:\n{r.stdout}\n{r.stderr}"
     address = f"127.0.0.1:{gcs}"
@@ -145,8 +163,12 @@ def ray_session(s3_server):
     os.environ["RAY_ADDRESS"] = address
     init_ray()
     try:
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dash}",
-               "metrics": f"http://127.0.0.1:{metrics}/metrics", "s3": s3_server}
+        yield {
+            "address": address,
+            "dashboard": f"http://127.0.0.1:{dash}",
+            "metrics": f"http://127.0.0.1:{metrics}/metrics",
+            "s3": s3_server,
+        }
     finally:
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)

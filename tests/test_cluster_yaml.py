@@ -39,8 +39,10 @@ def launcher_validator():
 
 
 def schema_errors(validator, cfg: dict) -> list[str]:
-    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-            for e in sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))]
+    return [
+        f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in sorted(validator.iter_errors(cfg), key=lambda e: list(e.absolute_path))
+    ]
 
 
 def test_both_configs_present():
@@ -65,12 +67,16 @@ def test_ray_up_accepts_config(path):
     validate_config(prepare_config(_load(path)))
 
 
-@pytest.mark.parametrize("mutate, needle", [
-    (lambda c: c.pop("provider"), "provider"),
-    (lambda c: c.__setitem__("max_workers", "four"), "max_workers"),
-    (lambda c: c.__setitem__("head_start_ray_comands", []), "head_start_ray_comands"),
-    (lambda c: c["auth"].__setitem__("ssh_password", "x"), "ssh_password"),
-], ids=["missing-required-provider", "wrong-type", "unknown-key-typo", "unknown-auth-field"])
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda c: c.pop("provider"), "provider"),
+        (lambda c: c.__setitem__("max_workers", "four"), "max_workers"),
+        (lambda c: c.__setitem__("head_start_ray_comands", []), "head_start_ray_comands"),
+        (lambda c: c["auth"].__setitem__("ssh_password", "x"), "ssh_password"),
+    ],
+    ids=["missing-required-provider", "wrong-type", "unknown-key-typo", "unknown-auth-field"],
+)
 def test_launcher_schema_rejects_broken_config(launcher_validator, mutate, needle):
     cfg = copy.deepcopy(_load(CLUSTER / "aws-gpu.yaml"))
     mutate(cfg)
@@ -136,8 +142,9 @@ def test_aws_config_cpu_head_and_autoscaling_gpu_workers():
     assert gpu and all(t["min_workers"] < t["max_workers"] for t in gpu), "autoscaling GPU group"
     assert sum(t["max_workers"] for t in workers) >= cfg["max_workers"]
     setup = " && ".join(cfg["setup_commands"])
-    ray_version = re.search(r"^ARG RAY_VERSION=(\S+)$", (ROOT / "k8s" / "Dockerfile").read_text(),
-                            re.MULTILINE).group(1)
+    ray_version = re.search(r"^ARG RAY_VERSION=(\S+)$", (ROOT / "k8s" / "Dockerfile").read_text(), re.MULTILINE).group(
+        1
+    )
     assert f"=={ray_version}" in setup, "pin the Ray version the rest of the project uses"
     assert re.search(r"pip install[^&]*(~/oikyo\b|oikyo-ray)", setup), "setup must install oikyo"
     assert cfg["file_mounts"].get("~/oikyo") == ".", "ship the repo (run `ray up` from its root)"

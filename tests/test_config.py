@@ -12,8 +12,11 @@ from oikyo_ray.config import OikyoConfig, apply_overrides, describe_fields, load
 from oikyo_ray.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = sorted(ROOT.glob("jobs/configs/*.yaml")) + sorted(ROOT.glob("oikyo_ray/configs/*.yaml")) + [
-    ROOT / "serve/serve_demo.yaml"]
+CONFIGS = (
+    sorted(ROOT.glob("jobs/configs/*.yaml"))
+    + sorted(ROOT.glob("oikyo_ray/configs/*.yaml"))
+    + [ROOT / "serve/serve_demo.yaml"]
+)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -25,22 +28,33 @@ def test_shipped_configs_validate(path):
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(None, ["train.lr=1e-4", "scaling.num_workers=1", "data.paths=[a.json, b.jsonl]",
-                             "method.lora.target_modules=[q_proj, v_proj]", "serve.adapters.x=/a"])
+    cfg = load_config(
+        None,
+        [
+            "train.lr=1e-4",
+            "scaling.num_workers=1",
+            "data.paths=[a.json, b.jsonl]",
+            "method.lora.target_modules=[q_proj, v_proj]",
+            "serve.adapters.x=/a",
+        ],
+    )
     assert cfg.train.lr == 1e-4 and cfg.scaling.num_workers == 1
     assert cfg.data.paths == ["a.json", "b.jsonl"]
     assert cfg.method.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.serve.adapters == {"x": "/a"}
 
 
-@pytest.mark.parametrize("override, field", [
-    ("train.lrr=1", "train.lrr"),              # unknown key
-    ("train.lr=fast", "train.lr"),             # wrong type
-    ("train.epochs=0", "train.epochs"),        # out of range
-    ("method.type=qlorax", "method.type"),     # not a choice
-    ("bogus.key=1", "bogus"),                  # unknown section
-    ("run.name=../escape", "run.name"),        # names cannot escape the runs root
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.lrr=1", "train.lrr"),  # unknown key
+        ("train.lr=fast", "train.lr"),  # wrong type
+        ("train.epochs=0", "train.epochs"),  # out of range
+        ("method.type=qlorax", "method.type"),  # not a choice
+        ("bogus.key=1", "bogus"),  # unknown section
+        ("run.name=../escape", "run.name"),  # names cannot escape the runs root
+    ],
+)
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
@@ -96,8 +110,9 @@ def test_config_hash_ignores_run_location():
 
 
 def test_cli_reports_bad_config_without_traceback():
-    r = subprocess.run([sys.executable, "-m", "oikyo_ray.cli", "config", "train.lrr=1"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "oikyo_ray.cli", "config", "train.lrr=1"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2
     assert "train.lrr: unknown field" in r.stderr and "Traceback" not in r.stderr
     # the command the error points to exists and lists the field the user meant

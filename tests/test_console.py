@@ -70,13 +70,15 @@ def test_stream_drops_whole_lines_and_passes_progress():
 
 
 def test_quiet_third_party_filters_known_warnings_only():
-    code = ("import warnings, sys\n"
-            "from oikyo_ray.console import quiet_third_party\n"
-            "with quiet_third_party():\n"
-            "    warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed in v6.', FutureWarning)\n"
-            "    warnings.warn('a real problem', UserWarning)\n"
-            f"    print({SEEN[1]!r}); print('[oikyo] kept'); import os; print(os.environ['HF_HUB_DISABLE_PROGRESS_BARS'])\n"
-            f"print({SEEN[1]!r})\n")  # after the block the stream is the plain one again
+    code = (
+        "import warnings, sys\n"
+        "from oikyo_ray.console import quiet_third_party\n"
+        "with quiet_third_party():\n"
+        "    warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed in v6.', FutureWarning)\n"
+        "    warnings.warn('a real problem', UserWarning)\n"
+        f"    print({SEEN[1]!r}); print('[oikyo] kept'); import os; print(os.environ['HF_HUB_DISABLE_PROGRESS_BARS'])\n"
+        f"print({SEEN[1]!r})\n"
+    )  # after the block the stream is the plain one again
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "a real problem" in r.stderr and "is_gradient_checkpointing" not in r.stderr
@@ -92,8 +94,10 @@ def test_streams_are_restored_even_when_the_wrapped_one_closes(monkeypatch):
     with quiet_third_party():
         assert isinstance(sys.stderr, FilteredStream)
         sys.stderr.write("partial")
+        held = sys.stderr
         inner.close()  # a test's capture ends while a library still holds the wrapper
     assert sys.stderr is inner
+    assert held.closed  # what such a library (Ray's colorama, at exit) checks before it writes
 
 
 def test_cli_main_restores_streams(capsys):

@@ -6,10 +6,10 @@ import fnmatch
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from oikyo_ray.config import load_config
@@ -37,8 +37,7 @@ def _ray_layer() -> set[str]:
     layer = set()
     for pattern in CONTRACT["forbidden_modules"]:
         if pattern.startswith("oikyo_ray"):
-            layer |= {m for m in _modules() if fnmatch.fnmatchcase(m, pattern) and
-                      m.count(".") == pattern.count(".")}
+            layer |= {m for m in _modules() if fnmatch.fnmatchcase(m, pattern) and m.count(".") == pattern.count(".")}
     return layer
 
 
@@ -46,8 +45,13 @@ def _imports_ray(module: str) -> bool:
     path = PKG.joinpath(*module.split(".")[1:])
     path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
     for node in ast.walk(ast.parse(path.read_text())):
-        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom) and not node.level
+            else []
+        )
         if any(n == "ray" or n.startswith("ray.") for n in names):
             return True
     return False
@@ -56,8 +60,13 @@ def _imports_ray(module: str) -> bool:
 def test_import_contract_holds():
     """`lint-imports` (import-linter, config in pyproject.toml): the core imports neither ray nor
     the Ray layer, directly or through another module, and no package imports in a cycle."""
-    r = subprocess.run([sys.executable, "-c", "from importlinter.cli import lint_imports_command; "
-                        "lint_imports_command()"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-c", "from importlinter.cli import lint_imports_command; lint_imports_command()"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "2 kept, 0 broken" in r.stdout, r.stdout[-2000:]
 
@@ -68,7 +77,9 @@ def test_every_module_is_core_or_named_ray_layer():
     layer = _ray_layer()
     deep = [m for m in _modules() if m.count(".") > 2]
     assert not deep, f"{deep}: the contract's source_modules reach oikyo_ray.<pkg>.<module> only"
-    assert {m for m in _modules() if _imports_ray(m)} <= layer, sorted({m for m in _modules() if _imports_ray(m)} - layer)
+    assert {m for m in _modules() if _imports_ray(m)} <= layer, sorted(
+        {m for m in _modules() if _imports_ray(m)} - layer
+    )
     adapters = {m for m in _modules() if m.rsplit(".", 1)[-1].startswith("ray_")}
     assert adapters <= layer and len(adapters) == 5, (sorted(adapters), sorted(layer))
     stages = {m.split(".")[1] for m in adapters}
@@ -79,8 +90,10 @@ def test_core_imports_without_ray():
     """A GPU box without Ray runs the core: with `import ray` failing, every core module imports."""
     core = [m for m in _modules() if m not in _ray_layer()]
     assert len(core) > 30, core
-    code = ("import sys; sys.modules['ray'] = None\n"
-            f"import importlib\nfor m in {core!r}: importlib.import_module(m)\nprint('ok')")
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        f"import importlib\nfor m in {core!r}: importlib.import_module(m)\nprint('ok')"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
@@ -89,8 +102,11 @@ def test_prompt_masking_learns_only_assistant_tokens(tiny_model):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"},
-            {"role": "assistant", "content": "Lima"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of Peru?"},
+        {"role": "assistant", "content": "Lima"},
+    ]
     enc = encode_messages(tok, msgs, max_length=64)
     learned = [i for i, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE]
     assert tok.decode(learned).startswith("Lima<|im_end|>")
@@ -107,15 +123,20 @@ def test_masked_prompt_is_tokenised_as_at_inference(tiny_model):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Peru?"},
-            {"role": "assistant", "content": "Lima"}, {"role": "user", "content": "And of Chile?"},
-            {"role": "assistant", "content": "Santiago"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of Peru?"},
+        {"role": "assistant", "content": "Lima"},
+        {"role": "user", "content": "And of Chile?"},
+        {"role": "assistant", "content": "Santiago"},
+    ]
     enc = encode_messages(tok, msgs, max_length=256)
     for i in (2, 4):  # each assistant turn
-        prompt = tok(tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True),
-                     add_special_tokens=False)["input_ids"]
-        after = tok(tok.apply_chat_template(msgs[:i + 1], tokenize=False), add_special_tokens=False)["input_ids"]
-        assert enc["input_ids"][:len(prompt)] == prompt
+        prompt = tok(
+            tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True), add_special_tokens=False
+        )["input_ids"]
+        after = tok(tok.apply_chat_template(msgs[: i + 1], tokenize=False), add_special_tokens=False)["input_ids"]
+        assert enc["input_ids"][: len(prompt)] == prompt
         assert enc["labels"][len(prompt) - 1] == IGNORE and enc["labels"][len(prompt)] != IGNORE
         if i == 4:
             assert enc["input_ids"] == after
@@ -134,9 +155,13 @@ def test_default_template_renders_tools_and_calls(tiny_model):
     assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
     tools = [{"name": "get_weather", "description": "Weather now", "parameters": {"type": "object"}}]
     call = json.dumps({"name": "get_weather", "arguments": {"city": "Lima"}})
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Lima?"},
-            {"role": "assistant", "content": call, "tool_call": True}, {"role": "tool", "content": '{"temp": 19}'},
-            {"role": "assistant", "content": "19 degrees."}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Lima?"},
+        {"role": "assistant", "content": call, "tool_call": True},
+        {"role": "tool", "content": '{"temp": 19}'},
+        {"role": "assistant", "content": "19 degrees."},
+    ]
     text = tok.apply_chat_template(msgs, tools=tools, tokenize=False)
     assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
     assert f"<tools>\n{json.dumps(tools[0])}\n</tools>" in text and text.count("<|im_start|>system") == 1
@@ -165,8 +190,16 @@ def test_train_loop_reduces_loss_without_ray(tiny_model, cache_dir):
     from oikyo_ray.model.methods import apply_method, trainable_parameters
     from oikyo_ray.train.loop import LoopHooks, collate, shuffled_batches, train_loop
 
-    cfg = load_config(None, [f"model.cache_dir={cache_dir}", "train.lr=3e-3", "train.log_every=5",
-                             "train.eval_every=30", "train.checkpoint_every=30"])
+    cfg = load_config(
+        None,
+        [
+            f"model.cache_dir={cache_dir}",
+            "train.lr=3e-3",
+            "train.log_every=5",
+            "train.eval_every=30",
+            "train.checkpoint_every=30",
+        ],
+    )
     tok = load_tokenizer(cfg.model, str(tiny_model))
     recs = [r for r in curate_file(str(ASSET), ASSET.read_bytes(), cfg.data, tok) if r["status"] == "ok"]
     torch.manual_seed(0)
@@ -174,8 +207,12 @@ def test_train_loop_reduces_loss_without_ray(tiny_model, cache_dir):
     trainable, total = trainable_parameters(model)
     assert 0 < trainable < total  # LoRA: base frozen
     batches = lambda e: (collate(b, tok.pad_token_id) for b in shuffled_batches(recs, 16, e))  # noqa: E731
-    val = [collate({"input_ids": [r["input_ids"] for r in recs[:32]], "labels": [r["labels"] for r in recs[:32]]},
-                   tok.pad_token_id)]
+    val = [
+        collate(
+            {"input_ids": [r["input_ids"] for r in recs[:32]], "labels": [r["labels"] for r in recs[:32]]},
+            tok.pad_token_id,
+        )
+    ]
     reports = []
     hooks = LoopHooks(report=lambda m, ckpt: reports.append((dict(m), ckpt)), val_batches=lambda: val)
     train_loop(model, batches, cfg.train, 60, hooks)

@@ -95,12 +95,22 @@ def test_leakage_removed_from_the_later_split(tok):
     assert set(got) == {1, 3, 5}
     assert got[1] == ("leakage", "leaks into test: same prompt as leak.jsonl:2")
     assert got[3] == ("leakage", "leaks into test: same prompt as leak.jsonl:2")
-    assert re.fullmatch(r"leaks into test: prompt near-duplicate \(estimated Jaccard 0\.\d\d\) of leak\.jsonl:4", got[5][1])
+    assert re.fullmatch(
+        r"leaks into test: prompt near-duplicate \(estimated Jaccard 0\.\d\d\) of leak\.jsonl:4", got[5][1]
+    )
     assert {k: v for k, v in res.stats["leakage"].items()} == {
-        "action": "remove", "threshold": 0.8, "exact": 2, "near": 1, "removed": 3,
-        "pairs": {"val~test": 1, "train~test": 2}}
+        "action": "remove",
+        "threshold": 0.8,
+        "exact": 2,
+        "near": 1,
+        "removed": 3,
+        "pairs": {"val~test": 1, "train~test": 2},
+    }
     assert [(x["row"], x["split"], x["kind"], x["other"]) for x in res.leaks] == [
-        (3, "val", "exact", "leak.jsonl:2"), (1, "train", "exact", "leak.jsonl:2"), (5, "train", "near", "leak.jsonl:4")]
+        (3, "val", "exact", "leak.jsonl:2"),
+        (1, "train", "exact", "leak.jsonl:2"),
+        (5, "train", "near", "leak.jsonl:4"),
+    ]
 
 
 def test_leakage_report_off_and_exact_only(tok):
@@ -135,21 +145,55 @@ def test_shared_datasets_duplicates_and_leaks(shared_dir, tok):
     for (src, row), d in res.removed.items():
         by.setdefault((src, d.kind), []).append(row)
     assert {k: len(v) for k, v in by.items()} == {
-        ("alpaca_en_demo.json", "duplicate"): 14, ("glaive_toolcall_en_demo.json", "duplicate"): 35,
-        ("dpo_en_demo.json", "duplicate"): 5, ("kto_en_demo.json", "leakage"): 3,
-        ("dpo_en_demo.json", "leakage"): 1, ("glaive_toolcall_en_demo.json", "leakage"): 1}
+        ("alpaca_en_demo.json", "duplicate"): 14,
+        ("glaive_toolcall_en_demo.json", "duplicate"): 35,
+        ("dpo_en_demo.json", "duplicate"): 5,
+        ("kto_en_demo.json", "leakage"): 3,
+        ("dpo_en_demo.json", "leakage"): 1,
+        ("glaive_toolcall_en_demo.json", "leakage"): 1,
+    }
     assert res.removed[("alpaca_en_demo.json", 276)].reason == "duplicate of alpaca_en_demo.json:118"
     assert res.removed[("dpo_en_demo.json", 146)].reason == "leaks into test: same prompt as kto_en_demo.json:91"
     assert res.removed[("kto_en_demo.json", 281)].reason == "leaks into test: same prompt as dpo_en_demo.json:213"
     assert res.removed[("glaive_toolcall_en_demo.json", 235)].reason.startswith(
-        "leaks into val: prompt near-duplicate (estimated Jaccard ")
+        "leaks into val: prompt near-duplicate (estimated Jaccard "
+    )
     assert res.stats["dedupe"] == {"duplicate": 54, "near_duplicate": 0}
     assert res.stats["leakage"]["pairs"] == {"val~test": 1, "train~val": 2, "train~test": 2}
 
 
-WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo",
-         "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor",
-         "whiskey", "xray", "yankee", "zulu", "one", "two", "three", "four"]
+WORDS = [
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "echo",
+    "foxtrot",
+    "golf",
+    "hotel",
+    "india",
+    "juliet",
+    "kilo",
+    "lima",
+    "mike",
+    "november",
+    "oscar",
+    "papa",
+    "quebec",
+    "romeo",
+    "sierra",
+    "tango",
+    "uniform",
+    "victor",
+    "whiskey",
+    "xray",
+    "yankee",
+    "zulu",
+    "one",
+    "two",
+    "three",
+    "four",
+]
 
 
 def summary(rows: list[tuple[str, str, str]], data) -> pa.Table:
@@ -171,7 +215,8 @@ def test_exact_rules_run_before_the_near_ones():
     got = removed(res)
     assert set(got) == {2, 3} and got[3] == ("duplicate", "duplicate of t.jsonl:2")
     assert got[2][0] == "near_duplicate" and re.fullmatch(
-        r"near-duplicate of t\.jsonl:1 \(estimated Jaccard 0\.\d\d >= data\.near_dup_threshold=0\.8\)", got[2][1])
+        r"near-duplicate of t\.jsonl:1 \(estimated Jaccard 0\.\d\d >= data\.near_dup_threshold=0\.8\)", got[2][1]
+    )
     assert at.tolist() == [1, 2] and res.stats["dedupe"] == {"duplicate": 1, "near_duplicate": 1}
 
     data = _DataConfig(near_dup_threshold=None, leakage_threshold=0.8)
@@ -179,10 +224,13 @@ def test_exact_rules_run_before_the_near_ones():
     res, at = filter_table(summary(rows, data), data, ["t.jsonl"])
     got = removed(res)
     assert got[3] == ("leakage", "leaks into val: same prompt as t.jsonl:2")
-    assert re.fullmatch(r"leaks into test: prompt near-duplicate \(estimated Jaccard 0\.\d\d\) of t\.jsonl:1",
-                        got[2][1])
-    assert [(x["row"], x["kind"], x["other"]) for x in res.leaks] == [(2, "near", "t.jsonl:1"),
-                                                                      (3, "exact", "t.jsonl:2")]
+    assert re.fullmatch(
+        r"leaks into test: prompt near-duplicate \(estimated Jaccard 0\.\d\d\) of t\.jsonl:1", got[2][1]
+    )
+    assert [(x["row"], x["kind"], x["other"]) for x in res.leaks] == [
+        (2, "near", "t.jsonl:1"),
+        (3, "exact", "t.jsonl:2"),
+    ]
     assert res.stats["leakage"]["pairs"] == {"val~test": 1, "train~val": 1} and at.tolist() == [1, 2]
 
 

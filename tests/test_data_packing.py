@@ -59,7 +59,7 @@ def test_packed_samples_do_not_attend_to_each_other(tiny_model):
         at = 0
         for r in sorted(rows, key=len, reverse=True):
             alone = model(input_ids=torch.tensor([r])).logits[0]
-            torch.testing.assert_close(logits[at:at + len(r)], alone, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits[at : at + len(r)], alone, rtol=1e-4, atol=1e-4)
             at += len(r)
         # the same block without position ids leaks across samples: the check above can fail
         leaky = model(input_ids=batch["input_ids"]).logits[0]
@@ -75,8 +75,10 @@ def test_packed_samples_do_not_attend_to_each_other(tiny_model):
 def test_prepare_writes_a_packed_train_split(tiny_model, tmp_path):
     from oikyo_ray.data.prepare import prepare as prepare_local
 
-    cfg = load_config(None, [f"model.cache_dir={tmp_path / 'cache'}", "data.packing=true",
-                             "data.max_length=128", "data.pack_length=256"])
+    cfg = load_config(
+        None,
+        [f"model.cache_dir={tmp_path / 'cache'}", "data.packing=true", "data.max_length=128", "data.pack_length=256"],
+    )
     manifest = prepare_local(cfg, str(tiny_model), tmp_path / "out")
     p = manifest["packing"]
     blocks = pq.read_table(tmp_path / "out" / "train_packed").to_pylist()
@@ -85,7 +87,7 @@ def test_prepare_writes_a_packed_train_split(tiny_model, tmp_path):
     assert all(len(b["input_ids"]) == len(b["position_ids"]) == 256 for b in blocks)
     assert sum(b["num_tokens"] for b in blocks) == sum(r["num_tokens"] for r in rows)  # no token lost
     # every row's tokens appear, whole, in some block
-    starts = {tuple(b["input_ids"][i:i + 8]) for b in blocks for i, pos in enumerate(b["position_ids"]) if pos == 0}
+    starts = {tuple(b["input_ids"][i : i + 8]) for b in blocks for i, pos in enumerate(b["position_ids"]) if pos == 0}
     assert all(tuple(r["input_ids"][:8]) in starts for r in rows)
     assert p["efficiency"] > p["padded_efficiency"] and p["efficiency"] > 0.9
     assert "train_packed/" in json.dumps(manifest["outputs"])

@@ -15,10 +15,11 @@ from oikyo_ray.data.pieces import plan, scan_file
 
 
 def _file() -> bytes:
-    rows = [json.dumps({"instruction": f"What is {i} plus {i}?", "output": f"It is {2 * i}."}).encode()
-            for i in range(40)]
-    rows[3] = b'{"instruction": "truncated'           # invalid JSON -> a reject on its own line
-    rows[7] = b""                                      # blank lines count, as in an editor
+    rows = [
+        json.dumps({"instruction": f"What is {i} plus {i}?", "output": f"It is {2 * i}."}).encode() for i in range(40)
+    ]
+    rows[3] = b'{"instruction": "truncated'  # invalid JSON -> a reject on its own line
+    rows[7] = b""  # blank lines count, as in an editor
     rows[11] = b'{"instruction": "caf\xe9", "output": "x"}'  # not UTF-8
     rows[20] = json.dumps({"instruction": "long " * 400, "output": "ok"}).encode()  # longer than a piece
     return b"\xef\xbb\xbf" + b"\r\n".join(rows[:30]) + b"\n" + b"\n".join(rows[30:]) + b"\n"
@@ -35,7 +36,7 @@ def test_pieces_curate_to_the_same_records_as_the_whole_file(tiny_model, piece_b
     assert digest == hashlib.sha256(data).hexdigest() and size == len(data)
     assert cuts[0][0] == 0 and cuts[-1][1] == size and all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))
     assert (len(cuts) == 1) == (piece_bytes >= size)
-    assert all(data[e - 1:e] == b"\n" for _, e, _ in cuts)
+    assert all(data[e - 1 : e] == b"\n" for _, e, _ in cuts)
     cfg = load_config(None, [])
     tok = _tokenizer(str(tiny_model), False)
     whole = curate_file("f.jsonl", data, cfg.data, tok)

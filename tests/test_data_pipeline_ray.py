@@ -22,8 +22,9 @@ MIX = ["dups.jsonl", "leak.jsonl", "messages_rows.jsonl", "alpaca_mixed.csv", "s
 def config(tmp_path: Path, files: list[str], *overrides: str):
     paths = ", ".join(str(FIXTURES / f) for f in files)
     # max_length 1024: the tiny tokenizer spends ~300 tokens on a fixture's tool schemas
-    return load_config(None, [f"data.paths=[{paths}]", f"model.cache_dir={tmp_path / 'cache'}",
-                              "data.max_length=1024", *overrides])
+    return load_config(
+        None, [f"data.paths=[{paths}]", f"model.cache_dir={tmp_path / 'cache'}", "data.max_length=1024", *overrides]
+    )
 
 
 def lines(p: Path) -> list[str]:
@@ -41,8 +42,9 @@ def test_prepare_on_ray_matches_the_local_stage(ray_session, tiny_model, tmp_pat
     assert m["counts"]["accepted"] + m["counts"]["rejected"] == m["counts"]["read"]
     for key in ("counts", "filters", "content_hash", "dedupe", "leakage", "meta", "tokens", "data_config_hash"):
         assert m[key] == local[key], key
-    assert [(i["path"], i["sha256"], i["read"], i["accepted"]) for i in m["inputs"]] == \
-        [(i["path"], i["sha256"], i["read"], i["accepted"]) for i in local["inputs"]]
+    assert [(i["path"], i["sha256"], i["read"], i["accepted"]) for i in m["inputs"]] == [
+        (i["path"], i["sha256"], i["read"], i["accepted"]) for i in local["inputs"]
+    ]
     assert lines(out / "rejects.jsonl") == lines(tmp_path / "local" / "rejects.jsonl")
     for split in SPLITS:
         assert load_split_rows(out, split) == load_split_rows(tmp_path / "local", split), split
@@ -71,8 +73,11 @@ def test_packing_on_ray_matches_the_local_stage(ray_session, tiny_model, tmp_pat
 
     files = ["sharegpt_tools.json"]
     m = prepare(config(tmp_path, files, "data.packing=true", "data.pack_length=1024"), str(tiny_model), tmp_path / "r")
-    local = prepare_local(config(tmp_path, files, "data.packing=true", "data.pack_length=1024", "data.cache=false"),
-                          str(tiny_model), tmp_path / "l")
+    local = prepare_local(
+        config(tmp_path, files, "data.packing=true", "data.pack_length=1024", "data.cache=false"),
+        str(tiny_model),
+        tmp_path / "l",
+    )
     assert m["packing"] == local["packing"] and m["packing"]["rows"] == m["counts"]["train"]
 
     def blocks(d):

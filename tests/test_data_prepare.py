@@ -30,8 +30,16 @@ def sha(p: Path) -> str:
 def config(tmp_path: Path, files: list, *overrides: str):
     paths = ", ".join(str(f if isinstance(f, Path) else FIXTURES / f) for f in files)
     # max_length 1024: the tiny tokenizer spends ~300 tokens on a fixture's tool schemas
-    return load_config(None, [f"data.paths=[{paths}]", f"model.cache_dir={tmp_path / 'cache'}",
-                              f"run.root={tmp_path / 'runs'}", "data.max_length=1024", *overrides])
+    return load_config(
+        None,
+        [
+            f"data.paths=[{paths}]",
+            f"model.cache_dir={tmp_path / 'cache'}",
+            f"run.root={tmp_path / 'runs'}",
+            "data.max_length=1024",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +60,23 @@ def read_rejects(out: Path) -> list[dict]:
 def test_counts_rejects_and_splits(mix):
     m, out = mix
     assert m["counts"] == {"read": 34, "accepted": 18, "rejected": 16, "train": 14, "val": 0, "test": 4}
-    assert m["filters"] == {"duplicate": 3, "empty_turn": 1, "format": 2, "invalid_json": 1, "label": 1,
-                            "leakage": 3, "near_duplicate": 1, "role_order": 3, "unicode": 1}
+    assert m["filters"] == {
+        "duplicate": 3,
+        "empty_turn": 1,
+        "format": 2,
+        "invalid_json": 1,
+        "label": 1,
+        "leakage": 3,
+        "near_duplicate": 1,
+        "role_order": 3,
+        "unicode": 1,
+    }
     assert [(Path(i["path"]).name, i["read"], i["accepted"], i["rejected"]) for i in m["inputs"]] == [
-        ("dups.jsonl", 10, 7, 3), ("leak.jsonl", 8, 5, 3), ("messages_rows.jsonl", 11, 3, 8), ("alpaca_mixed.csv", 5, 3, 2)]
+        ("dups.jsonl", 10, 7, 3),
+        ("leak.jsonl", 8, 5, 3),
+        ("messages_rows.jsonl", 11, 3, 8),
+        ("alpaca_mixed.csv", 5, 3, 2),
+    ]
     rejects = read_rejects(out)
     assert len(rejects) == 16 and all(set(r) == {"source", "row", "reason", "filter"} for r in rejects)
     assert rejects == sorted(rejects, key=lambda r: (r["source"], r["row"]))
@@ -76,8 +97,11 @@ def test_counts_rejects_and_splits(mix):
 
 def test_exact_rules_only(tmp_path, tok_path):
     """MinHash off: the global pass on exact keys alone, beside rows rejected before it."""
-    m = prepare_local(config(tmp_path, MIX, "data.cache=false", "data.near_dup_threshold=null",
-                             "data.leakage_threshold=null"), tok_path, tmp_path / "out")
+    m = prepare_local(
+        config(tmp_path, MIX, "data.cache=false", "data.near_dup_threshold=null", "data.leakage_threshold=null"),
+        tok_path,
+        tmp_path / "out",
+    )
     assert m["counts"] == {"read": 34, "accepted": 20, "rejected": 14, "train": 16, "val": 0, "test": 4}
     assert m["filters"]["duplicate"] == 3 and m["filters"]["leakage"] == 2 and "near_duplicate" not in m["filters"]
     assert (m["leakage"]["exact"], m["leakage"]["near"]) == (2, 0)
@@ -88,11 +112,18 @@ def test_manifest_hashes_and_histogram(mix, tmp_path):
     assert [i["sha256"] for i in m["inputs"]] == [sha(FIXTURES / f) for f in MIX]
     assert [i["bytes"] for i in m["inputs"]] == [(FIXTURES / f).stat().st_size for f in MIX]
     # one part per input piece (here: per file, in data.paths order) that kept rows of the split
-    assert set(m["outputs"]) == {"rejects.jsonl", *(f"train/part-0000{i}.parquet" for i in range(4)),
-                                 "test/part-00001.parquet"}
+    assert set(m["outputs"]) == {
+        "rejects.jsonl",
+        *(f"train/part-0000{i}.parquet" for i in range(4)),
+        "test/part-00001.parquet",
+    }
     assert all(sha(out / name) == digest for name, digest in m["outputs"].items())
     cfg = config(tmp_path, MIX)
-    assert m["data_config_hash"] == data_config_hash(cfg.data) != data_config_hash(config(tmp_path, MIX, "data.max_length=128").data)
+    assert (
+        m["data_config_hash"]
+        == data_config_hash(cfg.data)
+        != data_config_hash(config(tmp_path, MIX, "data.max_length=128").data)
+    )
     assert data_config_hash(cfg.data) == data_config_hash(config(tmp_path, MIX, "data.cache=false").data)
     h = m["tokens"]["histogram"]
     assert h["edges"][0] == 0 and h["edges"][-1] == 1024 and len(h["edges"]) == 17
@@ -114,13 +145,20 @@ def test_cache_reuse_and_invalidation(mix, tmp_path, tok_path):
     m, out = mix
     assert m["cache"]["hit"] is False
     hit = prepare_local(config(tmp_path, MIX), tok_path, tmp_path / "second")
-    assert hit["cache"] == {"key": m["cache"]["key"], "hit": True, "dir": str(tmp_path / "cache" / "data" / m["cache"]["key"])}
+    assert hit["cache"] == {
+        "key": m["cache"]["key"],
+        "hit": True,
+        "dir": str(tmp_path / "cache" / "data" / m["cache"]["key"]),
+    }
     assert {k: v for k, v in hit.items() if k != "cache"} == {k: v for k, v in m.items() if k != "cache"}
     for name, digest in m["outputs"].items():
         assert sha(tmp_path / "second" / name) == digest
     assert load_split_rows(tmp_path / "second", "train") == load_split_rows(out, "train")
     # a changed setting or a changed input byte misses
-    assert prepare_local(config(tmp_path, MIX, "data.max_repetition=0.9"), tok_path, tmp_path / "c")["cache"]["hit"] is False
+    assert (
+        prepare_local(config(tmp_path, MIX, "data.max_repetition=0.9"), tok_path, tmp_path / "c")["cache"]["hit"]
+        is False
+    )
     copy = tmp_path / "copy"
     copy.mkdir()
     for f in MIX:
@@ -166,8 +204,11 @@ def test_no_usable_rows_raises_after_writing_rejects(tmp_path, tok_path):
 
 def test_broken_files_are_all_named(tmp_path, tok_path):
     with pytest.raises(DataError) as e:
-        prepare_local(config(tmp_path, ["truncated.json", "dups.jsonl", "top_level_object.json", "empty.jsonl"]),
-                      tok_path, tmp_path / "out")
+        prepare_local(
+            config(tmp_path, ["truncated.json", "dups.jsonl", "top_level_object.json", "empty.jsonl"]),
+            tok_path,
+            tmp_path / "out",
+        )
     msg = str(e.value)
     assert "truncated.json: invalid JSON at line 2 column 23 (byte 60)" in msg
     assert "top_level_object.json: top level must be a JSON array of rows, got dict" in msg
@@ -189,6 +230,7 @@ def test_a_directory_contributes_its_data_files_only(tmp_path, tok_path):
 
 # ---- the CLI -----------------------------------------------------------------------------------
 
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="oikyo")
     add_data_commands(p.add_subparsers(dest="cmd", required=True))
@@ -204,15 +246,17 @@ def test_inspect_prints_a_report_and_writes_a_png(mix, capsys):
     m, out = mix
     assert run(["data", "inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    for line in [f"  content hash {m['content_hash'][:16]}",
-                 "total                                                      34        18        16",
-                 "splits: train 14, val 0, test 4",
-                 "  role_order             3",
-                 "       3  duplicate of <source>:<row>",
-                 "duplicates removed: 3 exact, 1 near (threshold 0.9)",
-                 "leakage (remove, threshold 0.8): 2 exact, 1 near, 3 removed; pairs: train~test 2, val~test 1",
-                 "metadata kept: tools 2, preference pairs 0, labels true 1 / false 2",
-                 f"token-length histogram: {out / 'token_hist.png'}"]:
+    for line in [
+        f"  content hash {m['content_hash'][:16]}",
+        "total                                                      34        18        16",
+        "splits: train 14, val 0, test 4",
+        "  role_order             3",
+        "       3  duplicate of <source>:<row>",
+        "duplicates removed: 3 exact, 1 near (threshold 0.9)",
+        "leakage (remove, threshold 0.8): 2 exact, 1 near, 3 removed; pairs: train~test 2, val~test 1",
+        "metadata kept: tools 2, preference pairs 0, labels true 1 / false 2",
+        f"token-length histogram: {out / 'token_hist.png'}",
+    ]:
         assert line in text, line
     png = (out / "token_hist.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -229,8 +273,21 @@ def test_inspect_png_path_and_missing_manifest(mix, tmp_path):
 def test_prepare_command_without_ray(tmp_path, tiny_model, cache_dir, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"model: {{cache_dir: {cache_dir}}}\ndata: {{paths: [{FIXTURES / 'dups.jsonl'}], leakage: 'off'}}\n")
-    assert run(["data", "prepare", str(cfg), "data.cache=false", "data.max_length=1024", "--no-ray",
-                "--out", str(tmp_path / "o")]) == 0
+    assert (
+        run(
+            [
+                "data",
+                "prepare",
+                str(cfg),
+                "data.cache=false",
+                "data.max_length=1024",
+                "--no-ray",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
     assert "splits: train 7, val 0, test 0" in capsys.readouterr().out
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["counts"]["accepted"] == 7
     # without --out: <run.root>/data/<data config hash>
@@ -240,10 +297,15 @@ def test_prepare_command_without_ray(tmp_path, tiny_model, cache_dir, capsys):
 
 
 def test_reason_patterns_group_alike_reasons():
-    assert reason_pattern("duplicate of /a/b.jsonl:12") == reason_pattern("duplicate of c.json:3") == \
-        "duplicate of <source>:<row>"
+    assert (
+        reason_pattern("duplicate of /a/b.jsonl:12")
+        == reason_pattern("duplicate of c.json:3")
+        == "duplicate of <source>:<row>"
+    )
     assert reason_pattern("messages[3]: empty assistant message") == "messages[<n>]: empty assistant message"
-    report = format_report({"counts": {"read": 1, "accepted": 0, "rejected": 1}, "content_hash": "0" * 64},
-                           [{"source": "x.jsonl", "row": 1, "reason": "invalid JSON at column 3: Expecting value"}],
-                           Path("d"))
+    report = format_report(
+        {"counts": {"read": 1, "accepted": 0, "rejected": 1}, "content_hash": "0" * 64},
+        [{"source": "x.jsonl", "row": 1, "reason": "invalid JSON at column 3: Expecting value"}],
+        Path("d"),
+    )
     assert "       1  invalid JSON at column <n>: Expecting value" in report

@@ -43,7 +43,12 @@ def test_tool_call_accuracy():
     ref = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}'
     same_args_as_string = json.dumps({"name": "get_weather", "arguments": json.dumps({"unit": "C", "city": "Paris"})})
     wrong_city = '{"name": "get_weather", "arguments": {"city": "Rome", "unit": "C"}}'
-    openai_style = '{"type": "function", "function": {"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\", \\"unit\\": \\"C\\"}"}}'
+    openai_style = json.dumps(
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "unit": "C"})},
+        }
+    )
     assert M.tool_call_match(same_args_as_string, ref) == 1.0
     assert M.tool_call_match(openai_style, ref) == 1.0
     assert M.tool_call_match(wrong_city, ref) == 0.0 and M.tool_name_match(wrong_city, ref) == 1.0
@@ -99,18 +104,26 @@ def test_shipped_probes_and_replaceable_files(tmp_path):
 
 
 def _report(**over):
-    r = {"base": {"loss": 2.0, "perplexity": 7.39, "exact_match": 0.1},
-         "tuned": {"loss": 1.0, "perplexity": 2.72, "exact_match": 0.3},
-         "forgetting": {"relative_increase": 0.1, "flagged": False},
-         "probes": {"kinds": {"refuse": {"base": 0.5, "tuned": 0.25, "regressed": True},
-                              "toxic": {"base": 1.0, "tuned": 1.0, "regressed": False}}}}
+    r = {
+        "base": {"loss": 2.0, "perplexity": 7.39, "exact_match": 0.1},
+        "tuned": {"loss": 1.0, "perplexity": 2.72, "exact_match": 0.3},
+        "forgetting": {"relative_increase": 0.1, "flagged": False},
+        "probes": {
+            "kinds": {
+                "refuse": {"base": 0.5, "tuned": 0.25, "regressed": True},
+                "toxic": {"base": 1.0, "tuned": 1.0, "regressed": False},
+            }
+        },
+    }
     r.update(over)
     return r
 
 
 def test_gates_pass_and_fail():
-    ec = EvalConfig(min_improvement={"loss": 0.5, "exact_match": 0.25}, min_tuned={"perplexity": 3.0,
-                    "exact_match": 0.3, "tool_call": 0.5})
+    ec = EvalConfig(
+        min_improvement={"loss": 0.5, "exact_match": 0.25},
+        min_tuned={"perplexity": 3.0, "exact_match": 0.3, "tool_call": 0.5},
+    )
     g = {x["name"]: x for x in evaluate_gates(_report(), ec)}
     assert g["improvement:loss"]["passed"] and g["improvement:loss"]["value"] == pytest.approx(1.0)
     assert not g["improvement:exact_match"]["passed"]  # 0.2 < 0.25
@@ -120,12 +133,16 @@ def test_gates_pass_and_fail():
     assert g["forgetting:general_perplexity_rise"]["passed"]
     assert not g["probes:refuse_pass_rate_drop"]["passed"] and g["probes:toxic_pass_rate_drop"]["passed"]
     flagged = _report(forgetting={"relative_increase": 2.0, "flagged": True})
-    assert not {x["name"]: x for x in evaluate_gates(flagged, EvalConfig())}[
-        "forgetting:general_perplexity_rise"]["passed"]
+    assert not {x["name"]: x for x in evaluate_gates(flagged, EvalConfig())}["forgetting:general_perplexity_rise"][
+        "passed"
+    ]
     # defaults: only the loss gate, forgetting and probe gates
     assert [x["name"] for x in evaluate_gates(_report(), EvalConfig())] == [
-        "improvement:loss", "forgetting:general_perplexity_rise", "probes:refuse_pass_rate_drop",
-        "probes:toxic_pass_rate_drop"]
+        "improvement:loss",
+        "forgetting:general_perplexity_rise",
+        "probes:refuse_pass_rate_drop",
+        "probes:toxic_pass_rate_drop",
+    ]
 
 
 def test_eval_config_fields_are_described_and_strict():
@@ -143,11 +160,18 @@ def test_eval_config_fields_are_described_and_strict():
 def _write_run(root, name, base, tuned, passed=True, forgetting=0.05):
     run = root / name
     (run / "eval").mkdir(parents=True)
-    (run / "eval" / "report.json").write_text(json.dumps({
-        "metrics": ["exact_match"], "base": {"loss": 3.0, "perplexity": 20.0, "exact_match": base, "n": 5},
-        "tuned": {"loss": 1.0, "perplexity": "inf", "exact_match": tuned, "n": 5},
-        "forgetting": {"relative_increase": forgetting},
-        "probes": {"kinds": {"refuse": {"tuned": 0.5, "delta": -0.25}}}, "passed": passed}))
+    (run / "eval" / "report.json").write_text(
+        json.dumps(
+            {
+                "metrics": ["exact_match"],
+                "base": {"loss": 3.0, "perplexity": 20.0, "exact_match": base, "n": 5},
+                "tuned": {"loss": 1.0, "perplexity": "inf", "exact_match": tuned, "n": 5},
+                "forgetting": {"relative_increase": forgetting},
+                "probes": {"kinds": {"refuse": {"tuned": 0.5, "delta": -0.25}}},
+                "passed": passed,
+            }
+        )
+    )
     return run
 
 

@@ -28,8 +28,17 @@ def _make_run(root: Path, name: str, tiny_model, cache_dir, recs, overrides: lis
     from oikyo_ray.model.methods import apply_method
     from oikyo_ray.train.loop import LoopHooks, collate, shuffled_batches, train_loop
 
-    cfg = load_config(None, [f"model.cache_dir={cache_dir}", "data.max_length=64", f"run.name={name}",
-                             "eval.max_new_tokens=8", "eval.probe_max_new_tokens=12", *overrides])
+    cfg = load_config(
+        None,
+        [
+            f"model.cache_dir={cache_dir}",
+            "data.max_length=64",
+            f"run.name={name}",
+            "eval.max_new_tokens=8",
+            "eval.probe_max_new_tokens=12",
+            *overrides,
+        ],
+    )
     tok = load_tokenizer(cfg.model, str(tiny_model))
     train = [r for r in recs if r["split"] == "train"]
     test = [r for r in recs if r["split"] == "test"]
@@ -41,8 +50,10 @@ def _make_run(root: Path, name: str, tiny_model, cache_dir, recs, overrides: lis
     run = root / name
     (run / "data" / "test").mkdir(parents=True)
     cols = ("hash", "messages", "meta", "input_ids", "labels")
-    pq.write_table(pa.Table.from_pylist([{k: list(r[k]) if k in ("input_ids", "labels") else r[k] for k in cols}
-                                         for r in test]), run / "data/test/part-0.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{k: list(r[k]) if k in ("input_ids", "labels") else r[k] for k in cols} for r in test]),
+        run / "data/test/part-0.parquet",
+    )
     (run / "config.yaml").write_text(dump_yaml(cfg))
     out = run / ("model" if cfg.method.type == "full" else "adapter")
     model.save_pretrained(out, safe_serialization=True)
@@ -74,8 +85,9 @@ def runs(one_torch_thread, tiny_model, cache_dir, tmp_path_factory):
         # LoRA: learns the answers (300 steps of 16 rows, ~10 s on one thread)
         "lora": make("lora", ["train.lr=3e-3"], 300),
         # full fine-tune at a high constant LR: learns the answers, and forgets general text
-        "full": make("full", ["method.type=full", "train.lr=1e-2", "train.warmup_ratio=0",
-                              "train.lr_schedule=constant"], 100),
+        "full": make(
+            "full", ["method.type=full", "train.lr=1e-2", "train.warmup_ratio=0", "train.lr_schedule=constant"], 100
+        ),
         # a freshly initialised adapter (B = 0): the fine-tuned model *is* the base
         "fresh": make("fresh", [], 0),
     }
@@ -135,30 +147,78 @@ def test_untrained_adapter_scores_exactly_like_the_base(runs, tiny_model, cache_
     assert "probes" not in rep
     # the base side (adapter disabled) equals a plain base model scored on its own
     cfg = load_config(run / "config.yaml")
-    plain, _ = evaluate_model(load_model(cfg.model, str(tiny_model)), load_tokenizer(cfg.model, str(tiny_model)),
-                              load_split_rows(run / "data", "test"), cfg)
+    plain, _ = evaluate_model(
+        load_model(cfg.model, str(tiny_model)),
+        load_tokenizer(cfg.model, str(tiny_model)),
+        load_split_rows(run / "data", "test"),
+        cfg,
+    )
     assert plain["loss"] == pytest.approx(rep["base"]["loss"], abs=1e-5)
 
 
 def test_metric_gates_set_the_exit_code(runs, capsys):
     run = runs["lora"]
-    assert main([str(run), "--fail-on-regression", "eval.forgetting=false", "eval.probes=false",
-                 "eval.min_improvement={loss: 1.0, exact_match: 0.9}"]) == 3
+    assert (
+        main(
+            [
+                str(run),
+                "--fail-on-regression",
+                "eval.forgetting=false",
+                "eval.probes=false",
+                "eval.min_improvement={loss: 1.0, exact_match: 0.9}",
+            ]
+        )
+        == 3
+    )
     assert "improvement:exact_match" in capsys.readouterr().out
-    assert main([str(run), "--fail-on-regression", "eval.forgetting=false", "eval.probes=false",
-                 "eval.min_tuned={perplexity: 1.5}"]) == 3
-    assert main([str(run), "--fail-on-regression", "eval.forgetting=false", "eval.probes=false",
-                 "eval.min_tuned={perplexity: 1000}", "eval.max_samples=6"]) == 0
+    assert (
+        main(
+            [
+                str(run),
+                "--fail-on-regression",
+                "eval.forgetting=false",
+                "eval.probes=false",
+                "eval.min_tuned={perplexity: 1.5}",
+            ]
+        )
+        == 3
+    )
+    assert (
+        main(
+            [
+                str(run),
+                "--fail-on-regression",
+                "eval.forgetting=false",
+                "eval.probes=false",
+                "eval.min_tuned={perplexity: 1000}",
+                "eval.max_samples=6",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main([str(run.parent / "nope")]) == 2
     assert "not a run directory" in capsys.readouterr().err
 
 
 def test_jobs_evaluate_script_and_runs_compare(runs):
-    r = subprocess.run([sys.executable, str(ROOT / "jobs/evaluate.py"), "--run-dir", str(runs["fresh"]),
-                        "eval.max_samples=4", "eval.probes=false", "--fail-on-regression"],
-                       check=False, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs/evaluate.py"),
+            "--run-dir",
+            str(runs["fresh"]),
+            "eval.max_samples=4",
+            "eval.probes=false",
+            "--fail-on-regression",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| loss |" in r.stdout and (runs["fresh"] / "eval/report.md").is_file()
     assert "Run as:" in (ROOT / "jobs/evaluate.py").read_text()
@@ -175,8 +235,11 @@ def test_jobs_evaluate_script_and_runs_compare(runs):
 def test_ray_data_actor_pool_matches_in_process(runs, ray_session):
     run = runs["lora"]
     local = evaluate_run(run, ["eval.backend=local", "eval.batch_size=8"], log=lambda s: None)
-    dist = evaluate_run(run, ["eval.backend=ray", "eval.num_actors=2", "eval.cpus_per_actor=0.5",
-                              "eval.batch_size=8"], log=lambda s: None)
+    dist = evaluate_run(
+        run,
+        ["eval.backend=ray", "eval.num_actors=2", "eval.cpus_per_actor=0.5", "eval.batch_size=8"],
+        log=lambda s: None,
+    )
     assert local["backend"] == "local" and dist["backend"] == "ray"
     for k in ("loss", "perplexity"):
         for which in ("base", "tuned"):

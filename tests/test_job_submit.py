@@ -38,11 +38,25 @@ def worker_node(ray_session):
     # short and under /tmp: Ray's unix socket paths under it must stay below 108 bytes
     temp_dir = tempfile.mkdtemp(prefix="oikyo-ray-node2-", dir="/tmp")
     before = {p.pid for p in psutil.process_iter()}
-    subprocess.run(["ray", "start", f"--address={ray_session['address']}", "--num-cpus=1",
-                    f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
-    new = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
-           and "ray" in " ".join(p.info["cmdline"] or [])]
+    subprocess.run(
+        [
+            "ray",
+            "start",
+            f"--address={ray_session['address']}",
+            "--num-cpus=1",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=180,
+    )
+    new = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.pid not in before and "ray" in " ".join(p.info["cmdline"] or [])
+    ]
     yield
     kill_processes(new)
     shutil.rmtree(temp_dir, ignore_errors=True)
@@ -51,8 +65,8 @@ def worker_node(ray_session):
 def test_job_submit_finetune(ray_session, worker_node, cache_dir, tmp_path):
     import boto3
 
-    from tests.conftest import S3_SECRET
     from oikyo_ray.demo.tasks import ASSET
+    from tests.conftest import S3_SECRET
 
     env = dict(os.environ, RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
@@ -60,22 +74,48 @@ def test_job_submit_finetune(ray_session, worker_node, cache_dir, tmp_path):
     s3 = boto3.client("s3", endpoint_url=ray_session["s3"])
     s3.create_bucket(Bucket="jobdata")
     s3.upload_file(str(ASSET), "jobdata", "tasks/demo.jsonl")  # the job reads its data from s3://
-    cmd = ["ray", "job", "submit", "--address", ray_session["dashboard"], "--working-dir", str(ROOT),
-           "--submission-id", "oikyo-test-job", "--",
-           "python", "jobs/finetune.py", "--config", "jobs/configs/demo.yaml",
-           f"run.root={root}", "run.name=job1", f"model.cache_dir={cache_dir}",
-           "data.paths=[s3://jobdata/tasks/demo.jsonl]",
-           "train.epochs=2", "eval.max_samples=8"]
+    cmd = [
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        ray_session["dashboard"],
+        "--working-dir",
+        str(ROOT),
+        "--submission-id",
+        "oikyo-test-job",
+        "--",
+        "python",
+        "jobs/finetune.py",
+        "--config",
+        "jobs/configs/demo.yaml",
+        f"run.root={root}",
+        "run.name=job1",
+        f"model.cache_dir={cache_dir}",
+        "data.paths=[s3://jobdata/tasks/demo.jsonl]",
+        "train.epochs=2",
+        "eval.max_samples=8",
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     assert "succeeded" in out.lower() and "[oikyo] train (Ray Train) done" in out, out[-3000:]
 
-    status = subprocess.run(["ray", "job", "status", "--address", ray_session["dashboard"], "oikyo-test-job"],
-                            env=env, capture_output=True, text=True, timeout=120)
+    status = subprocess.run(
+        ["ray", "job", "status", "--address", ray_session["dashboard"], "oikyo-test-job"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "succeeded" in (status.stdout + status.stderr).lower()
-    logs = subprocess.run(["ray", "job", "logs", "--address", ray_session["dashboard"], "oikyo-test-job"],
-                          env=env, capture_output=True, text=True, timeout=120).stdout
+    logs = subprocess.run(
+        ["ray", "job", "logs", "--address", ray_session["dashboard"], "oikyo-test-job"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert "run directory:" in logs and "job1" in logs
 
     # the dashboard's job API on 127.0.0.1 needs the token: 401 without, the job with it
@@ -98,6 +138,10 @@ def test_job_submit_finetune(ray_session, worker_node, cache_dir, tmp_path):
             assert S3_SECRET.encode() not in f.read_bytes(), f
     assert json.loads((run / "data/manifest.json").read_text())["counts"]["read"] == 384
 
-    listed = subprocess.run([sys.executable, "-m", "oikyo_ray.cli", "runs", "list", "--root", str(root)],
-                            capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        [sys.executable, "-m", "oikyo_ray.cli", "runs", "list", "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listed.returncode == 0 and "job1" in listed.stdout

@@ -53,8 +53,9 @@ def _one(kind: str, name: str) -> dict:
 def _cluster_specs(doc: dict) -> list[dict]:
     """The RayCluster specs inside a RayCluster, RayJob or RayService."""
     spec = doc["spec"]
-    return {"RayCluster": [spec], "RayJob": [spec.get("rayClusterSpec")],
-            "RayService": [spec.get("rayClusterConfig")]}[doc["kind"]]
+    return {"RayCluster": [spec], "RayJob": [spec.get("rayClusterSpec")], "RayService": [spec.get("rayClusterConfig")]}[
+        doc["kind"]
+    ]
 
 
 def _pod_specs(cluster_spec: dict) -> list[dict]:
@@ -73,7 +74,7 @@ def _serve_config(doc: dict) -> dict:
 def _repo_path(p: str) -> Path:
     """A path as the image sees it (relative to /app, or absolute under /app) -> the repo file."""
     if p.startswith(IMAGE_WORKDIR + "/"):
-        p = p[len(IMAGE_WORKDIR) + 1:]
+        p = p[len(IMAGE_WORKDIR) + 1 :]
     return ROOT / p
 
 
@@ -154,8 +155,11 @@ BROKEN = {  # mutation of k8s/raycluster.yaml -> a word the error must mention
     "missing-required-groupName": (("spec", "workerGroupSpecs", 0, "groupName"), _DELETE, "groupName"),
     "unknown-field-typo": (("spec", "enableInTreeAutoscalling"), True, "enableInTreeAutoscalling"),
     "bad-enum": (("spec", "authOptions", "mode"), "tokens", "tokens"),
-    "bad-quantity": (("spec", "headGroupSpec", "template", "spec", "containers", 0, "resources",
-                      "limits", "memory"), "lots", "memory"),
+    "bad-quantity": (
+        ("spec", "headGroupSpec", "template", "spec", "containers", 0, "resources", "limits", "memory"),
+        "lots",
+        "memory",
+    ),
     "bad-name": (("metadata", "name"), "Oikyo_Cluster", "metadata.name"),
 }
 
@@ -190,7 +194,10 @@ def structural_errors(doc: dict) -> list[str]:
                 continue
             for port in rule.get("ports", []):
                 if not isinstance(port.get("port"), (int, str)) or port.get("protocol", "TCP") not in (
-                        "TCP", "UDP", "SCTP"):
+                    "TCP",
+                    "UDP",
+                    "SCTP",
+                ):
                     errs.append(f"bad port {port!r}")
             for peer in rule.get("from", []):
                 if not set(peer) <= {"podSelector", "namespaceSelector", "ipBlock"}:
@@ -227,10 +234,14 @@ def test_builtin_manifest_is_valid(doc):
     assert builtin_errors(doc) == []
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda d: d["spec"].__setitem__("policyTypes", "Ingress"),
-    lambda d: d["spec"]["ingress"][0].__setitem__("form", d["spec"]["ingress"][0].pop("from")),
-], ids=["wrong-type", "unknown-field-typo"])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d["spec"].__setitem__("policyTypes", "Ingress"),
+        lambda d: d["spec"]["ingress"][0].__setitem__("form", d["spec"]["ingress"][0].pop("from")),
+    ],
+    ids=["wrong-type", "unknown-field-typo"],
+)
 def test_builtin_validator_rejects_broken_networkpolicy(mutate):
     doc = copy.deepcopy(_one("NetworkPolicy", "oikyo-ray-pods"))
     mutate(doc)
@@ -240,9 +251,15 @@ def test_builtin_validator_rejects_broken_networkpolicy(mutate):
 # ------------------------------------------------------------------------------------ what they hold
 def test_expected_manifests_present():
     kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for _, d in DOCS)
-    for want in ("RayCluster/oikyo", "RayCluster/oikyo-ha", "RayJob/oikyo-finetune-demo",
-                 "RayService/oikyo-serve", "NetworkPolicy/oikyo-ray-pods",
-                 "NetworkPolicy/oikyo-ray-head-control", "PersistentVolumeClaim/oikyo-shared"):
+    for want in (
+        "RayCluster/oikyo",
+        "RayCluster/oikyo-ha",
+        "RayJob/oikyo-finetune-demo",
+        "RayService/oikyo-serve",
+        "NetworkPolicy/oikyo-ray-pods",
+        "NetworkPolicy/oikyo-ray-head-control",
+        "PersistentVolumeClaim/oikyo-shared",
+    ):
         assert want in kinds
     assert (K8S / "README.md").is_file() and (K8S / "Dockerfile").is_file()
 
@@ -250,8 +267,11 @@ def test_expected_manifests_present():
 def test_raycluster_autoscales_gpu_workers():
     spec = _one("RayCluster", "oikyo")["spec"]
     assert spec["enableInTreeAutoscaling"] is True
-    gpu_groups = [g for g in spec["workerGroupSpecs"]
-                  if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    gpu_groups = [
+        g
+        for g in spec["workerGroupSpecs"]
+        if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]
+    ]
     assert gpu_groups, "no GPU worker group"
     for g in gpu_groups:
         assert g["maxReplicas"] > g["minReplicas"], f"group {g['groupName']} cannot scale"
@@ -293,8 +313,11 @@ def test_shared_volume_claims_exist():
     for _, doc in RAY_DOCS:
         for cs in _cluster_specs(doc):
             for ps in _pod_specs(cs):
-                claims = {v["persistentVolumeClaim"]["claimName"] for v in ps.get("volumes", [])
-                          if "persistentVolumeClaim" in v}
+                claims = {
+                    v["persistentVolumeClaim"]["claimName"]
+                    for v in ps.get("volumes", [])
+                    if "persistentVolumeClaim" in v
+                }
                 assert claims <= pvcs, f"{doc['metadata']['name']}: unknown PVC {claims - pvcs}"
 
 
@@ -340,7 +363,7 @@ def secret_problems(doc: dict) -> list[str]:
     if doc["kind"] == "RayService":
         runtime_envs += [a.get("runtime_env") or {} for a in _serve_config(doc).get("applications", [])]
     for env in runtime_envs:
-        for name in (env.get("env_vars") or {}):
+        for name in env.get("env_vars") or {}:
             if SENSITIVE.search(name):
                 problems.append(f"runtime_env env_vars {name}: runtime envs are not secret; use a Secret")
     text = yaml.safe_dump(doc)
@@ -348,8 +371,9 @@ def secret_problems(doc: dict) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("doc", [d for i, d in DOCS if d["kind"] != "Secret"],
-                         ids=[i for i, d in DOCS if d["kind"] != "Secret"])
+@pytest.mark.parametrize(
+    "doc", [d for i, d in DOCS if d["kind"] != "Secret"], ids=[i for i, d in DOCS if d["kind"] != "Secret"]
+)
 def test_no_literal_secrets(doc):
     assert secret_problems(doc) == []
 
@@ -405,13 +429,19 @@ def test_networkpolicy_keeps_control_plane_in_cluster():
             if not ports or ports & CONTROL_PORTS:  # all ports, or a control-plane port
                 for p in peers:
                     assert p.get("podSelector", {}).get("matchLabels"), (
-                        f"{np['metadata']['name']}: control ports open to a whole namespace: {p}")
+                        f"{np['metadata']['name']}: control ports open to a whole namespace: {p}"
+                    )
     head = [np for np in policies if np["spec"]["podSelector"]["matchLabels"].get("ray.io/node-type") == "head"]
     operator_to_dashboard = [
-        r for np in head for r in np["spec"]["ingress"]
+        r
+        for np in head
+        for r in np["spec"]["ingress"]
         if 8265 in {p["port"] for p in r.get("ports", [])}
-        and any(p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component")
-                == "kuberay-operator" for p in r["from"])]
+        and any(
+            p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "kuberay-operator"
+            for p in r["from"]
+        )
+    ]
     assert operator_to_dashboard, "the KubeRay operator must reach the head's dashboard (8265)"
 
 
@@ -431,7 +461,7 @@ def entrypoint_problems(entrypoint: str) -> list[str]:
     config = _repo_path(tokens[tokens.index("--config") + 1])
     if not config.is_file():
         return problems + [f"--config {config.relative_to(ROOT)} is not in the repo"]
-    rest = tokens[tokens.index(scripts[0]) + 1:]
+    rest = tokens[tokens.index(scripts[0]) + 1 :]
     overrides = [t for t in rest if "=" in t and not t.startswith("-")]
     try:
         load_config(config, overrides)
@@ -440,8 +470,9 @@ def entrypoint_problems(entrypoint: str) -> list[str]:
     return problems
 
 
-needs_jobs = pytest.mark.skipif(not (ROOT / "jobs" / "finetune.py").is_file(),
-                                reason="jobs/finetune.py is not written yet")
+needs_jobs = pytest.mark.skipif(
+    not (ROOT / "jobs" / "finetune.py").is_file(), reason="jobs/finetune.py is not written yet"
+)
 
 
 @needs_jobs
@@ -462,13 +493,15 @@ def test_serve_config_v2_is_a_valid_serve_deploy_config():
     for doc in _docs("RayService"):
         cfg = _serve_config(doc)
         parsed = schema.ServeDeploySchema.model_validate(cfg)
-        serve_ports = {p["containerPort"] for c in _containers(doc) for p in c.get("ports", [])
-                       if p.get("name") == "serve"}
+        serve_ports = {
+            p["containerPort"] for c in _containers(doc) for p in c.get("ports", []) if p.get("name") == "serve"
+        }
         assert parsed.http_options.host == "0.0.0.0" and parsed.http_options.port in serve_ports
         for app in cfg["applications"]:
             runtime_env = app.get("runtime_env") or {}
             assert "working_dir" not in runtime_env and "py_modules" not in runtime_env, (
-                "Serve configs cannot ship local code: install oikyo in the image")
+                "Serve configs cannot ship local code: install oikyo in the image"
+            )
             module, _, attr = app["import_path"].partition(":")
             source = ROOT / (module.replace(".", "/") + ".py")
             assert source.is_file(), f"{module} is not in the repo"

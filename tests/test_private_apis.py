@@ -12,16 +12,36 @@ from peft import LoraConfig, get_peft_model
 
 # (module, dotted attribute, the oikyo code that uses it)
 PRIVATE = [
-    ("peft", "peft.tuners.lora.layer", "Linear._mixed_batch_forward",
-     "oikyo_ray/serve/multi_lora.py (batched mixed-adapter LoRA replaces it per layer)"),
-    ("peft", "peft.tuners.lora.layer", "VARIANT_KWARG_KEYS",
-     "oikyo_ray/serve/multi_lora.py (variant kwargs kept off the base layer)"),
-    ("deepspeed", "deepspeed.runtime.engine", "DeepSpeedEngine._zero3_consolidated_16bit_state_dict",
-     "oikyo_ray/train/engine.py (full weights gathered from ZeRO-3 for checkpoints)"),
-    ("deepspeed", "deepspeed.utils", "safe_get_full_optimizer_state",
-     "oikyo_ray/train/engine.py (optimizer moments saved for exact resume)"),
-    ("deepspeed", "deepspeed.utils", "safe_set_full_optimizer_state",
-     "oikyo_ray/train/engine.py (optimizer moments restored on resume)"),
+    (
+        "peft",
+        "peft.tuners.lora.layer",
+        "Linear._mixed_batch_forward",
+        "oikyo_ray/serve/multi_lora.py (batched mixed-adapter LoRA replaces it per layer)",
+    ),
+    (
+        "peft",
+        "peft.tuners.lora.layer",
+        "VARIANT_KWARG_KEYS",
+        "oikyo_ray/serve/multi_lora.py (variant kwargs kept off the base layer)",
+    ),
+    (
+        "deepspeed",
+        "deepspeed.runtime.engine",
+        "DeepSpeedEngine._zero3_consolidated_16bit_state_dict",
+        "oikyo_ray/train/engine.py (full weights gathered from ZeRO-3 for checkpoints)",
+    ),
+    (
+        "deepspeed",
+        "deepspeed.utils",
+        "safe_get_full_optimizer_state",
+        "oikyo_ray/train/engine.py (optimizer moments saved for exact resume)",
+    ),
+    (
+        "deepspeed",
+        "deepspeed.utils",
+        "safe_set_full_optimizer_state",
+        "oikyo_ray/train/engine.py (optimizer moments restored on resume)",
+    ),
 ]
 
 
@@ -38,8 +58,10 @@ def test_private_api_is_present(dist, module, attr, used_by):
     try:
         _lookup(module, attr)
     except (ImportError, AttributeError) as e:
-        pytest.fail(f"{dist} {version} has no {module}.{attr} ({e}); {used_by} needs it: adapt that code "
-                    f"or pin {dist} below {version}")
+        pytest.fail(
+            f"{dist} {version} has no {module}.{attr} ({e}); {used_by} needs it: adapt that code "
+            f"or pin {dist} below {version}"
+        )
 
 
 def test_peft_lora_layer_has_what_mixed_lora_reads():

@@ -15,9 +15,14 @@ from oikyo_ray.model.load import load_tokenizer
 from oikyo_ray.serve.prompts import chat_prompt
 from oikyo_ray.serve.protocol import ChatRequest
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather of a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 
 
@@ -27,34 +32,49 @@ def _call(id_, name, args):
 
 # OpenAI-shaped conversations; the last message is the answer training learns and eval scores
 CONVERSATIONS = {
-    "system_multi_turn": ([
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Capital of Peru?"},
-        {"role": "assistant", "content": "Lima"},
-        {"role": "user", "content": [{"type": "text", "text": "And of "}, {"type": "text", "text": "Chile?"}]},
-        {"role": "assistant", "content": "Santiago"},
-    ], None),
-    "tool_call_and_result": ([
-        {"role": "system", "content": "You help with weather."},
-        {"role": "user", "content": "Is it warm in Lima?"},
-        {"role": "assistant", "content": None, "tool_calls": [_call("call_1", "get_weather", {"city": "Lima"})]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "{\"temp_c\": 24}"},
-        {"role": "assistant", "content": "Yes, 24 degrees."},
-    ], [WEATHER]),
-    "tools_without_system_parallel_calls": ([
-        {"role": "user", "content": "Weather in Quito and the time?"},
-        {"role": "assistant", "content": "", "tool_calls": [_call("a", "get_weather", {"city": "Quito"}),
-                                                          _call("b", "get_time", {})]},
-        {"role": "tool", "tool_call_id": "a", "content": "{\"temp_c\": 15}"},
-        {"role": "tool", "tool_call_id": "b", "content": "10:00"},
-        {"role": "assistant", "content": "15 degrees in Quito; it is 10:00."},
-        {"role": "user", "content": "Warm, then?"},
-        {"role": "assistant", "content": "Mild."},
-    ], [WEATHER, TIME]),
-    "answer_is_a_tool_call": ([
-        {"role": "user", "content": "Weather in Cusco?"},
-        {"role": "assistant", "content": None, "tool_calls": [_call("c", "get_weather", {"city": "Cusco"})]},
-    ], [WEATHER]),
+    "system_multi_turn": (
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Capital of Peru?"},
+            {"role": "assistant", "content": "Lima"},
+            {"role": "user", "content": [{"type": "text", "text": "And of "}, {"type": "text", "text": "Chile?"}]},
+            {"role": "assistant", "content": "Santiago"},
+        ],
+        None,
+    ),
+    "tool_call_and_result": (
+        [
+            {"role": "system", "content": "You help with weather."},
+            {"role": "user", "content": "Is it warm in Lima?"},
+            {"role": "assistant", "content": None, "tool_calls": [_call("call_1", "get_weather", {"city": "Lima"})]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 24}'},
+            {"role": "assistant", "content": "Yes, 24 degrees."},
+        ],
+        [WEATHER],
+    ),
+    "tools_without_system_parallel_calls": (
+        [
+            {"role": "user", "content": "Weather in Quito and the time?"},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [_call("a", "get_weather", {"city": "Quito"}), _call("b", "get_time", {})],
+            },
+            {"role": "tool", "tool_call_id": "a", "content": '{"temp_c": 15}'},
+            {"role": "tool", "tool_call_id": "b", "content": "10:00"},
+            {"role": "assistant", "content": "15 degrees in Quito; it is 10:00."},
+            {"role": "user", "content": "Warm, then?"},
+            {"role": "assistant", "content": "Mild."},
+        ],
+        [WEATHER, TIME],
+    ),
+    "answer_is_a_tool_call": (
+        [
+            {"role": "user", "content": "Weather in Cusco?"},
+            {"role": "assistant", "content": None, "tool_calls": [_call("c", "get_weather", {"city": "Cusco"})]},
+        ],
+        [WEATHER],
+    ),
 }
 
 
@@ -71,9 +91,12 @@ def _data_row(conv, tools, tok) -> tuple[dict, dict]:
     """A data-stage output row (serialised as `data.curate.curate_row` does) and its masked encoding."""
     msgs, meta = normalise({"messages": conv, **({"tools": tools} if tools else {})})
     enc = encode_messages(tok, msgs, max_length=2048, tools=meta.get("tools"))
-    row = {"messages": json.dumps(msgs, ensure_ascii=False),
-           "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True),
-           "input_ids": enc["input_ids"], "labels": enc["labels"]}
+    row = {
+        "messages": json.dumps(msgs, ensure_ascii=False),
+        "meta": json.dumps(meta, ensure_ascii=False, sort_keys=True),
+        "input_ids": enc["input_ids"],
+        "labels": enc["labels"],
+    }
     return row, enc
 
 

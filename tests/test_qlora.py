@@ -15,8 +15,9 @@ try:  # tests/ may or may not be a package
 except ImportError:
     from test_train_util import _encoded, make_run, metrics
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
-                                reason="bitsandbytes is not installed (pip install -e '.[qlora]')")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed (pip install -e '.[qlora]')"
+)
 
 QV = "method.lora.target_modules=[q_proj,v_proj]"  # every path from them to the loss crosses 4-bit layers
 
@@ -28,14 +29,23 @@ def _qlora(model_dir, cache_dir, overrides=(), ckpt=None):
     from oikyo_ray.train.loop import collate
     from oikyo_ray.train.start import load_model_to_train, seed_everything
 
-    cfg = load_config(None, [f"model.cache_dir={cache_dir}", "method.type=qlora", "train.warmup_ratio=0",
-                             "train.log_every=1", "train.batch_size=8", *overrides])
+    cfg = load_config(
+        None,
+        [
+            f"model.cache_dir={cache_dir}",
+            "method.type=qlora",
+            "train.warmup_ratio=0",
+            "train.log_every=1",
+            "train.batch_size=8",
+            *overrides,
+        ],
+    )
     seed_everything(cfg.train.seed)
     torch.set_num_threads(1)
     model = load_model_to_train(cfg, str(model_dir), ckpt)
     rows = list(_encoded(str(model_dir)))
     batch = lambda rs: collate({k: [r[k] for r in rs] for k in ("input_ids", "labels")}, 0)  # noqa: E731
-    train = [batch(rows[i:i + 8]) for i in range(0, 64, 8)]
+    train = [batch(rows[i : i + 8]) for i in range(0, 64, 8)]
     return cfg, model, train, [batch(rows[64:80])]
 
 
@@ -63,8 +73,9 @@ def test_qlora_keeps_learning_across_evals(tiny_model, cache_dir):
     from oikyo_ray.model.methods import check_method
     from oikyo_ray.train.loop import LoopHooks, train_loop
 
-    cfg, model, train, val = _qlora(tiny_model, cache_dir, [QV, "train.eval_every=3", "train.lr=5e-3",
-                                                           "train.checkpoint_every=100"])
+    cfg, model, train, val = _qlora(
+        tiny_model, cache_dir, [QV, "train.eval_every=3", "train.lr=5e-3", "train.checkpoint_every=100"]
+    )
     check_method(cfg.method)  # allowed on CPU now that bitsandbytes is here
     assert _layers(model) and all(not m.support_avx512bf16_for_cpu for m in _layers(model))
     assert all(m.compute_dtype == torch.float32 for m in _layers(model))  # CPU compute dtype
@@ -98,8 +109,14 @@ def test_qlora_resumes_exactly(tiny_model, cache_dir, tmp_path):
     from oikyo_ray.train.loop import LoopHooks, train_loop
 
     k, n, ckpt = 3, 6, tmp_path / "ckpt"
-    overrides = [QV, "train.grad_accum=2", "train.lr=5e-3", f"train.checkpoint_every={k}", "train.eval_every=2",
-                 "method.lora.dropout=0.1"]
+    overrides = [
+        QV,
+        "train.grad_accum=2",
+        "train.lr=5e-3",
+        f"train.checkpoint_every={k}",
+        "train.eval_every=2",
+        "method.lora.dropout=0.1",
+    ]
 
     def run(resume: bool, optimizer: bool = True) -> dict:
         cfg, model, train, val = _qlora(tiny_model, cache_dir, overrides, ckpt if resume else None)
@@ -117,8 +134,15 @@ def test_qlora_resumes_exactly(tiny_model, cache_dir, tmp_path):
                 write_checkpoint(ckpt, model, model_sd, optim_sd, st)
             final.update({name: v.detach().clone() for name, v in model_sd.items() if "lora_" in name})
 
-        train_loop(model, lambda e: iter(train), cfg.train, n, LoopHooks(report=report, val_batches=lambda: val),
-                   engine=engine, state=state)
+        train_loop(
+            model,
+            lambda e: iter(train),
+            cfg.train,
+            n,
+            LoopHooks(report=report, val_batches=lambda: val),
+            engine=engine,
+            state=state,
+        )
         return final
 
     a, b, c = run(False), run(True), run(True, optimizer=False)
@@ -204,9 +228,20 @@ def test_qlora_on_ray_ddp_cpu_learns_saves_and_merges(ray_session, tiny_model, c
     from oikyo_ray.train.loop import eval_loss
     from oikyo_ray.train.ray_train import fit
 
-    cfg, run, man = make_run(tmp_path, tiny_model, cache_dir, [
-        "method.type=qlora", "scaling.num_workers=2", "train.batch_size=4", "train.max_steps=8",
-        "train.eval_every=2", "train.checkpoint_every=4", "train.lr=5e-3"])
+    cfg, run, man = make_run(
+        tmp_path,
+        tiny_model,
+        cache_dir,
+        [
+            "method.type=qlora",
+            "scaling.num_workers=2",
+            "train.batch_size=4",
+            "train.max_steps=8",
+            "train.eval_every=2",
+            "train.checkpoint_every=4",
+            "train.lr=5e-3",
+        ],
+    )
     final = fit(cfg, run, str(tiny_model), man, log=lambda s: None)
     rows = metrics(run)
     vals = [r["val_loss"] for r in rows if "val_loss" in r]

@@ -19,9 +19,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 BUCKET = "oikyo-runs"
 ROOT = f"s3://{BUCKET}/runs"
 SWEEP = Path(__file__).resolve().parent.parent / "jobs" / "configs" / "sweep_demo.yaml"
-FAST = ["run.serve_after=false", "scaling.num_workers=1", "train.max_steps=4", "train.checkpoint_every=1",
-        "checkpoint.num_to_keep=1", "eval.max_samples=8", "eval.forgetting=false", "eval.probes=false",
-        "eval.backend=local"]
+FAST = [
+    "run.serve_after=false",
+    "scaling.num_workers=1",
+    "train.max_steps=4",
+    "train.checkpoint_every=1",
+    "checkpoint.num_to_keep=1",
+    "eval.max_samples=8",
+    "eval.forgetting=false",
+    "eval.probes=false",
+    "eval.backend=local",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +44,7 @@ def s3(s3_server):
 def _objects(s3, prefix: str) -> dict[str, bytes]:
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     keys = [o["Key"] for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]  # files
-    return {k[len(prefix):]: s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
+    return {k[len(prefix) :]: s3.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +62,16 @@ def test_s3_run_is_uploaded_in_full_without_secrets(s3_run, s3):
     _, staged, uri, logs = s3_run
     assert any(f"run directory: {uri} (staged in {staged})" in line for line in logs), logs[:5]
     remote = _objects(s3, "runs/s3ft/")
-    for f in ["config.yaml", "lineage.json", "metrics.jsonl", "data/manifest.json", "adapter/adapter_config.json",
-              "adapter/adapter_model.safetensors", "eval/report.json", "eval/report.md"]:
+    for f in [
+        "config.yaml",
+        "lineage.json",
+        "metrics.jsonl",
+        "data/manifest.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "eval/report.json",
+        "eval/report.md",
+    ]:
         assert f in remote, (f, sorted(remote))
     local = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
     assert set(remote) == local - {".oikyo-uploaded.json"}  # rotated checkpoints deleted there too
@@ -108,16 +124,26 @@ def test_export_s3_run_loads_with_peft(s3_run, tmp_path):
 
 
 def test_reused_name_is_refused_before_ray(s3_run, cache_dir, capsys):
-    code = main(["finetune", str(DEMO_CONFIG), f"model.cache_dir={cache_dir}", f"run.root={ROOT}/",
-                 "run.name=s3ft", *FAST])
+    code = main(
+        ["finetune", str(DEMO_CONFIG), f"model.cache_dir={cache_dir}", f"run.root={ROOT}/", "run.name=s3ft", *FAST]
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"already exists: {ROOT}/s3ft" in err and "Traceback" not in err, err
 
 
 def test_failed_run_is_still_recorded(ray_session, s3, cache_dir, capsys):
     # data is prepared, then training refuses (batch larger than the data): the run is on s3
-    code = main(["finetune", str(DEMO_CONFIG), f"model.cache_dir={cache_dir}", f"run.root={ROOT}",
-                 "run.name=s3fail", "train.batch_size=100000", *FAST])
+    code = main(
+        [
+            "finetune",
+            str(DEMO_CONFIG),
+            f"model.cache_dir={cache_dir}",
+            f"run.root={ROOT}",
+            "run.name=s3fail",
+            "train.batch_size=100000",
+            *FAST,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "optimizer step" in err, err
     remote = _objects(s3, "runs/s3fail/")
@@ -151,10 +177,28 @@ def test_sweep_on_s3_records_sweep_and_promoted_best(ray_session, s3, cache_dir)
     from oikyo_ray.runs.rundir import list_runs
 
     sweep = ROOT.replace("/runs", "/sweeps")
-    assert main(["sweep", str(SWEEP), f"model.cache_dir={cache_dir}", f"run.root={sweep}", "run.name=sw",
-                 "train.max_steps=4", "train.eval_every=2", "sweep.grace_period=2", "sweep.num_samples=2",
-                 "sweep.space={train.lr: {type: choice, values: [0.003, 0.001]}}", "sweep.max_concurrent_trials=1",
-                 "eval.max_samples=4", "eval.forgetting=false", "eval.probes=false", "eval.backend=local"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                str(SWEEP),
+                f"model.cache_dir={cache_dir}",
+                f"run.root={sweep}",
+                "run.name=sw",
+                "train.max_steps=4",
+                "train.eval_every=2",
+                "sweep.grace_period=2",
+                "sweep.num_samples=2",
+                "sweep.space={train.lr: {type: choice, values: [0.003, 0.001]}}",
+                "sweep.max_concurrent_trials=1",
+                "eval.max_samples=4",
+                "eval.forgetting=false",
+                "eval.probes=false",
+                "eval.backend=local",
+            ]
+        )
+        == 0
+    )
     remote, best = _objects(s3, "sweeps/sw/"), _objects(s3, "sweeps/sw-best/")
     assert {"config.yaml", "results.md", "best.json", "data/manifest.json"} <= set(remote)
     assert not any(f.startswith("trials/") and "/data/" in f for f in remote)  # trials link the shared data
@@ -180,10 +224,28 @@ def test_bad_s3_inputs_give_clear_errors(s3, cache_dir, capsys, monkeypatch):
         (["runs", "compare", f"{ROOT}/missing"], "no evaluation report"),
         (["runs", "export", f"{ROOT}/missing", "--out", str(cache_dir / "never")], "not a run directory"),
         (["eval", f"{ROOT}/missing"], "not a run directory"),
-        (["finetune", str(DEMO_CONFIG), f"model.cache_dir={cache_dir}", f"run.root={ROOT}", "run.name=gone",
-          "--resume"], f"nothing to resume: {ROOT}/gone"),
-        (["finetune", str(DEMO_CONFIG), f"model.cache_dir={cache_dir}", "run.root=s3://no-such-bucket/runs",
-          "run.name=x", *FAST], "s3 bucket 'no-such-bucket' not found"),
+        (
+            [
+                "finetune",
+                str(DEMO_CONFIG),
+                f"model.cache_dir={cache_dir}",
+                f"run.root={ROOT}",
+                "run.name=gone",
+                "--resume",
+            ],
+            f"nothing to resume: {ROOT}/gone",
+        ),
+        (
+            [
+                "finetune",
+                str(DEMO_CONFIG),
+                f"model.cache_dir={cache_dir}",
+                "run.root=s3://no-such-bucket/runs",
+                "run.name=x",
+                *FAST,
+            ],
+            "s3 bucket 'no-such-bucket' not found",
+        ),
     ]
     for argv, message in cases:
         code = main(argv)

@@ -73,8 +73,11 @@ def api(tokenizer, tmp_path):
 
 
 def _chat(client, headers=H, **body):
-    return client.post("/v1/chat/completions", headers=headers,
-                       json={"model": "base", "messages": [{"role": "user", "content": "Capital of Peru?"}], **body})
+    return client.post(
+        "/v1/chat/completions",
+        headers=headers,
+        json={"model": "base", "messages": [{"role": "user", "content": "Capital of Peru?"}], **body},
+    )
 
 
 @pytest.mark.parametrize("header", [f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER {TOKEN}", f"bEaReR  {TOKEN} "])
@@ -84,15 +87,30 @@ def test_bearer_scheme_is_case_insensitive(api, header):
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
-                                     {"Authorization": f"Basic {TOKEN}"}, {"Authorization": "Bearer"}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": TOKEN},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": "Bearer"},
+    ],
+)
 def test_missing_or_wrong_token_is_401_on_every_v1_route(api, headers):
     client, svc = api
-    for r in (client.post("/v1/completions", headers=headers, json={"model": "base", "prompt": "hi"}),
-              _chat(client, headers), client.get("/v1/models", headers=headers)):
+    for r in (
+        client.post("/v1/completions", headers=headers, json={"model": "base", "prompt": "hi"}),
+        _chat(client, headers),
+        client.get("/v1/models", headers=headers),
+    ):
         assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Bearer"
-        assert r.json()["error"] == {"message": "missing or invalid bearer token", "type": "authentication_error",
-                                     "param": None, "code": None}
+        assert r.json()["error"] == {
+            "message": "missing or invalid bearer token",
+            "type": "authentication_error",
+            "param": None,
+            "code": None,
+        }
     assert svc.backend.prompts == []
     assert client.get("/healthz").json() == {"status": "ok"}  # no token needed
 
@@ -108,38 +126,66 @@ def test_chat_with_tools_renders_training_prompt(api, tokenizer):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     messages = [
         {"role": "user", "content": [{"type": "text", "text": "Weather in "}, {"type": "text", "text": "Lima?"}]},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function",
-             "function": {"name": "get_weather", "arguments": "{\"city\": \"Lima\"}"}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'}}
+            ],
+        },
         {"role": "tool", "tool_call_id": "c1", "content": "24C"},
     ]
     r = _chat(client, messages=messages, tools=tools, tool_choice="auto", logprobs=False, user="u-1")
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": "Lima"}
-    want = render_prompt(tokenizer, [
-        {"role": "user", "content": "Weather in Lima?"},
-        {"role": "assistant", "content": json.dumps({"name": "get_weather", "arguments": {"city": "Lima"}}),
-         "tool_call": True},
-        {"role": "tool", "content": "24C"}],
+    want = render_prompt(
+        tokenizer,
+        [
+            {"role": "user", "content": "Weather in Lima?"},
+            {
+                "role": "assistant",
+                "content": json.dumps({"name": "get_weather", "arguments": {"city": "Lima"}}),
+                "tool_call": True,
+            },
+            {"role": "tool", "content": "24C"},
+        ],
         # keys sorted, as training stores a row's tools (data/formats): the client's order is not kept
-        [{"function": {"name": "get_weather", "parameters": {"type": "object"}}, "type": "function"}])
+        [{"function": {"name": "get_weather", "parameters": {"type": "object"}}, "type": "function"}],
+    )
     assert svc.backend.prompts == [("", want)]
 
 
-@pytest.mark.parametrize("messages, tools, words", [
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}], None,
-     "messages[0].content: only text parts are supported"),
-    ([{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
-        {"type": "function", "function": {"name": "f", "arguments": "{not json"}}]}], None,
-     "messages[1].tool_calls[0].function.arguments is not valid JSON"),
-    ([{"role": "user", "tool_calls": [{"function": {"name": "f"}}]}], None,
-     "only assistant messages may carry tool_calls"),
-    ([{"role": "user"}], None, "messages[0].content is missing"),
-    ([{"role": "wizard", "content": "hi"}], None, "messages[0]: unknown role"),
-    ([{"content": "hi"}], None, "messages.0.role: Field required"),
-    ([{"role": "user", "content": "hi"}], [{"type": "function", "function": {}}], "tools[0] has no function name"),
-    ([], None, "messages: List should have at least 1 item"),
-])
+@pytest.mark.parametrize(
+    "messages, tools, words",
+    [
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
+            None,
+            "messages[0].content: only text parts are supported",
+        ),
+        (
+            [
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{not json"}}],
+                },
+            ],
+            None,
+            "messages[1].tool_calls[0].function.arguments is not valid JSON",
+        ),
+        (
+            [{"role": "user", "tool_calls": [{"function": {"name": "f"}}]}],
+            None,
+            "only assistant messages may carry tool_calls",
+        ),
+        ([{"role": "user"}], None, "messages[0].content is missing"),
+        ([{"role": "wizard", "content": "hi"}], None, "messages[0]: unknown role"),
+        ([{"content": "hi"}], None, "messages.0.role: Field required"),
+        ([{"role": "user", "content": "hi"}], [{"type": "function", "function": {}}], "tools[0] has no function name"),
+        ([], None, "messages: List should have at least 1 item"),
+    ],
+)
 def test_invalid_chat_messages_get_400_naming_the_field(api, messages, tools, words):
     client, svc = api
     r = _chat(client, messages=messages, **({"tools": tools} if tools else {}))
@@ -148,12 +194,19 @@ def test_invalid_chat_messages_get_400_naming_the_field(api, messages, tools, wo
     assert svc.backend.prompts == []
 
 
-@pytest.mark.parametrize("content, content_type, words", [
-    ("{not json", "application/json", "request body is not valid JSON"),
-    ('{"model": "base", "prompt": "hi"}', "text/plain", "must be a JSON object sent as Content-Type: application/json"),
-    ("", "application/json", "must be a JSON object"),
-    ('{"model": "base", "prompt": "hi", "temperature": 3}', "application/json", "temperature: Input should be"),
-])
+@pytest.mark.parametrize(
+    "content, content_type, words",
+    [
+        ("{not json", "application/json", "request body is not valid JSON"),
+        (
+            '{"model": "base", "prompt": "hi"}',
+            "text/plain",
+            "must be a JSON object sent as Content-Type: application/json",
+        ),
+        ("", "application/json", "must be a JSON object"),
+        ('{"model": "base", "prompt": "hi", "temperature": 3}', "application/json", "temperature: Input should be"),
+    ],
+)
 def test_bad_bodies_get_400_naming_the_problem(api, content, content_type, words):
     client, _ = api
     r = client.post("/v1/completions", headers={**H, "Content-Type": content_type}, content=content)
@@ -171,8 +224,12 @@ def test_error_bodies_show_no_paths_or_exception_text(api, tmp_path):
     missing = AdapterNotFound(f"{tmp_path}/x missing", "model 'x' not found")
     svc.backend.fail, svc.backend.reply = None, adapter_error_dict(missing)
     r = client.post("/v1/completions", headers=H, json={"model": "x", "prompt": "hi"})
-    assert r.status_code == 404 and r.json()["error"] == {"message": "model 'x' not found", "type": "model_not_found",
-                                                         "param": None, "code": None}
+    assert r.status_code == 404 and r.json()["error"] == {
+        "message": "model 'x' not found",
+        "type": "model_not_found",
+        "param": None,
+        "code": None,
+    }
     svc.backend.reply = internal_error_dict()
     r = client.post("/v1/completions", headers=H, json={"model": "x", "prompt": "hi", "stream": True})
     assert r.status_code == 500 and r.headers["content-type"] == "application/json"  # not an event stream
@@ -193,8 +250,12 @@ def test_limits_and_timeout(api):
 
 def test_stream_events_and_metrics_per_status(api):
     client, svc = api
-    with client.stream("POST", "/v1/chat/completions", headers=H, json={
-            "model": "base", "messages": [{"role": "user", "content": "Capital of Peru?"}], "stream": True}) as r:
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        headers=H,
+        json={"model": "base", "messages": [{"role": "user", "content": "Capital of Peru?"}], "stream": True},
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"

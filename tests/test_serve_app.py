@@ -45,12 +45,18 @@ def adapter_root(tiny_model, cache_dir, tmp_path_factory):
     recs = [r for r in curate_file(str(ASSET), ASSET.read_bytes(), cfg.data, tok) if r["status"] == "ok"]
     torch.manual_seed(0)
     alpha = apply_method(load_model(cfg.model, str(tiny_model)), cfg.method)
-    train_loop(alpha, lambda e: (collate(b, tok.pad_token_id) for b in shuffled_batches(recs, 16, e)),
-               cfg.train, 300, LoopHooks())
+    train_loop(
+        alpha,
+        lambda e: (collate(b, tok.pad_token_id) for b in shuffled_batches(recs, 16, e)),
+        cfg.train,
+        300,
+        LoopHooks(),
+    )
     alpha.save_pretrained(root / "alpha")
     torch.manual_seed(1)
-    beta = get_peft_model(load_model(cfg.model, str(tiny_model)),
-                          LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
+    beta = get_peft_model(
+        load_model(cfg.model, str(tiny_model)), LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)
+    )
     beta.save_pretrained(root / "beta")
     outside = tmp_path_factory.mktemp("outside")
     beta.save_pretrained(outside / "gamma")
@@ -70,10 +76,19 @@ def server(ray_session, adapter_root, cache_dir, tmp_path_factory):
 
     tfile = tmp_path_factory.mktemp("tok") / "token"
     tfile.write_text(TOKEN)
-    cfg = load_config(None, [f"model.cache_dir={cache_dir}", f"serve.port={_port()}", f"serve.token_file={tfile}",
-                             f"serve.adapter_root={adapter_root}", "serve.max_adapters_per_replica=2",
-                             "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.2",
-                             "serve.cpus_per_replica=0.5"])
+    cfg = load_config(
+        None,
+        [
+            f"model.cache_dir={cache_dir}",
+            f"serve.port={_port()}",
+            f"serve.token_file={tfile}",
+            f"serve.adapter_root={adapter_root}",
+            "serve.max_adapters_per_replica=2",
+            "serve.max_batch_size=8",
+            "serve.batch_wait_timeout_s=0.2",
+            "serve.cpus_per_replica=0.5",
+        ],
+    )
     url = start(cfg, resolve_model_path(cfg.model))
     yield url
     serve.shutdown()
@@ -83,8 +98,12 @@ H = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def _complete(url, model, q, **kw):
-    r = httpx.post(f"{url}/v1/completions", headers=H, timeout=120,
-                   json={"model": model, "prompt": _prompt(q), "max_tokens": 6, "temperature": 0, **kw})
+    r = httpx.post(
+        f"{url}/v1/completions",
+        headers=H,
+        timeout=120,
+        json={"model": model, "prompt": _prompt(q), "max_tokens": 6, "temperature": 0, **kw},
+    )
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["text"]
 
@@ -98,8 +117,13 @@ def test_adapters_load_from_root_and_list(server):
 def _samples(metrics_url: str, family: str, app: str = "oikyo") -> list:
     """The Prometheus samples of one metric family exported for one Serve application."""
     text = httpx.get(metrics_url, timeout=10).text
-    return [s for f in text_string_to_metric_families(text) if f.name == family
-            for s in f.samples if s.labels.get("application") == app]
+    return [
+        s
+        for f in text_string_to_metric_families(text)
+        if f.name == family
+        for s in f.samples
+        if s.labels.get("application") == app
+    ]
 
 
 def _eventually(check, timeout_s: float = 60):
@@ -117,9 +141,14 @@ def test_mixed_adapters_batch_together_and_answer_differently(server, ray_sessio
 
     async def burst():
         async with httpx.AsyncClient(timeout=120) as c:
-            reqs = [c.post(f"{server}/v1/completions", headers=H, json={
-                "model": m, "prompt": _prompt(q), "max_tokens": 6, "temperature": 0})
-                for m in ("alpha", "beta", "base") * 2]
+            reqs = [
+                c.post(
+                    f"{server}/v1/completions",
+                    headers=H,
+                    json={"model": m, "prompt": _prompt(q), "max_tokens": 6, "temperature": 0},
+                )
+                for m in ("alpha", "beta", "base") * 2
+            ]
             return await asyncio.gather(*reqs)
 
     rs = asyncio.run(burst())
@@ -138,9 +167,19 @@ def test_mixed_adapters_batch_together_and_answer_differently(server, ray_sessio
 
 def test_streaming_completions_and_chat(server):
     full = _complete(server, "alpha", "Capital of Spain?")
-    with httpx.stream("POST", f"{server}/v1/completions", headers=H, timeout=120, json={
-            "model": "alpha", "prompt": _prompt("Capital of Spain?"), "max_tokens": 6, "temperature": 0,
-            "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        f"{server}/v1/completions",
+        headers=H,
+        timeout=120,
+        json={
+            "model": "alpha",
+            "prompt": _prompt("Capital of Spain?"),
+            "max_tokens": 6,
+            "temperature": 0,
+            "stream": True,
+        },
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -161,23 +200,29 @@ def test_openai_client_chat_and_stream(server):
     assert {m.id for m in client.models.list()} >= {"base", "alpha"}
 
 
-@pytest.mark.parametrize("headers, body, status, words", [
-    ({}, {"model": "alpha", "prompt": "hi"}, 401, "token"),
-    ({"Authorization": "Bearer wrong"}, {"model": "alpha", "prompt": "hi"}, 401, "token"),
-    (H, {"model": "nope", "prompt": "hi"}, 404, "not found"),
-    (H, {"model": "../beta", "prompt": "hi"}, 400, "invalid adapter name"),
-    (H, {"model": "/etc", "prompt": "hi"}, 400, "invalid adapter name"),
-    (H, {"model": "escape", "prompt": "hi"}, 400, "outside the adapter root"),
-    (H, {"model": "pickled", "prompt": "hi"}, 400, "safetensors"),
-    (H, {"model": "alpha"}, 400, "prompt"),
-    (H, {"model": "alpha", "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
-    (H, {"model": "alpha", "prompt": "word " * 5000}, 400, "tokens > limit"),
-    (H, {"model": "alpha", "prompt": "hi", "temperature": -1}, 400, "temperature"),
-    (H, "{not json", 400, "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "headers, body, status, words",
+    [
+        ({}, {"model": "alpha", "prompt": "hi"}, 401, "token"),
+        ({"Authorization": "Bearer wrong"}, {"model": "alpha", "prompt": "hi"}, 401, "token"),
+        (H, {"model": "nope", "prompt": "hi"}, 404, "not found"),
+        (H, {"model": "../beta", "prompt": "hi"}, 400, "invalid adapter name"),
+        (H, {"model": "/etc", "prompt": "hi"}, 400, "invalid adapter name"),
+        (H, {"model": "escape", "prompt": "hi"}, 400, "outside the adapter root"),
+        (H, {"model": "pickled", "prompt": "hi"}, 400, "safetensors"),
+        (H, {"model": "alpha"}, 400, "prompt"),
+        (H, {"model": "alpha", "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
+        (H, {"model": "alpha", "prompt": "word " * 5000}, 400, "tokens > limit"),
+        (H, {"model": "alpha", "prompt": "hi", "temperature": -1}, 400, "temperature"),
+        (H, "{not json", 400, "not valid JSON"),
+    ],
+)
 def test_bad_requests_get_clear_errors(server, adapter_root, headers, body, status, words):
-    kw = {"content": body, "headers": {**headers, "Content-Type": "application/json"}} if isinstance(body, str) \
+    kw = (
+        {"content": body, "headers": {**headers, "Content-Type": "application/json"}}
+        if isinstance(body, str)
         else {"json": body, "headers": headers}
+    )
     r = httpx.post(f"{server}/v1/completions", timeout=60, **kw)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]
@@ -191,10 +236,17 @@ def test_bearer_scheme_is_case_insensitive_over_http(server):
 
 def test_chat_with_tool_messages_over_http(server):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-    messages = [{"role": "user", "content": [{"type": "text", "text": "Weather in Lima?"}]},
-                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
-                    "name": "get_weather", "arguments": "{\"city\": \"Lima\"}"}}]},
-                {"role": "tool", "tool_call_id": "c1", "content": "24C"}]
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Weather in Lima?"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "24C"},
+    ]
     body = {"model": "alpha", "messages": messages, "tools": tools, "tool_choice": "auto", "max_tokens": 4}
     r = httpx.post(f"{server}/v1/chat/completions", headers=H, timeout=120, json=body)
     assert r.status_code == 200, r.text
@@ -217,28 +269,42 @@ def test_metrics_exported_per_adapter(server, ray_session):
     httpx.post(f"{server}/v1/completions", timeout=30, json={"model": "alpha", "prompt": "hi"})  # 401
 
     def requests() -> dict:
-        return {(s.labels["model"], s.labels["status"]): s.value
-                for s in _samples(ray_session["metrics"], "ray_oikyo_requests") if not s.name.endswith("_created")}
+        return {
+            (s.labels["model"], s.labels["status"]): s.value
+            for s in _samples(ray_session["metrics"], "ray_oikyo_requests")
+            if not s.name.endswith("_created")
+        }
 
     counts = _eventually(lambda: (got := requests()).get(("alpha", "200")) and got.get(("?", "401")) and got)
     assert counts, requests()
-    for family in ("ray_oikyo_request_latency_ms", "ray_oikyo_tokens", "ray_oikyo_batch_size",
-                   "ray_oikyo_engine_latency_ms"):
+    for family in (
+        "ray_oikyo_request_latency_ms",
+        "ray_oikyo_tokens",
+        "ray_oikyo_batch_size",
+        "ray_oikyo_engine_latency_ms",
+    ):
         assert _samples(ray_session["metrics"], family), family
 
 
 def test_replica_killed_app_recovers(server):
     import ray
 
-    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                if "SERVE_REPLICA" in a["name"] and "Model" in a["name"]]
+    replicas = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "SERVE_REPLICA" in a["name"] and "Model" in a["name"]
+    ]
     assert replicas
     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
     deadline, last = time.time() + 120, None
     while time.time() < deadline:
         try:
-            r = httpx.post(f"{server}/v1/completions", headers=H, timeout=30, json={
-                "model": "alpha", "prompt": _prompt("Capital of Peru?"), "max_tokens": 6, "temperature": 0})
+            r = httpx.post(
+                f"{server}/v1/completions",
+                headers=H,
+                timeout=30,
+                json={"model": "alpha", "prompt": _prompt("Capital of Peru?"), "max_tokens": 6, "temperature": 0},
+            )
             last = r.status_code
             if r.status_code == 200 and r.json()["choices"][0]["text"] == "Lima":
                 return
@@ -256,8 +322,17 @@ def _second_app(server, name, overrides, cache_dir, token_dir):
     port = int(server.rsplit(":", 1)[1])
     tfile = token_dir / "token"
     tfile.write_text(TOKEN)
-    cfg = load_config(None, [f"model.cache_dir={cache_dir}", f"serve.port={port}", f"serve.token_file={tfile}",
-                             f"serve.route_prefix=/{name}", "serve.cpus_per_replica=0.25", *overrides])
+    cfg = load_config(
+        None,
+        [
+            f"model.cache_dir={cache_dir}",
+            f"serve.port={port}",
+            f"serve.token_file={tfile}",
+            f"serve.route_prefix=/{name}",
+            "serve.cpus_per_replica=0.25",
+            *overrides,
+        ],
+    )
     return start(cfg, resolve_model_path(cfg.model), name=name)
 
 
@@ -283,14 +358,31 @@ def test_adapter_root_on_s3(server, adapter_root, ray_session, cache_dir, tmp_pa
 def test_backpressure_answers_503_with_retry_after(server, cache_dir, tmp_path):
     from ray import serve
 
-    url = _second_app(server, "tight", ["serve.max_ongoing_requests=1", "serve.max_queued_requests=1",
-                                        "serve.max_batch_size=1"], cache_dir, tmp_path)
+    url = _second_app(
+        server,
+        "tight",
+        ["serve.max_ongoing_requests=1", "serve.max_queued_requests=1", "serve.max_batch_size=1"],
+        cache_dir,
+        tmp_path,
+    )
 
     async def flood():
         async with httpx.AsyncClient(timeout=120) as c:
-            return await asyncio.gather(*[c.post(f"{url}/v1/completions", headers=H, json={
-                "model": "base", "prompt": _prompt("Capital of Peru?"), "max_tokens": 48, "temperature": 0})
-                for _ in range(10)])
+            return await asyncio.gather(
+                *[
+                    c.post(
+                        f"{url}/v1/completions",
+                        headers=H,
+                        json={
+                            "model": "base",
+                            "prompt": _prompt("Capital of Peru?"),
+                            "max_tokens": 48,
+                            "temperature": 0,
+                        },
+                    )
+                    for _ in range(10)
+                ]
+            )
 
     try:
         rs = asyncio.run(flood())
@@ -307,8 +399,12 @@ def test_request_over_the_timeout_gets_504(server, cache_dir, tmp_path):
 
     url = _second_app(server, "slowapp", ["serve.request_timeout_s=0.05"], cache_dir, tmp_path)
     try:
-        r = httpx.post(f"{url}/v1/completions", headers=H, timeout=120, json={
-            "model": "base", "prompt": _prompt("Tell me a long story."), "max_tokens": 200, "temperature": 0})
+        r = httpx.post(
+            f"{url}/v1/completions",
+            headers=H,
+            timeout=120,
+            json={"model": "base", "prompt": _prompt("Tell me a long story."), "max_tokens": 200, "temperature": 0},
+        )
         assert r.status_code == 504, r.text
         assert r.json()["error"]["message"] == "request timed out"
     finally:

@@ -97,8 +97,9 @@ def test_replica_batches_adapters_together_and_reloads_evicted_ones(tmp_path):
         first = await replica.generate("a0", "p", {})  # idle: runs at once, alone
         del cache["a0"]  # the cache evicts a0: the lease unloads it ...
         assert engine.loaded == []
-        return first, await asyncio.gather(*[replica.generate(a, f"p{i}", {})
-                                             for i, a in enumerate(["a0", "a1", None, "a1"])])
+        return first, await asyncio.gather(
+            *[replica.generate(a, f"p{i}", {}) for i, a in enumerate(["a0", "a1", None, "a1"])]
+        )
 
     first, outs = asyncio.run(main())
     assert first == {"text": "a0:p"} and [o["text"] for o in outs] == ["a0:p0", "a1:p1", "None:p2", "a1:p3"]
@@ -114,15 +115,20 @@ def test_replica_errors_are_dicts_without_paths(tmp_path, caplog):
         raise OSError(f"download of {tmp_path}/secret failed")
 
     async def main():
-        return (await replica.generate("missing", "p", {}), await replica.generate("escape", "p", {}),
-                [p async for p in replica.stream("nope", "p", {})], [p async for p in replica.stream("a1", "p", {})],
-                await _replica(tmp_path / "b", acquire=broken)[0].generate("a0", "p", {}))
+        return (
+            await replica.generate("missing", "p", {}),
+            await replica.generate("escape", "p", {}),
+            [p async for p in replica.stream("nope", "p", {})],
+            [p async for p in replica.stream("a1", "p", {})],
+            await _replica(tmp_path / "b", acquire=broken)[0].generate("a0", "p", {}),
+        )
 
     missing, escape, stream_missing, streamed, internal = asyncio.run(main())
     assert missing["error"] == {"status": 404, "message": "model 'missing' not found", "type": "model_not_found"}
     assert escape["error"]["status"] == 400 and "outside the adapter root" in escape["error"]["message"]
-    assert stream_missing == [{"error": {"status": 404, "message": "model 'nope' not found",
-                                         "type": "model_not_found"}}]
+    assert stream_missing == [
+        {"error": {"status": 404, "message": "model 'nope' not found", "type": "model_not_found"}}
+    ]
     assert streamed == ["a1:", "p"]
     assert internal["error"]["status"] == 500 and "secret" not in str(internal)
     assert str(tmp_path) not in str([missing, escape, internal])
@@ -177,9 +183,10 @@ def test_engine_mixed_batch_equals_single_requests(tiny_model, tmp_path):
 
     for i in range(2):
         torch.manual_seed(i)
-        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                       LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
-                       ).save_pretrained(tmp_path / f"a{i}")
+        get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_model),
+            LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+        ).save_pretrained(tmp_path / f"a{i}")
     eng = Engine(load_config(None).model, str(tiny_model))
     eng.add_adapter("a0", str(tmp_path / "a0"))
     eng.add_adapter("a1", str(tmp_path / "a1"))
@@ -205,11 +212,13 @@ def test_batched_mixed_lora_equals_peft(tiny_model, tmp_path):
 
     for i, r in enumerate((4, 8)):
         torch.manual_seed(i)
-        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                       LoraConfig(r=r, lora_alpha=2 * r + i, target_modules="all-linear",
-                                  init_lora_weights=False)).save_pretrained(tmp_path / f"a{i}")
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "a0",
-                                      adapter_name="a0")
+        get_peft_model(
+            AutoModelForCausalLM.from_pretrained(tiny_model),
+            LoraConfig(r=r, lora_alpha=2 * r + i, target_modules="all-linear", init_lora_weights=False),
+        ).save_pretrained(tmp_path / f"a{i}")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "a0", adapter_name="a0"
+    )
     model.load_adapter(tmp_path / "a1", adapter_name="a1")
     model.eval()
     ids = torch.randint(3, 200, (5, 9), generator=torch.Generator().manual_seed(0))
@@ -226,8 +235,9 @@ def test_batched_mixed_lora_equals_peft(tiny_model, tmp_path):
     model.delete_adapter("a0")
     mixed.changed()
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids[:2], adapter_names=names[:2]).logits, want[:2],
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model(input_ids=ids[:2], adapter_names=names[:2]).logits, want[:2], rtol=1e-5, atol=1e-5
+        )
 
 
 def test_vllm_export_is_a_valid_serve_config(tmp_path):
@@ -240,8 +250,17 @@ def test_vllm_export_is_a_valid_serve_config(tmp_path):
 
     out = tmp_path / "vllm.yaml"
     demo = Path(__file__).resolve().parent.parent / "serve" / "serve_demo.yaml"
-    code = main(["serve", str(demo), "serve.adapter_root=s3://bucket/adapters",
-                 "model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct", "serve.max_replicas=4", "--export-vllm", str(out)])
+    code = main(
+        [
+            "serve",
+            str(demo),
+            "serve.adapter_root=s3://bucket/adapters",
+            "model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct",
+            "serve.max_replicas=4",
+            "--export-vllm",
+            str(out),
+        ]
+    )
     assert code == 0
     doc = yaml.safe_load(out.read_text())
     ServeDeploySchema.model_validate(doc)

@@ -26,8 +26,9 @@ def demo_run(ray_session, cache_dir, tmp_path_factory):
     from oikyo_ray.finetune import run_finetune
 
     root = tmp_path_factory.mktemp("runs")
-    cfg = load_config(DEMO_CONFIG, [f"model.cache_dir={cache_dir}", f"run.root={root}", "run.name=demo",
-                                    "run.serve_after=false"])
+    cfg = load_config(
+        DEMO_CONFIG, [f"model.cache_dir={cache_dir}", f"run.root={root}", "run.name=demo", "run.serve_after=false"]
+    )
     logs: list[str] = []
     run_dir = run_finetune(cfg, log=logs.append)
     return cfg, run_dir, logs
@@ -35,9 +36,18 @@ def demo_run(ray_session, cache_dir, tmp_path_factory):
 
 def test_run_directory_contents(demo_run):
     cfg, run, logs = demo_run
-    for f in ["config.yaml", "lineage.json", "metrics.jsonl", "data/manifest.json", "data/rejects.jsonl",
-              "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
-              "eval/report.json", "eval/report.md"]:
+    for f in [
+        "config.yaml",
+        "lineage.json",
+        "metrics.jsonl",
+        "data/manifest.json",
+        "data/rejects.jsonl",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer.json",
+        "eval/report.json",
+        "eval/report.md",
+    ]:
         assert (run / f).is_file(), f
     assert not list(run.rglob("*.bin")) and not list(run.rglob("*.pt"))  # safetensors only
     assert load_config(run / "config.yaml") == cfg  # the resolved config round-trips
@@ -77,8 +87,15 @@ def server(demo_run, cache_dir):
     token = "test-token-" + "x" * 20
     tfile = run.parent / "token"
     tfile.write_text(token)
-    scfg = load_config(None, [f"model.cache_dir={cache_dir}", f"serve.port={_port()}",
-                              f"serve.token_file={tfile}", f"serve.adapters.demo={run / 'adapter'}"])
+    scfg = load_config(
+        None,
+        [
+            f"model.cache_dir={cache_dir}",
+            f"serve.port={_port()}",
+            f"serve.token_file={tfile}",
+            f"serve.adapters.demo={run / 'adapter'}",
+        ],
+    )
     url = start(scfg, resolve_model_path(scfg.model))
     yield url, token
     serve.shutdown()
@@ -87,15 +104,31 @@ def server(demo_run, cache_dir):
 def test_http_chat_and_completions(server, demo_run):
     url, token = server
     h = {"Authorization": f"Bearer {token}"}
-    r = httpx.post(f"{url}/v1/chat/completions", headers=h, timeout=60, json={
-        "model": "demo", "messages": [{"role": "user", "content": "What is the capital of Peru?"}],
-        "max_tokens": 8, "temperature": 0})
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        headers=h,
+        timeout=60,
+        json={
+            "model": "demo",
+            "messages": [{"role": "user", "content": "What is the capital of Peru?"}],
+            "max_tokens": 8,
+            "temperature": 0,
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["choices"][0]["message"]["content"] == "Lima" and body["usage"]["completion_tokens"] > 0
-    r = httpx.post(f"{url}/v1/completions", headers=h, timeout=60, json={
-        "model": "base", "prompt": "<|im_start|>user\nOpposite of hot?<|im_end|>\n<|im_start|>assistant\n",
-        "max_tokens": 4, "temperature": 0})
+    r = httpx.post(
+        f"{url}/v1/completions",
+        headers=h,
+        timeout=60,
+        json={
+            "model": "base",
+            "prompt": "<|im_start|>user\nOpposite of hot?<|im_end|>\n<|im_start|>assistant\n",
+            "max_tokens": 4,
+            "temperature": 0,
+        },
+    )
     assert r.status_code == 200 and r.json()["choices"][0]["text"] != "cold"  # the bare base never learned it
     models = httpx.get(f"{url}/v1/models", headers=h, timeout=30).json()
     assert {m["id"] for m in models["data"]} == {"base", "demo"}
@@ -106,25 +139,32 @@ def test_openai_client_works_unchanged(server):
 
     url, token = server
     client = OpenAI(base_url=f"{url}/v1", api_key=token)
-    out = client.chat.completions.create(model="demo", max_tokens=8, temperature=0,
-                                         messages=[{"role": "user", "content": "Opposite of hot?"}])
+    out = client.chat.completions.create(
+        model="demo", max_tokens=8, temperature=0, messages=[{"role": "user", "content": "Opposite of hot?"}]
+    )
     assert out.choices[0].message.content == "cold"
 
 
-@pytest.mark.parametrize("headers, body, status", [
-    ({}, {"model": "demo", "prompt": "hi"}, 401),
-    ({"Authorization": "Bearer wrong"}, {"model": "demo", "prompt": "hi"}, 401),
-    (None, {"model": "nope", "prompt": "hi"}, 404),
-    (None, {"model": "demo"}, 400),
-    (None, {"model": "demo", "prompt": "hi", "max_tokens": 100000}, 400),
-    (None, {"model": "demo", "prompt": "word " * 5000}, 400),
-    (None, "{not json", 400),
-])
+@pytest.mark.parametrize(
+    "headers, body, status",
+    [
+        ({}, {"model": "demo", "prompt": "hi"}, 401),
+        ({"Authorization": "Bearer wrong"}, {"model": "demo", "prompt": "hi"}, 401),
+        (None, {"model": "nope", "prompt": "hi"}, 404),
+        (None, {"model": "demo"}, 400),
+        (None, {"model": "demo", "prompt": "hi", "max_tokens": 100000}, 400),
+        (None, {"model": "demo", "prompt": "word " * 5000}, 400),
+        (None, "{not json", 400),
+    ],
+)
 def test_http_rejects_bad_requests(server, headers, body, status):
     url, token = server
     h = {"Authorization": f"Bearer {token}"} if headers is None else headers
-    kw = {"content": body, "headers": {**h, "Content-Type": "application/json"}} if isinstance(body, str) \
+    kw = (
+        {"content": body, "headers": {**h, "Content-Type": "application/json"}}
+        if isinstance(body, str)
         else {"json": body, "headers": h}
+    )
     r = httpx.post(f"{url}/v1/completions", timeout=60, **kw)
     assert r.status_code == status, r.text
     assert "error" in r.json() and r.json()["error"]["message"]
@@ -137,7 +177,7 @@ def test_demo_serve_step_answers_over_http(demo_run):
     from oikyo_ray.model.load import resolve_model_path
     from oikyo_ray.serve.ray_serve import serve_and_ask
 
-    serve.shutdown()  # the module's server fixture may still hold the proxy on another port    from oikyo_ray.serve.ray_serve import serve_and_ask
+    serve.shutdown()  # the module's server fixture may still hold the proxy on another port
 
     cfg, run, _ = demo_run
     cfg = cfg.model_copy(deep=True)
@@ -185,8 +225,11 @@ def test_runs_show_and_export(demo_run, tmp_path, capsys):
 
     # plain transformers/peft load both and agree with each other
     tok = AutoTokenizer.from_pretrained(m)
-    prompt = [tok.apply_chat_template([{"role": "user", "content": "Capital of Peru?"}], tokenize=False,
-                                      add_generation_prompt=True)]
+    prompt = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": "Capital of Peru?"}], tokenize=False, add_generation_prompt=True
+        )
+    ]
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model))
     with torch.no_grad():
         via_adapter = generate(PeftModel.from_pretrained(base, a), tok, prompt, 6)[0]["text"]

@@ -30,19 +30,22 @@ ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "jobs/configs/sweep_demo.yaml"
 
 
-@pytest.mark.parametrize("space, words", [
-    ("{}", "sweep.space is empty"),
-    ("{train.lrr: {type: loguniform, low: 1e-4, high: 1e-2}}", "unknown config field 'train.lrr'"),
-    ("{train: {type: choice, values: [1]}}", "is a section"),
-    ("{train.lr.x: {type: choice, values: [1]}}", "is a field, not a section"),
-    ("{run.name: {type: choice, values: [a]}}", "cannot be swept"),
-    ("{method.lora.r: {type: choice, values: [8, sixteen]}}", "method.lora.r: value 'sixteen' is invalid"),
-    ("{method.lora.r: {type: randint, low: 0, high: 4}}", "method.lora.r: value 0 is invalid"),
-    ("{train.epochs: {type: choice, values: []}}", "non-empty"),
-    ("{train.lr: {type: uniform, low: 1, high: 1}}", "low < high"),
-    ("{train.lr: {type: loguniform, low: 0, high: 1}}", "low > 0"),
-    ("{train.lr: {type: normal, low: 0, high: 1}}", "sweep.space.train.lr.type"),
-])
+@pytest.mark.parametrize(
+    "space, words",
+    [
+        ("{}", "sweep.space is empty"),
+        ("{train.lrr: {type: loguniform, low: 1e-4, high: 1e-2}}", "unknown config field 'train.lrr'"),
+        ("{train: {type: choice, values: [1]}}", "is a section"),
+        ("{train.lr.x: {type: choice, values: [1]}}", "is a field, not a section"),
+        ("{run.name: {type: choice, values: [a]}}", "cannot be swept"),
+        ("{method.lora.r: {type: choice, values: [8, sixteen]}}", "method.lora.r: value 'sixteen' is invalid"),
+        ("{method.lora.r: {type: randint, low: 0, high: 4}}", "method.lora.r: value 0 is invalid"),
+        ("{train.epochs: {type: choice, values: []}}", "non-empty"),
+        ("{train.lr: {type: uniform, low: 1, high: 1}}", "low < high"),
+        ("{train.lr: {type: loguniform, low: 0, high: 1}}", "low > 0"),
+        ("{train.lr: {type: normal, low: 0, high: 1}}", "sweep.space.train.lr.type"),
+    ],
+)
 def test_bad_search_spaces_name_the_field(space, words):
     with pytest.raises(ConfigError) as e:
         validate_space(load_config(SWEEP, [f"sweep.space={space}"]))
@@ -71,10 +74,12 @@ def test_packed_trial_that_ran_its_steps_is_completed(tmp_path):
     manifest = {"counts": {"train": 64, "val": 16, "test": 8}, "packing": {"blocks": 10}}
     trial = tmp_path / "trials" / "abcde_00000"
     trial.mkdir(parents=True)
-    (trial / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "val_loss": 2.0 - s / 10}) + "\n"
-                                                 for s in (2, 4, 5)))
-    result = SimpleNamespace(metrics={"trial_id": "abcde_00000"}, config={"params": {"train.lr": 0.003}},
-                             path=str(trial), error=None)
+    (trial / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "val_loss": 2.0 - s / 10}) + "\n" for s in (2, 4, 5))
+    )
+    result = SimpleNamespace(
+        metrics={"trial_id": "abcde_00000"}, config={"params": {"train.lr": 0.003}}, path=str(trial), error=None
+    )
     (row,) = trial_rows(cfg, tmp_path, [result], manifest)
     assert (row["status"], row["steps"], row["budget"]) == ("completed", 5, 5)
     assert max_t(cfg, manifest) == 5 and total_steps(cfg.train, 64) == 32
@@ -86,8 +91,12 @@ def test_packed_sweep_budget_is_the_steps_training_runs(ray_session, tiny_model,
     """ASHA's max_t for a packed sweep is the number of steps fit() then trains on those blocks."""
     from oikyo_ray.train.ray_train import fit
 
-    cfg, run, man = make_run(tmp_path, tiny_model, cache_dir, [
-        "scaling.num_workers=1", "data.max_length=64", "data.pack_length=256", *PACKED])
+    cfg, run, man = make_run(
+        tmp_path,
+        tiny_model,
+        cache_dir,
+        ["scaling.num_workers=1", "data.max_length=64", "data.pack_length=256", *PACKED],
+    )
     budget = max_t(cfg, man)
     assert budget != total_steps(cfg.train, man["counts"]["train"])  # packing changes the count
     fit(cfg, run, str(tiny_model), man, log=lambda s: None)
@@ -96,10 +105,20 @@ def test_packed_sweep_budget_is_the_steps_training_runs(ray_session, tiny_model,
 
 def _sweep_args(root: Path, cache_dir: Path, name: str) -> list[str]:
     # lr 1e-5 cannot learn in 60 steps, 3e-3 can: ASHA has something to stop
-    return [str(SWEEP), f"run.root={root}", f"run.name={name}", f"model.cache_dir={cache_dir}",
-            "train.epochs=3", "train.eval_every=10", "sweep.grace_period=10", "sweep.num_samples=4",
-            "sweep.space={train.lr: {type: choice, values: [0.003, 0.00001]}}", "sweep.seed=1",
-            "eval.max_samples=8", "sweep.max_concurrent_trials=1"]  # serial: ASHA decisions are deterministic
+    return [
+        str(SWEEP),
+        f"run.root={root}",
+        f"run.name={name}",
+        f"model.cache_dir={cache_dir}",
+        "train.epochs=3",
+        "train.eval_every=10",
+        "sweep.grace_period=10",
+        "sweep.num_samples=4",
+        "sweep.space={train.lr: {type: choice, values: [0.003, 0.00001]}}",
+        "sweep.seed=1",
+        "eval.max_samples=8",
+        "sweep.max_concurrent_trials=1",
+    ]  # serial: ASHA decisions are deterministic
 
 
 @pytest.mark.slow
@@ -125,8 +144,7 @@ def test_asha_sweep_stops_weak_trials_and_promotes_best(ray_session, cache_dir, 
 def test_sweep_resumes_after_the_driver_dies(ray_session, cache_dir, tmp_path):
     cmd = [sys.executable, "-m", "oikyo_ray.cli", "sweep", *_sweep_args(tmp_path, cache_dir, "r")]
     env = dict(os.environ)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     trials = tmp_path / "r" / "trials"
     deadline = time.time() + 300
     while time.time() < deadline and not any(p.stat().st_size for p in trials.glob("*/metrics.jsonl")):

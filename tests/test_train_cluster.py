@@ -36,12 +36,17 @@ def s3(monkeypatch):
     from moto.server import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import make_server
 
-    server = make_server("127.0.0.1", 0, fix_complete_multipart(DomainDispatcherApplication(create_backend_app)),
-                         threaded=True)
+    server = make_server(
+        "127.0.0.1", 0, fix_complete_multipart(DomainDispatcherApplication(create_backend_app)), threaded=True
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1")
@@ -54,11 +59,28 @@ def s3(monkeypatch):
 def test_checkpoints_on_s3_and_resume_from_them(ray_session, s3, tiny_model, cache_dir, tmp_path):
     from oikyo_ray.train.ray_train import fit
 
-    cfg, run, man = make_run(tmp_path, tiny_model, cache_dir, [
-        "scaling.num_workers=1", "train.batch_size=8", "train.max_steps=4", "train.checkpoint_every=2",
-        "train.eval_every=100", "checkpoint.storage_path=s3://ckpt/oikyo", "scaling.max_failures=1"])
-    final = fit(cfg, run, str(tiny_model), man, log=lambda s: None,
-                step_hook=partial(fail_once_at, (3,), str(tmp_path / "failed")))
+    cfg, run, man = make_run(
+        tmp_path,
+        tiny_model,
+        cache_dir,
+        [
+            "scaling.num_workers=1",
+            "train.batch_size=8",
+            "train.max_steps=4",
+            "train.checkpoint_every=2",
+            "train.eval_every=100",
+            "checkpoint.storage_path=s3://ckpt/oikyo",
+            "scaling.max_failures=1",
+        ],
+    )
+    final = fit(
+        cfg,
+        run,
+        str(tiny_model),
+        man,
+        log=lambda s: None,
+        step_hook=partial(fail_once_at, (3,), str(tmp_path / "failed")),
+    )
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix="oikyo/r/checkpoints/")["Contents"]]
     ckpt_files = {k.rsplit("/", 1)[1] for k in keys if "/checkpoint_" in k}
     assert {"adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"} <= ckpt_files, keys
@@ -77,22 +99,37 @@ def test_training_spans_two_nodes(ray_session, tiny_model, cache_dir, tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
     before = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    node = subprocess.Popen(["ray", "start", f"--address={ray_session['address']}", "--num-cpus=1",
-                             "--block", "--disable-usage-stats"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    node = subprocess.Popen(
+        ["ray", "start", f"--address={ray_session['address']}", "--num-cpus=1", "--block", "--disable-usage-stats"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while len({n["NodeID"] for n in ray.nodes() if n["Alive"]} - before) < 1:
             assert time.time() < deadline and node.poll() is None, "the second node did not join"
             time.sleep(1)
         print(f"node joined after {time.time() - deadline + 120:.1f}s")
-        cfg, run, man = make_run(tmp_path, tiny_model, cache_dir, [
-            "scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD", "train.batch_size=8",
-            "train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=4"])
+        cfg, run, man = make_run(
+            tmp_path,
+            tiny_model,
+            cache_dir,
+            [
+                "scaling.num_workers=2",
+                "scaling.placement_strategy=STRICT_SPREAD",
+                "train.batch_size=8",
+                "train.max_steps=4",
+                "train.eval_every=2",
+                "train.checkpoint_every=4",
+            ],
+        )
         final = fit(cfg, run, str(tiny_model), man, log=lambda s: None)
         rows = metrics(run)
-        print(f"fit done after {time.time() - deadline + 120:.1f}s; "
-              f"first report {rows[0]['time'] - deadline + 120:.1f}s")
+        print(
+            f"fit done after {time.time() - deadline + 120:.1f}s; first report {rows[0]['time'] - deadline + 120:.1f}s"
+        )
         assert len(rows[0]["nodes"]) == 2, rows[0]  # the workers reported from two different nodes
         assert rows[-1]["step"] == 4 and (final / "adapter_model.safetensors").is_file()
     finally:

@@ -21,8 +21,13 @@ pytestmark = pytest.mark.slow  # ~45 s: 7 cases x 3 short runs on 2 spawned proc
 # 2 ranks x 8 batches of 4 per epoch, grad_accum 2: 4 steps an epoch. The checkpoint at step 3 lands
 # mid-epoch (inside an accumulation window's data); the resumed run crosses into epoch 1.
 K, N = 3, 6
-COMMON = ["scaling.strategy=deepspeed", "train.batch_size=4", "train.grad_accum=2", "train.eval_every=100",
-          f"train.checkpoint_every={K}"]
+COMMON = [
+    "scaling.strategy=deepspeed",
+    "train.batch_size=4",
+    "train.grad_accum=2",
+    "train.eval_every=100",
+    f"train.checkpoint_every={K}",
+]
 CASES = {  # every ZeRO stage; CPU offload of the optimizer (2, 3) and the parameters (3); bf16
     "zero0_full": ["scaling.zero_stage=0", "method.type=full", "train.lr=2e-3"],
     "zero0_bf16_lora": ["scaling.zero_stage=0", "train.mixed_precision=bf16", "train.lr=5e-3"],
@@ -30,8 +35,12 @@ CASES = {  # every ZeRO stage; CPU offload of the optimizer (2, 3) and the param
     "zero2_full": ["scaling.zero_stage=2", "method.type=full", "train.lr=2e-3"],
     "zero2_offload_lora": ["scaling.zero_stage=2", "scaling.offload_optimizer=true", "train.lr=5e-3"],
     "zero3_full": ["scaling.zero_stage=3", "method.type=full", "train.lr=2e-3"],
-    "zero3_offload_lora": ["scaling.zero_stage=3", "scaling.offload_optimizer=true", "scaling.offload_params=true",
-                           "train.lr=5e-3"],
+    "zero3_offload_lora": [
+        "scaling.zero_stage=3",
+        "scaling.offload_optimizer=true",
+        "scaling.offload_params=true",
+        "train.lr=5e-3",
+    ],
 }
 # bf16 is not exact: checkpoints hold the bf16 weights, not DeepSpeed's fp32 master copy, so the
 # resumed run starts from rounded masters (1 bf16 ulp apart after 3 more steps at |w| < 0.25)
@@ -75,8 +84,9 @@ def _run(rank: int, tiny_model: Path, cache_dir: Path, overrides: list[str], out
 
     world = dist.get_world_size()
     shard = lambda e: (b for i, b in enumerate(epochs(e)) if i % world == rank)  # noqa: E731
-    train_loop(engine.model, shard, cfg.train, N, LoopHooks(report=report, world_size=world),
-               engine=engine, state=state)
+    train_loop(
+        engine.model, shard, cfg.train, N, LoopHooks(report=report, world_size=world), engine=engine, state=state
+    )
     dist.barrier()  # the checkpoint is complete before any rank reads it
     return got
 
@@ -90,11 +100,17 @@ def _worker(rank: int, world: int, port: int, tiny_model: str, cache_dir: str, o
 
     from oikyo_ray.train.checkpoint import save_optimizer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      # DeepSpeed JIT-builds its CPU shm-comm op (~1 min): keep it across sessions
-                      TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR")
-                      or str(Path("~/.cache/oikyo/torch_extensions").expanduser()))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        # DeepSpeed JIT-builds its CPU shm-comm op (~1 min): keep it across sessions
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR")
+        or str(Path("~/.cache/oikyo/torch_extensions").expanduser()),
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world)
     for name, overrides in CASES.items():
         d = Path(out) / name

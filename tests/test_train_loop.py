@@ -53,8 +53,15 @@ def _weights(model):
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_resume_mid_epoch_is_exact(tiny_model, cache_dir, tmp_path, method):
     # 64 rows / batch 4 = 16 micro-batches = 8 steps per epoch; stop at 11 (epoch 1), resume from 10
-    ov = [f"method.type={method}", "train.batch_size=4", "train.grad_accum=2", "train.checkpoint_every=5",
-          "train.eval_every=100", "method.lora.dropout=0.1", "train.lr=3e-3"]
+    ov = [
+        f"method.type={method}",
+        "train.batch_size=4",
+        "train.grad_accum=2",
+        "train.checkpoint_every=5",
+        "train.eval_every=100",
+        "method.lora.dropout=0.1",
+        "train.lr=3e-3",
+    ]
     ref, ref_reports = _run(tiny_model, cache_dir, ov, 13)
     _run(tiny_model, cache_dir, ov, 13, ckpt_dir=tmp_path, stop_at=11)
     resumed, reports = _run(tiny_model, cache_dir, ov, 13, resume=tmp_path / "step10")
@@ -83,8 +90,13 @@ def test_optimizer_state_roundtrips_through_safetensors(tmp_path):
 
 def test_early_stopping_with_patience_and_min_delta(tiny_model, cache_dir):
     # min_delta larger than any possible gain: the first validation sets the best, the next two fail
-    ov = ["train.eval_every=2", "train.checkpoint_every=100", "train.early_stopping_patience=2",
-          "train.early_stopping_min_delta=100", "train.batch_size=8"]
+    ov = [
+        "train.eval_every=2",
+        "train.checkpoint_every=100",
+        "train.early_stopping_patience=2",
+        "train.early_stopping_min_delta=100",
+        "train.batch_size=8",
+    ]
     _, reports = _run(tiny_model, cache_dir, ov, 20)
     assert reports[-1]["step"] == 6 and reports[-1]["stopped_early"] is True
     vals = {r["step"]: r["val_loss"] for r in reports if "val_loss" in r}
@@ -95,8 +107,15 @@ def test_early_stopping_with_patience_and_min_delta(tiny_model, cache_dir):
 
 
 def test_grad_accum_checkpointing_bf16_still_learn(tiny_model, cache_dir):
-    ov = ["train.batch_size=4", "train.grad_accum=2", "train.gradient_checkpointing=true",
-          "train.mixed_precision=bf16", "train.eval_every=100", "train.checkpoint_every=100", "train.lr=5e-3"]
+    ov = [
+        "train.batch_size=4",
+        "train.grad_accum=2",
+        "train.gradient_checkpointing=true",
+        "train.mixed_precision=bf16",
+        "train.eval_every=100",
+        "train.checkpoint_every=100",
+        "train.lr=5e-3",
+    ]
     model, reports = _run(tiny_model, cache_dir, ov, 12)
     assert model.base_model.model.is_gradient_checkpointing
     assert [r["step"] for r in reports] == list(range(1, 13))  # 2 micro-batches per step

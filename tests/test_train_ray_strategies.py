@@ -18,18 +18,39 @@ except ImportError:
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
-@pytest.mark.parametrize("overrides, final_dir, weights", [
-    (["scaling.strategy=fsdp2", "method.type=full", "train.lr=2e-3"], "model", "model.safetensors"),
-    pytest.param(["scaling.strategy=deepspeed", "scaling.zero_stage=3"], "adapter", "adapter_model.safetensors",
-                 marks=pytest.mark.skipif(not os.environ.get("OIKYO_TEST_DEEPSPEED_RAY"),
-                                          reason="opt-in: OIKYO_TEST_DEEPSPEED_RAY=1 (slow DeepSpeed start-up)")),
-], ids=["fsdp2-full", "deepspeed-zero3-lora"])
+@pytest.mark.parametrize(
+    "overrides, final_dir, weights",
+    [
+        (["scaling.strategy=fsdp2", "method.type=full", "train.lr=2e-3"], "model", "model.safetensors"),
+        pytest.param(
+            ["scaling.strategy=deepspeed", "scaling.zero_stage=3"],
+            "adapter",
+            "adapter_model.safetensors",
+            marks=pytest.mark.skipif(
+                not os.environ.get("OIKYO_TEST_DEEPSPEED_RAY"),
+                reason="opt-in: OIKYO_TEST_DEEPSPEED_RAY=1 (slow DeepSpeed start-up)",
+            ),
+        ),
+    ],
+    ids=["fsdp2-full", "deepspeed-zero3-lora"],
+)
 def test_sharded_strategies_on_ray(ray_session, tiny_model, cache_dir, tmp_path, overrides, final_dir, weights):
     from oikyo_ray.train.ray_train import fit
 
-    cfg, run, man = make_run(tmp_path, tiny_model, cache_dir, [
-        "scaling.num_workers=2", "train.batch_size=4", "train.max_steps=8", "train.checkpoint_every=4",
-        "train.eval_every=4", "train.lr=5e-3", *overrides])
+    cfg, run, man = make_run(
+        tmp_path,
+        tiny_model,
+        cache_dir,
+        [
+            "scaling.num_workers=2",
+            "train.batch_size=4",
+            "train.max_steps=8",
+            "train.checkpoint_every=4",
+            "train.eval_every=4",
+            "train.lr=5e-3",
+            *overrides,
+        ],
+    )
     final = fit(cfg, run, str(tiny_model), man, log=lambda s: None)
     rows = metrics(run)
     assert final.name == final_dir and (final / weights).is_file()
@@ -43,9 +64,22 @@ def test_packed_blocks_train_on_ray(ray_session, tiny_model, cache_dir, tmp_path
     from oikyo_ray.errors import OikyoError
     from oikyo_ray.train.ray_train import fit
 
-    cfg, run, man = make_run(tmp_path, tiny_model, cache_dir, [
-        "scaling.num_workers=2", "train.batch_size=2", "train.epochs=8", "train.max_steps=6", "train.eval_every=3",
-        "train.lr=5e-3", "data.packing=true", "data.max_length=64", "data.pack_length=256"])
+    cfg, run, man = make_run(
+        tmp_path,
+        tiny_model,
+        cache_dir,
+        [
+            "scaling.num_workers=2",
+            "train.batch_size=2",
+            "train.epochs=8",
+            "train.max_steps=6",
+            "train.eval_every=3",
+            "train.lr=5e-3",
+            "data.packing=true",
+            "data.max_length=64",
+            "data.pack_length=256",
+        ],
+    )
     assert 6 <= man["packing"]["blocks"] < 64  # 64 rows of <= 64 tokens fit in far fewer blocks
     final = fit(cfg, run, str(tiny_model), man, log=lambda s: None)
     rows = metrics(run)

@@ -18,8 +18,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 # 2 workers x 8 rows, 4 optimizer steps per epoch (grad_accum 2), 7 steps: the stop at step 5
 # lands mid-epoch (epoch 1), after the checkpoint at step 4, inside an accumulation window's data
-BASE = ["scaling.num_workers=2", "train.batch_size=4", "train.grad_accum=2", "train.max_steps=7",
-        "train.checkpoint_every=2", "train.eval_every=100", "checkpoint.num_to_keep=2", "train.lr=5e-3"]
+BASE = [
+    "scaling.num_workers=2",
+    "train.batch_size=4",
+    "train.grad_accum=2",
+    "train.max_steps=7",
+    "train.checkpoint_every=2",
+    "train.eval_every=100",
+    "checkpoint.num_to_keep=2",
+    "train.lr=5e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +56,14 @@ def test_restart_then_rerun_resume_exactly(uninterrupted, tiny_model, cache_dir,
     final_a, run_a = uninterrupted
     cfg, run, man = make_run(tmp_path, tiny_model, cache_dir, [*BASE, "scaling.max_failures=1"])
     with pytest.raises(OikyoError, match="injected failure at step 6"):
-        fit(cfg, run, str(tiny_model), man, log=lambda s: None,
-            step_hook=partial(fail_once_at, (5, 6), str(tmp_path / "failed")))
+        fit(
+            cfg,
+            run,
+            str(tiny_model),
+            man,
+            log=lambda s: None,
+            step_hook=partial(fail_once_at, (5, 6), str(tmp_path / "failed")),
+        )
     assert (tmp_path / "failed.5").exists() and (tmp_path / "failed.6").exists()
     assert not (run / "adapter").exists()
     rows = metrics(run)
@@ -79,17 +93,34 @@ def test_early_stopping_keeps_the_best_checkpoint(ray_session, tiny_model, cache
     becomes run_dir/adapter."""
     from oikyo_ray.train.ray_train import fit
 
-    cfg, run, man = make_run(tmp_path, tiny_model, cache_dir, [
-        "scaling.num_workers=1", "train.batch_size=8", "train.max_steps=30", "train.eval_every=2",
-        "train.checkpoint_every=2", "train.early_stopping_patience=2", "train.early_stopping_min_delta=100",
-        "checkpoint.score=val_loss", "checkpoint.num_to_keep=1", "checkpoint.final=best", "train.lr=1e-2"])
+    cfg, run, man = make_run(
+        tmp_path,
+        tiny_model,
+        cache_dir,
+        [
+            "scaling.num_workers=1",
+            "train.batch_size=8",
+            "train.max_steps=30",
+            "train.eval_every=2",
+            "train.checkpoint_every=2",
+            "train.early_stopping_patience=2",
+            "train.early_stopping_min_delta=100",
+            "checkpoint.score=val_loss",
+            "checkpoint.num_to_keep=1",
+            "checkpoint.final=best",
+            "train.lr=1e-2",
+        ],
+    )
     final = fit(cfg, run, str(tiny_model), man, log=lambda s: None)
     rows = metrics(run)
     assert rows[-1]["step"] == 6 and rows[-1]["stopped_early"] is True
     vals = {m["step"]: m["val_loss"] for m in rows if "val_loss" in m}
     best = min(vals, key=vals.get)
     assert sorted(vals) == [2, 4, 6] and rows[-1]["best_step"] == best
-    kept = {json.loads((p / "trainer_state.json").read_text())["step"]
-            for p in (run / "checkpoints").glob("checkpoint_*") if p.is_dir()}
+    kept = {
+        json.loads((p / "trainer_state.json").read_text())["step"]
+        for p in (run / "checkpoints").glob("checkpoint_*")
+        if p.is_dir()
+    }
     assert kept == {best, 6}
     assert json.loads((final / "trainer_state.json").read_text())["step"] == best

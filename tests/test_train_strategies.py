@@ -13,9 +13,16 @@ except ImportError:
 pytestmark = pytest.mark.slow
 
 COMMON = ["train.batch_size=4", "train.lr=5e-3", "train.eval_every=5", "train.checkpoint_every=5"]
-METHODS = {"lora": ["method.type=lora"], "dora": ["method.type=dora"], "full": ["method.type=full", "train.lr=2e-3"],
-           "lora_save_head": ["method.type=lora", "method.lora.modules_to_save=[lm_head]",
-                              "method.lora.target_modules=[q_proj,v_proj]"]}
+METHODS = {
+    "lora": ["method.type=lora"],
+    "dora": ["method.type=dora"],
+    "full": ["method.type=full", "train.lr=2e-3"],
+    "lora_save_head": [
+        "method.type=lora",
+        "method.lora.modules_to_save=[lm_head]",
+        "method.lora.target_modules=[q_proj,v_proj]",
+    ],
+}
 STRATEGIES = {"ddp": ["scaling.strategy=ddp"], "fsdp2": ["scaling.strategy=fsdp2"]}
 DEEPSPEED = {  # representative ZeRO cases (all of 0/1/2/3, offload, ZeRO-3 + LoRA)
     "ds_zero0_full": ["scaling.strategy=deepspeed", "scaling.zero_stage=0", "method.type=full", "train.lr=2e-3"],

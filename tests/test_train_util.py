@@ -27,15 +27,32 @@ def _encoded(model_dir: str) -> tuple:
     return tuple(encode_messages(tok, r["messages"], max_length=64) for r in rows)
 
 
-def make_run(root: Path, tiny_model: Path, cache_dir: Path, overrides: list[str], name: str = "r",
-             n_train: int = 64, n_val: int = 16):
+def make_run(
+    root: Path,
+    tiny_model: Path,
+    cache_dir: Path,
+    overrides: list[str],
+    name: str = "r",
+    n_train: int = 64,
+    n_val: int = 16,
+):
     """(cfg, run_dir, manifest) for `fit`: n_train/n_val tokenised demo rows, eval off."""
-    cfg = load_config(None, [f"model.cache_dir={cache_dir}", f"run.root={root}", f"run.name={name}",
-                             "eval.enabled=false", "scaling.cpus_per_worker=0.5", "train.log_every=1",
-                             "train.warmup_ratio=0", *overrides])
+    cfg = load_config(
+        None,
+        [
+            f"model.cache_dir={cache_dir}",
+            f"run.root={root}",
+            f"run.name={name}",
+            "eval.enabled=false",
+            "scaling.cpus_per_worker=0.5",
+            "train.log_every=1",
+            "train.warmup_ratio=0",
+            *overrides,
+        ],
+    )
     enc = _encoded(str(tiny_model))
     run_dir = root / name
-    for split, rows in (("train", enc[:n_train]), ("val", enc[n_train:n_train + n_val])):
+    for split, rows in (("train", enc[:n_train]), ("val", enc[n_train : n_train + n_val])):
         d = run_dir / "data" / split
         d.mkdir(parents=True, exist_ok=True)
         table = pa.table({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]})
@@ -87,11 +104,10 @@ def local_setup(tiny_model: Path, cache_dir: Path, overrides: list[str], n: int 
     from oikyo_ray.train.loop import collate, shuffled_batches
     from oikyo_ray.train.start import seed_everything
 
-    cfg = load_config(None, [f"model.cache_dir={cache_dir}", "train.warmup_ratio=0", "train.log_every=1",
-                             *overrides])
+    cfg = load_config(None, [f"model.cache_dir={cache_dir}", "train.warmup_ratio=0", "train.log_every=1", *overrides])
     tok = load_tokenizer(cfg.model, str(tiny_model))
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in _encoded(str(tiny_model))]
-    train, val_rows = rows[:n], rows[n:n + 16]
+    train, val_rows = rows[:n], rows[n : n + 16]
     seed_everything(cfg.train.seed)
     model = apply_method(load_model(cfg.model, str(tiny_model)), cfg.method, cfg.train.gradient_checkpointing)
     bs = cfg.train.batch_size
@@ -109,11 +125,17 @@ def strategy_worker(rank: int, world: int, port: int, tiny_model: str, cache_dir
 
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      # DeepSpeed JIT-builds its CPU shm-comm op (~1 min): keep it across sessions
-                      TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR")
-                      or str(Path("~/.cache/oikyo/torch_extensions").expanduser()))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        # DeepSpeed JIT-builds its CPU shm-comm op (~1 min): keep it across sessions
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR")
+        or str(Path("~/.cache/oikyo/torch_extensions").expanduser()),
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from oikyo_ray.config import OikyoConfig
     from oikyo_ray.train.engine import build_engine
@@ -140,11 +162,20 @@ def strategy_worker(rank: int, world: int, port: int, tiny_model: str, cache_dir
                 dist.all_reduce(t)
                 return t
 
-            train_loop(engine.model, shard, cfg.train, steps,
-                       LoopHooks(report=report, world_size=world, all_reduce=all_reduce,
-                                 val_batches=lambda v=val: v), engine=engine)
-            results[name] = {"losses": losses, "engine": type(engine).__name__, "error": None,
-                             "seconds": round(time.perf_counter() - t0, 2)}
+            train_loop(
+                engine.model,
+                shard,
+                cfg.train,
+                steps,
+                LoopHooks(report=report, world_size=world, all_reduce=all_reduce, val_batches=lambda v=val: v),
+                engine=engine,
+            )
+            results[name] = {
+                "losses": losses,
+                "engine": type(engine).__name__,
+                "error": None,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
         except Exception:
             results[name] = {"losses": [], "error": traceback.format_exc()[-3000:]}
         dist.barrier()
@@ -162,6 +193,7 @@ def run_strategies(tiny_model: Path, cache_dir: Path, cases: list, out: Path, wo
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(strategy_worker, args=(world, port, str(tiny_model), str(cache_dir), cases, str(out)),
-             nprocs=world, join=True)
+    mp.spawn(
+        strategy_worker, args=(world, port, str(tiny_model), str(cache_dir), cases, str(out)), nprocs=world, join=True
+    )
     return json.loads(out.read_text())

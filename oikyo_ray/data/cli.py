@@ -119,10 +119,15 @@ def format_report(manifest: dict, rejects: list[dict], d: Path, top: int = 8) ->
     ]
     for i in manifest.get("inputs", []):
         if isinstance(i, dict):
-            lines.append(f"{_name(i['path'])[:40]:<40} {i['sha256'][:12]:<12} {i.get('read', 0):>7} "
-                         f"{i.get('accepted', 0):>9} {i.get('rejected', 0):>9}")
-    lines += [f"{'total':<40} {'':<12} {c['read']:>7} {c['accepted']:>9} {c['rejected']:>9}", "",
-              "splits: " + ", ".join(f"{s} {c.get(s, 0)}" for s in SPLITS)]
+            lines.append(
+                f"{_name(i['path'])[:40]:<40} {i['sha256'][:12]:<12} {i.get('read', 0):>7} "
+                f"{i.get('accepted', 0):>9} {i.get('rejected', 0):>9}"
+            )
+    lines += [
+        f"{'total':<40} {'':<12} {c['read']:>7} {c['accepted']:>9} {c['rejected']:>9}",
+        "",
+        "splits: " + ", ".join(f"{s} {c.get(s, 0)}" for s in SPLITS),
+    ]
     filters = manifest.get("filters", {})
     if filters:
         lines += ["", "rejected by filter:"]
@@ -139,28 +144,41 @@ def format_report(manifest: dict, rejects: list[dict], d: Path, top: int = 8) ->
             lines.append(f"          e.g. {_name(e['source'])}:{e['row']}: {e['reason'][:160]}")
     dd = manifest.get("dedupe")
     if dd:
-        lines += ["", f"duplicates removed: {dd.get('duplicate', 0)} exact, {dd.get('near_duplicate', 0)} near "
-                      f"(threshold {dd.get('near_threshold')})"]
+        lines += [
+            "",
+            f"duplicates removed: {dd.get('duplicate', 0)} exact, {dd.get('near_duplicate', 0)} near "
+            f"(threshold {dd.get('near_threshold')})",
+        ]
     lk = manifest.get("leakage")
     if lk:
         pairs = ", ".join(f"{k} {v}" for k, v in sorted(lk.get("pairs", {}).items())) or "none"
-        lines.append(f"leakage ({lk.get('action')}, threshold {lk.get('threshold')}): {lk.get('exact', 0)} exact, "
-                     f"{lk.get('near', 0)} near, {lk.get('removed', 0)} removed; pairs: {pairs}")
+        lines.append(
+            f"leakage ({lk.get('action')}, threshold {lk.get('threshold')}): {lk.get('exact', 0)} exact, "
+            f"{lk.get('near', 0)} near, {lk.get('removed', 0)} removed; pairs: {pairs}"
+        )
     meta = manifest.get("meta")
     if meta:
-        lines.append(f"metadata kept: tools {meta['tools']}, preference pairs {meta['preference']}, "
-                     f"labels true {meta['label_true']} / false {meta['label_false']}")
+        lines.append(
+            f"metadata kept: tools {meta['tools']}, preference pairs {meta['preference']}, "
+            f"labels true {meta['label_true']} / false {meta['label_false']}"
+        )
     t = manifest.get("tokens", {})
     if t:
         max_length = manifest.get("data_config", {}).get("max_length", "?")
-        lines += ["", f"tokens: total {t['total']:,}, mean {t['mean']:.1f}, max {t['max']}, "
-                      f"truncated at data.max_length={max_length}: {t.get('truncated', 0)}"]
+        lines += [
+            "",
+            f"tokens: total {t['total']:,}, mean {t['mean']:.1f}, max {t['max']}, "
+            f"truncated at data.max_length={max_length}: {t.get('truncated', 0)}",
+        ]
         lines += _text_histogram(t.get("histogram"))
     pk = manifest.get("packing")
     if pk:
-        lines += ["", f"packing: {pk['rows']} train rows in {pk['blocks']} blocks of {pk['length']} tokens, "
-                      f"{pk['efficiency']:.1%} real tokens (right-padded batches of {pk['padded_batch_size']}: "
-                      f"{pk['padded_efficiency']:.1%})"]
+        lines += [
+            "",
+            f"packing: {pk['rows']} train rows in {pk['blocks']} blocks of {pk['length']} tokens, "
+            f"{pk['efficiency']:.1%} real tokens (right-padded batches of {pk['padded_batch_size']}: "
+            f"{pk['padded_efficiency']:.1%})",
+        ]
     return "\n".join(lines)
 
 
@@ -170,8 +188,9 @@ def _text_histogram(h: dict | None, width: int = 40) -> list[str]:
     edges = h["edges"]
     totals = [sum(h.get(s, [0] * (len(edges) - 1))[i] for s in SPLITS) for i in range(len(edges) - 1)]
     peak = max(totals) or 1
-    return [f"  {edges[i]:>6}-{edges[i + 1]:<6} {'#' * round(width * n / peak):<{width}} {n}"
-            for i, n in enumerate(totals)]
+    return [
+        f"  {edges[i]:>6}-{edges[i + 1]:<6} {'#' * round(width * n / peak):<{width}} {n}" for i, n in enumerate(totals)
+    ]
 
 
 def _lengths(d: Path) -> dict[str, list[int]] | None:
@@ -197,8 +216,9 @@ def write_histogram_png(manifest: dict, d: Path, png: Path) -> Path:
         edges = h["edges"]
         bottom = [0] * (len(edges) - 1)
         for s in SPLITS:
-            ax.bar(edges[:-1], h[s], width=[b - a for a, b in zip(edges, edges[1:])], bottom=bottom,
-                   align="edge", label=s)
+            ax.bar(
+                edges[:-1], h[s], width=[b - a for a, b in zip(edges, edges[1:])], bottom=bottom, align="edge", label=s
+            )
             bottom = [a + b for a, b in zip(bottom, h[s])]
     ax.set_xlabel("tokens per example (after truncation)")
     ax.set_ylabel("examples")

@@ -18,10 +18,10 @@ def keys(col: pa.ChunkedArray) -> np.ndarray:
     arr = col.combine_chunks()
     if len(arr) == 0:
         return np.empty(0, dtype=f"S{KEY_BYTES}")
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset:arr.offset + len(arr) + 1]
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
     if not (np.diff(offsets) == KEY_BYTES).all():
         raise ValueError("keys must be 16-byte digests")
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]]
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
     return data.view(f"S{KEY_BYTES}")
 
 
@@ -36,8 +36,9 @@ def codes(col: pa.ChunkedArray) -> tuple[list, np.ndarray]:
 def list_column(flat, offsets) -> pa.Array:
     """A list<int64> column from its flat values and row offsets (numpy arrays or buffers): built
     this way it costs a copy, where pa.array on nested lists is ~7x slower."""
-    return pa.ListArray.from_arrays(pa.array(np.frombuffer(offsets, dtype=np.int32)),
-                                    pa.array(np.frombuffer(flat, dtype=np.int64)))
+    return pa.ListArray.from_arrays(
+        pa.array(np.frombuffer(offsets, dtype=np.int32)), pa.array(np.frombuffer(flat, dtype=np.int64))
+    )
 
 
 def list_rows(column: pa.ChunkedArray) -> list[np.ndarray]:
@@ -57,5 +58,6 @@ def blocks_column(blocks: list[np.ndarray], length: int) -> pa.Array:
 
 def plain(schema: pa.Schema) -> pa.Schema:
     """`schema` with dictionary columns as their value type (for code that wants plain strings)."""
-    return pa.schema([pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type)
-                      for f in schema])
+    return pa.schema(
+        [pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type) else f.type) for f in schema]
+    )

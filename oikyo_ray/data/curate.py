@@ -48,21 +48,53 @@ class Status(str, Enum):
     REJECT = "reject"
     FILE_ERROR = "file_error"  # the file could not be read at all (also the record's `filter`)
 
+
 KEY = pa.binary()  # 16-byte digests (keys) and MinHash signatures: compact on the driver
-SCHEMA = pa.schema([
-    ("source", pa.string()), ("row", pa.int64()), ("status", pa.string()), ("reason", pa.string()),
-    ("filter", pa.string()), ("split", pa.string()), ("hash", pa.string()), ("messages", pa.string()),
-    ("meta", pa.string()), ("meta_tags", pa.string()),
-    ("input_ids", pa.list_(pa.int64())), ("labels", pa.list_(pa.int64())),
-    ("num_tokens", pa.int64()), ("full_tokens", pa.int64()), ("digest", KEY),
-    ("dup_key", KEY), ("dup_group", KEY), ("leak_group", KEY),
-    ("prompt_key", KEY), ("text_sig", KEY), ("prompt_sig", KEY),
-])
+SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("row", pa.int64()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("filter", pa.string()),
+        ("split", pa.string()),
+        ("hash", pa.string()),
+        ("messages", pa.string()),
+        ("meta", pa.string()),
+        ("meta_tags", pa.string()),
+        ("input_ids", pa.list_(pa.int64())),
+        ("labels", pa.list_(pa.int64())),
+        ("num_tokens", pa.int64()),
+        ("full_tokens", pa.int64()),
+        ("digest", KEY),
+        ("dup_key", KEY),
+        ("dup_group", KEY),
+        ("leak_group", KEY),
+        ("prompt_key", KEY),
+        ("text_sig", KEY),
+        ("prompt_sig", KEY),
+    ]
+)
 # what the global pass and the manifest need: no token ids, no texts (`digest` stands for a
 # kept row's content in the manifest's content hash)
-SUMMARY_COLUMNS = ["source", "row", "status", "reason", "filter", "split", "meta_tags", "num_tokens",
-                   "full_tokens", "digest", "dup_key", "dup_group", "leak_group", "prompt_key", "text_sig",
-                   "prompt_sig"]
+SUMMARY_COLUMNS = [
+    "source",
+    "row",
+    "status",
+    "reason",
+    "filter",
+    "split",
+    "meta_tags",
+    "num_tokens",
+    "full_tokens",
+    "digest",
+    "dup_key",
+    "dup_group",
+    "leak_group",
+    "prompt_key",
+    "text_sig",
+    "prompt_sig",
+]
 # columns of the written splits
 OUTPUT_COLUMNS = ["hash", "messages", "meta", "input_ids", "labels", "num_tokens"]
 TOKEN_COLUMNS = ("input_ids", "labels")
@@ -75,10 +107,27 @@ def _tokenizer(path: str, trust_remote_code: bool):
     return tok
 
 
-_DEFAULTS = {"status": Status.OK, "reason": "", "filter": "", "split": "", "hash": "", "messages": "", "meta": "{}",
-             "meta_tags": "", "input_ids": (), "labels": (), "num_tokens": 0, "full_tokens": 0,
-             "digest": b"", "dup_key": b"", "dup_group": b"", "leak_group": b"", "prompt_key": b"", "text_sig": b"",
-             "prompt_sig": b""}
+_DEFAULTS = {
+    "status": Status.OK,
+    "reason": "",
+    "filter": "",
+    "split": "",
+    "hash": "",
+    "messages": "",
+    "meta": "{}",
+    "meta_tags": "",
+    "input_ids": (),
+    "labels": (),
+    "num_tokens": 0,
+    "full_tokens": 0,
+    "digest": b"",
+    "dup_key": b"",
+    "dup_group": b"",
+    "leak_group": b"",
+    "prompt_key": b"",
+    "text_sig": b"",
+    "prompt_sig": b"",
+}
 
 
 def _record(source: str, row: int, **kw) -> dict:
@@ -126,8 +175,9 @@ def curate_row(raw, data: DataConfig, tokenizer, norm=None) -> dict:
     }
 
 
-def iter_records(source: str, data_bytes: bytes, data: DataConfig, tokenizer, first_row: int = 1,
-                 whole: bool = True) -> Iterator[dict]:
+def iter_records(
+    source: str, data_bytes: bytes, data: DataConfig, tokenizer, first_row: int = 1, whole: bool = True
+) -> Iterator[dict]:
     """The records of one file (or of a line-aligned piece of a jsonl file starting at line
     `first_row`), one per row; a file that cannot be read at all ends with a FILE_ERROR record
     naming why (files are checked before their first row is given, so it comes alone)."""
@@ -135,8 +185,14 @@ def iter_records(source: str, data_bytes: bytes, data: DataConfig, tokenizer, fi
     try:
         for n, raw, reason in iter_rows(source, data_bytes, max_row_bytes(data), first_row, whole):
             if raw is BAD:
-                kind = "not_utf8" if reason.startswith("not UTF-8") else \
-                    "too_long" if reason.startswith("row is ") else "invalid_json"
+                reason = reason or ""
+                kind = (
+                    "not_utf8"
+                    if reason.startswith("not UTF-8")
+                    else "too_long"
+                    if reason.startswith("row is ")
+                    else "invalid_json"
+                )
                 yield _record(source, n, status=Status.REJECT, reason=reason, filter=kind)
                 continue
             try:
@@ -148,8 +204,9 @@ def iter_records(source: str, data_bytes: bytes, data: DataConfig, tokenizer, fi
         yield _record(source, 0, status=Status.FILE_ERROR, reason=reason, filter=Status.FILE_ERROR)
 
 
-def curate_file(source: str, data_bytes: bytes, data: DataConfig, tokenizer, first_row: int = 1,
-                whole: bool = True) -> list[dict]:
+def curate_file(
+    source: str, data_bytes: bytes, data: DataConfig, tokenizer, first_row: int = 1, whole: bool = True
+) -> list[dict]:
     """All records of `iter_records`; a broken file gives its single FILE_ERROR record."""
     recs = list(iter_records(source, data_bytes, data, tokenizer, first_row, whole))
     return recs[-1:] if recs and recs[-1]["status"] == Status.FILE_ERROR else recs
@@ -167,8 +224,12 @@ def _tokens(lists: list) -> pa.Array:
 def to_table(records: list[dict], columns: list[str] | None = None) -> pa.Table:
     """Records (or `columns` of them) as an Arrow table of SCHEMA's types."""
     names = columns or SCHEMA.names
-    arrays = [_tokens([r[n] for r in records]) if n in TOKEN_COLUMNS
-              else pa.array([r[n] for r in records], type=SCHEMA.field(n).type) for n in names]
+    arrays = [
+        _tokens([r[n] for r in records])
+        if n in TOKEN_COLUMNS
+        else pa.array([r[n] for r in records], type=SCHEMA.field(n).type)
+        for n in names
+    ]
     return pa.Table.from_arrays(arrays, schema=pa.schema([SCHEMA.field(n) for n in names]))
 
 
@@ -185,8 +246,9 @@ def curate_piece(piece: dict, data: DataConfig, tokenizer, work: str) -> int:
     and the piece's index) and `<split>/` (kept rows, OUTPUT_COLUMNS); returns the rows read.
     Writing here, in the task, means the curated rows cross no process boundary and are written once."""
     name = part_name(int(piece["index"]))
-    records = iter_records(str(piece["path"]), read_piece(piece), data, tokenizer, int(piece["first_row"]),
-                           bool(piece["whole"]))
+    records = iter_records(
+        str(piece["path"]), read_piece(piece), data, tokenizer, int(piece["first_row"]), bool(piece["whole"])
+    )
     writers: dict[str, pq.ParquetWriter] = {}
 
     def write(where: str, table: pa.Table) -> None:

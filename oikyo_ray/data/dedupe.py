@@ -89,9 +89,12 @@ def _duplicates(p: _Pass, order: np.ndarray, data) -> dict:
         left = p.left(order)
         sigs, groups = (p.rows[c].take(left).to_pylist() for c in ("text_sig", "dup_group"))
         for i, other, j in near.near_duplicates(sigs, groups, data.near_dup_threshold, data.minhash_num_perm):
-            p.remove(int(left[i]), NEAR_DUPLICATE,
-                     f"near-duplicate of {p.ref(int(left[other]))} (estimated Jaccard {j:.2f} >= "
-                     f"data.near_dup_threshold={data.near_dup_threshold})")
+            p.remove(
+                int(left[i]),
+                NEAR_DUPLICATE,
+                f"near-duplicate of {p.ref(int(left[other]))} (estimated Jaccard {j:.2f} >= "
+                f"data.near_dup_threshold={data.near_dup_threshold})",
+            )
             stats["near_duplicate"] += 1
     return stats
 
@@ -99,8 +102,14 @@ def _duplicates(p: _Pass, order: np.ndarray, data) -> dict:
 def _leakage(p: _Pass, kept: np.ndarray, data) -> dict:
     """Prompts shared across splits: test is kept, then val; the later split's copy leaks."""
     pairs: dict[str, int] = {}
-    out = {"action": data.leakage, "threshold": data.leakage_threshold, "exact": 0, "near": 0,
-           "removed": 0, "pairs": pairs}
+    out = {
+        "action": data.leakage,
+        "threshold": data.leakage_threshold,
+        "exact": 0,
+        "near": 0,
+        "removed": 0,
+        "pairs": pairs,
+    }
     if data.leakage == "off" or not len(kept):
         return out
     rank = exact.split_ranks(p.rows["split"])[kept]
@@ -110,8 +119,15 @@ def _leakage(p: _Pass, kept: np.ndarray, data) -> dict:
     found = {int(at): (int(order[o]), "exact", "same prompt as") for at, o in enumerate(other) if o >= 0}
     if data.leakage_threshold is not None:
         sigs, groups = (p.rows[c].take(order).to_pylist() for c in ("prompt_sig", "leak_group"))
-        for at, o, j in near.near_leaks(sigs, groups, rank, other < 0, data.leakage_threshold,
-                                        data.minhash_num_perm, keep_leaked=data.leakage != "remove"):
+        for at, o, j in near.near_leaks(
+            sigs,
+            groups,
+            rank,
+            other < 0,
+            data.leakage_threshold,
+            data.minhash_num_perm,
+            keep_leaked=data.leakage != "remove",
+        ):
             found[at] = (int(order[o]), "near", f"prompt near-duplicate (estimated Jaccard {j:.2f}) of")
     split_of = {v: k for k, v in exact.SPLIT_RANK.items()}
     for at in sorted(found):  # in split order, then file order: the order the rows were read
@@ -121,8 +137,9 @@ def _leakage(p: _Pass, kept: np.ndarray, data) -> dict:
         out[kind] += 1
         pair = f"{split}~{other_split}"
         pairs[pair] = pairs.get(pair, 0) + 1
-        p.res.leaks.append({"source": source, "row": row, "split": split, "kind": kind, "other": p.ref(o),
-                            "other_split": other_split})
+        p.res.leaks.append(
+            {"source": source, "row": row, "split": split, "kind": kind, "other": p.ref(o), "other_split": other_split}
+        )
         if data.leakage == "remove":
             p.remove(i, LEAKAGE, f"leaks into {other_split}: {how} {p.ref(o)}")
             out["removed"] += 1

@@ -29,8 +29,15 @@ class RowError(ValueError):
 
 
 SHAREGPT_ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-    "system": "system", "function_call": FUNCTION_CALL, "observation": "tool", "tool": "tool",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+    "function_call": FUNCTION_CALL,
+    "observation": "tool",
+    "tool": "tool",
     "function": "tool",
 }
 
@@ -129,8 +136,10 @@ class _Norm:
         for j, pair in enumerate(_list(row.get("history") or [], "history", "[user, assistant] pairs")):
             if not (isinstance(pair, list) and len(pair) == 2):
                 raise RowError(f"history[{j}] must be a [user, assistant] pair")
-            msgs += [{"role": "user", "content": _text(pair[0], f"history[{j}][0]")},
-                     {"role": "assistant", "content": _text(pair[1], f"history[{j}][1]")}]
+            msgs += [
+                {"role": "user", "content": _text(pair[0], f"history[{j}][0]")},
+                {"role": "assistant", "content": _text(pair[1], f"history[{j}][1]")},
+            ]
         msgs.append({"role": "user", "content": prompt})
         if "chosen" not in row:
             msgs.append({"role": "assistant", "content": _text(row.get("output"), "output")})
@@ -244,7 +253,7 @@ def _tools(value: Any) -> list:
 def tool_name(tool: Any) -> str | None:
     """Name of a tool schema: {"name", ...} or OpenAI's {"type": "function", "function": {"name"}}."""
     if isinstance(tool, dict):
-        fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+        fn: dict = tool["function"] if isinstance(tool.get("function"), dict) else tool
         if isinstance(fn.get("name"), str) and fn["name"]:
             return fn["name"]
     return None

@@ -30,8 +30,16 @@ SPLITS = ("train", "val", "test")
 PACKED = "train_packed"  # the train split packed into blocks (data.packing)
 HIST_BINS = 16
 CHUNK = 1 << 20
-_TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template",
-                    "spiece", "sentencepiece")
+_TOKENIZER_FILES = (
+    "tokenizer",
+    "vocab",
+    "merges",
+    "special_tokens",
+    "added_tokens",
+    "chat_template",
+    "spiece",
+    "sentencepiece",
+)
 
 
 def sha256_stream(read) -> tuple[str, int]:
@@ -69,8 +77,14 @@ def tokenizer_fingerprint(path: str) -> str:
 
 
 def cache_key(inputs: list[dict], data, tokenizer_path: str, trust_remote_code: bool) -> str:
-    parts = [CURATION_VERSION, [[i["path"], i["sha256"]] for i in inputs], data_config_hash(data),
-             tokenizer_path, tokenizer_fingerprint(tokenizer_path), trust_remote_code]
+    parts = [
+        CURATION_VERSION,
+        [[i["path"], i["sha256"]] for i in inputs],
+        data_config_hash(data),
+        tokenizer_path,
+        tokenizer_fingerprint(tokenizer_path),
+        trust_remote_code,
+    ]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
 
@@ -102,8 +116,19 @@ def _counts(col) -> Counter:
     return Counter(dict(zip(names, np.bincount(idx, minlength=len(names)).tolist())))
 
 
-def build(*, inputs: list[dict], summary, kept, rejects: list[dict], stats: dict,
-          leaks: list[dict], data, tokenizer_path: str, key: str, out_dir: Path) -> dict:
+def build(
+    *,
+    inputs: list[dict],
+    summary,
+    kept,
+    rejects: list[dict],
+    stats: dict,
+    leaks: list[dict],
+    data,
+    tokenizer_path: str,
+    key: str,
+    out_dir: Path,
+) -> dict:
     """The manifest of a finished preparation (outputs already written under out_dir); `summary`
     (every row) and `kept` are Arrow tables of the curated summary columns."""
     read_by_file = _counts(summary["source"])
@@ -135,10 +160,15 @@ def build(*, inputs: list[dict], summary, kept, rejects: list[dict], stats: dict
         "filters": dict(sorted(Counter(r["filter"] for r in rejects).items())),
         "dedupe": {"exact": data.dedupe, "near_threshold": data.near_dup_threshold, **stats["dedupe"]},
         "leakage": {**stats["leakage"], "examples": leaks[:20]},
-        "meta": {"tools": tags["tools"], "preference": tags["preference"],
-                 "label_true": tags["label:true"], "label_false": tags["label:false"]},
+        "meta": {
+            "tools": tags["tools"],
+            "preference": tags["preference"],
+            "label_true": tags["label:true"],
+            "label_false": tags["label:false"],
+        },
         "tokens": {
-            "total": int(tokens.sum()), "max": int(tokens.max(initial=0)),
+            "total": int(tokens.sum()),
+            "max": int(tokens.max(initial=0)),
             "mean": float(tokens.mean()) if len(tokens) else 0.0,
             "truncated": int((kept["full_tokens"].to_numpy() > tokens).sum()),
             "histogram": histogram(per_split, data.max_length),

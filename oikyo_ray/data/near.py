@@ -47,8 +47,9 @@ class LSHIndex:
         self.lsh.insert(key, LeanMinHash(seed=SEED, hashvalues=sig, scheme=SCHEME))
 
 
-def near_duplicates(sigs: list[bytes], groups: list[bytes], threshold: float,
-                    num_perm: int) -> list[tuple[int, int, float]]:
+def near_duplicates(
+    sigs: list[bytes], groups: list[bytes], threshold: float, num_perm: int
+) -> list[tuple[int, int, float]]:
     """(position, kept position it nearly duplicates, estimated Jaccard) for each row, in order,
     that is a near-duplicate of an earlier row that was itself kept."""
     index = LSHIndex(threshold, num_perm)
@@ -62,8 +63,15 @@ def near_duplicates(sigs: list[bytes], groups: list[bytes], threshold: float,
     return found
 
 
-def near_leaks(sigs: list[bytes], groups: list[bytes], rank: np.ndarray, check: np.ndarray, threshold: float,
-               num_perm: int, keep_leaked: bool) -> list[tuple[int, int, float]]:
+def near_leaks(
+    sigs: list[bytes],
+    groups: list[bytes],
+    rank: np.ndarray,
+    check: np.ndarray,
+    threshold: float,
+    num_perm: int,
+    keep_leaked: bool,
+) -> list[tuple[int, int, float]]:
     """(position, earlier-split position, estimated Jaccard) for each row to `check` whose prompt
     nearly equals one of an earlier split (rows sorted by `rank`). A split's rows are indexed once
     it is done; rows found leaked (unchecked rows are already leaked) stay out of the index unless

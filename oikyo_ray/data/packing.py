@@ -65,10 +65,10 @@ def pack_rows(input_ids: list, labels: list, length: int, pad_id: int) -> dict[s
         at = 0
         for i in block:
             n = lengths[i]
-            ids[at:at + n] = input_ids[i]
-            lab[at:at + n] = labels[i]
+            ids[at : at + n] = input_ids[i]
+            lab[at : at + n] = labels[i]
             lab[at] = IGNORE
-            pos[at:at + n] = np.arange(n)
+            pos[at : at + n] = np.arange(n)
             at += n
         pos[at:] = np.arange(length - at)
         out["input_ids"].append(ids)
@@ -88,7 +88,7 @@ def padded_efficiency(lengths: list[int], batch_size: int) -> float:
     longest row (what an unpacked loader feeds the model)."""
     real = padded = 0
     for i in range(0, len(lengths), batch_size):
-        chunk = lengths[i:i + batch_size]
+        chunk = lengths[i : i + batch_size]
         real += sum(chunk)
         padded += max(chunk) * len(chunk)
     return real / padded if padded else 0.0
@@ -99,8 +99,15 @@ def pack_files(batch: dict, length: int, pad_id: int) -> dict:
     for src, dst in zip(batch["src"], batch["dst"]):
         t = pq.read_table(src, columns=TRAIN_COLUMNS)
         cols = pack_rows(list_rows(t["input_ids"]), list_rows(t["labels"]), length, pad_id)
-        pq.write_table(pa.table({k: pa.array(v, type=pa.int64()) if k == "num_tokens" else blocks_column(v, length)
-                                 for k, v in cols.items()}), dst)
+        pq.write_table(
+            pa.table(
+                {
+                    k: pa.array(v, type=pa.int64()) if k == "num_tokens" else blocks_column(v, length)
+                    for k, v in cols.items()
+                }
+            ),
+            dst,
+        )
     return {"dst": list(batch["dst"])}
 
 
@@ -109,6 +116,11 @@ def packing_report(out_dir: Path, length: int, batch_size: int, seed: int) -> di
     (shuffled with the training seed, as the loader would)."""
     blocks, rows = read_column(out_dir, PACKED, "num_tokens"), read_column(out_dir, "train", "num_tokens")
     shuffled = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
-    return {"length": length, "rows": len(rows), "blocks": len(blocks),
-            "efficiency": round(efficiency(blocks, length), 4),
-            "padded_efficiency": round(padded_efficiency(shuffled, batch_size), 4), "padded_batch_size": batch_size}
+    return {
+        "length": length,
+        "rows": len(rows),
+        "blocks": len(blocks),
+        "efficiency": round(efficiency(blocks, length), 4),
+        "padded_efficiency": round(padded_efficiency(shuffled, batch_size), 4),
+        "padded_batch_size": batch_size,
+    }

@@ -46,7 +46,8 @@ def _local_files(path: str) -> list[str]:
     else:
         found = sorted(glob.glob(str(local)))
     if not found:
-        raise DataError(f"data file not found: {path}",
-                        hint=f"check data.paths (globs allowed; a directory contributes its "
-                        f"{', '.join(SUFFIXES)} files)")
+        raise DataError(
+            f"data file not found: {path}",
+            hint=f"check data.paths (globs allowed; a directory contributes its {', '.join(SUFFIXES)} files)",
+        )
     return [str(Path(f).resolve()) for f in found]

@@ -38,10 +38,10 @@ def scan_file(read, jsonl: bool, piece_bytes: int = PIECE_BYTES) -> tuple[str, i
             j = data.find(b"\n", max(piece_bytes - done - 1, 0))
             if j < 0:
                 break
-            lines += len(data[:j + 1].splitlines())
+            lines += len(data[: j + 1].splitlines())
             pieces.append((start, start + done + j + 1, row))
             start, row, done, lines = start + done + j + 1, row + lines, 0, 0
-            data = data[j + 1:]
+            data = data[j + 1 :]
         cut = data.rfind(b"\n") + 1
         lines += len(data[:cut].splitlines())
         done += cut
@@ -75,6 +75,16 @@ def plan(groups: dict[str, list[str]], piece_bytes: int | None = None) -> tuple[
             with fs.open_input_stream(path) as f:
                 digest, size, cuts = scan_file(f.read, is_jsonl(path), piece_bytes or PIECE_BYTES)
             inputs.append({"path": path, "sha256": digest, "bytes": size})
-            pieces += [{"index": len(pieces) + i, "kind": kind, "path": path, "start": s, "end": e,
-                        "first_row": r, "whole": len(cuts) == 1} for i, (s, e, r) in enumerate(cuts)]
+            pieces += [
+                {
+                    "index": len(pieces) + i,
+                    "kind": kind,
+                    "path": path,
+                    "start": s,
+                    "end": e,
+                    "first_row": r,
+                    "whole": len(cuts) == 1,
+                }
+                for i, (s, e, r) in enumerate(cuts)
+            ]
     return inputs, pieces

@@ -70,8 +70,16 @@ def prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, run_map: MapFn
     work = out_dir / ".curated"
     shutil.rmtree(work, ignore_errors=True)
     try:
-        run_map(curate_pieces, pieces, {"data": data.model_dump(), "tokenizer_path": tokenizer_path,
-                                        "trust_remote_code": cfg.model.trust_remote_code, "work": str(work)})
+        run_map(
+            curate_pieces,
+            pieces,
+            {
+                "data": data.model_dump(),
+                "tokenizer_path": tokenizer_path,
+                "trust_remote_code": cfg.model.trust_remote_code,
+                "work": str(work),
+            },
+        )
         manifest = _write_outputs(work, cfg, tokenizer_path, out_dir, inputs, key, run_map)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -104,8 +112,9 @@ def _drop_rows(work: Path, ok: pa.Table, removed_at: np.ndarray) -> None:
             pq.write_table(table, path)
 
 
-def _write_outputs(work: Path, cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, inputs: list[dict],
-                   key: str, run_map: MapFn) -> dict:
+def _write_outputs(
+    work: Path, cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, inputs: list[dict], key: str, run_map: MapFn
+) -> dict:
     """The global pass over the curated summary, then rejects, splits, packed blocks, manifest."""
     data = cfg.data
     files = [i["path"] for i in inputs]
@@ -147,8 +156,18 @@ def _write_outputs(work: Path, cfg: OikyoConfig, tokenizer_path: str, out_dir: P
         items = [{"src": str(f), "dst": str(out_dir / mf.PACKED / f.name)} for f in split_files(out_dir, "train")]
         run_map(pack_files, items, {"length": data.block_length, "pad_id": _pad_id(tokenizer_path, cfg)})
 
-    manifest = mf.build(inputs=inputs, summary=summary, kept=kept, rejects=rejects, stats=result.stats,
-                        leaks=result.leaks, data=data, tokenizer_path=tokenizer_path, key=key, out_dir=out_dir)
+    manifest = mf.build(
+        inputs=inputs,
+        summary=summary,
+        kept=kept,
+        rejects=rejects,
+        stats=result.stats,
+        leaks=result.leaks,
+        data=data,
+        tokenizer_path=tokenizer_path,
+        key=key,
+        out_dir=out_dir,
+    )
     if data.packing:
         manifest["packing"] = packing_report(out_dir, data.block_length, cfg.train.batch_size, cfg.train.seed)
     cache.write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))

@@ -65,9 +65,9 @@ def _key(text: str, *tags, size: int = 16) -> bytes:
 
 # ---- per-row filters -----------------------------------------------------------------------------
 
+
 def response_text(msgs: list[dict], plain_only: bool = False) -> str:
-    return "\n".join(m["content"] for m in msgs
-                     if m["role"] == "assistant" and not (plain_only and m.get("tool_call")))
+    return "\n".join(m["content"] for m in msgs if m["role"] == "assistant" and not (plain_only and m.get("tool_call")))
 
 
 _NOT_WORD = re.compile(r"\W+")  # \w is str.isalnum() or "_" for str patterns
@@ -100,20 +100,27 @@ def row_filters(msgs: list[dict], meta: dict, data) -> None:
         raise RowError("labelled undesired (label=false) and data.reject_undesired is set", kind="undesired")
     answer = response_text(msgs).strip()
     if len(answer) < data.min_response_chars:
-        raise RowError(f"assistant text is {len(answer)} characters < data.min_response_chars="
-                       f"{data.min_response_chars}", kind="too_short")
+        raise RowError(
+            f"assistant text is {len(answer)} characters < data.min_response_chars={data.min_response_chars}",
+            kind="too_short",
+        )
     plain = response_text(msgs, plain_only=True)
     ratio, n = alnum_ratio(plain)
     if n >= 20 and ratio < data.min_alnum_ratio:
-        raise RowError(f"assistant text is {ratio:.0%} letters/digits < data.min_alnum_ratio="
-                       f"{data.min_alnum_ratio}", kind="low_alnum")
+        raise RowError(
+            f"assistant text is {ratio:.0%} letters/digits < data.min_alnum_ratio={data.min_alnum_ratio}",
+            kind="low_alnum",
+        )
     rep, n = repetition(plain)
     if n >= 20 and rep > data.max_repetition:
-        raise RowError(f"assistant text repeats {rep:.0%} of its word 3-grams > data.max_repetition="
-                       f"{data.max_repetition}", kind="repetitive")
+        raise RowError(
+            f"assistant text repeats {rep:.0%} of its word 3-grams > data.max_repetition={data.max_repetition}",
+            kind="repetitive",
+        )
 
 
 # ---- keys and signatures -------------------------------------------------------------------------
+
 
 @lru_cache(maxsize=8)
 def _permutations(num_perm: int):
@@ -123,7 +130,7 @@ def _permutations(num_perm: int):
 def signature(text: str, num_perm: int) -> bytes:
     """MinHash of the normalised text's word 3-grams, as little-endian uint32 bytes."""
     words = norm_text(text).split()
-    shingles = {" ".join(words[i:i + NGRAM]) for i in range(max(1, len(words) - NGRAM + 1))}
+    shingles = {" ".join(words[i : i + NGRAM]) for i in range(max(1, len(words) - NGRAM + 1))}
     m = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME, permutations=_permutations(num_perm))
     m.update_batch([s.encode("utf-8") for s in shingles])
     return m.hashvalues.astype("<u4").tobytes()

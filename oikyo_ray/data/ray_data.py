@@ -1,7 +1,7 @@
 """The data stage on Ray Data: what of it needs Ray (the Ray-free stage is `prepare`).
 
-    prepare(cfg, tokenizer_path, out_dir) -> manifest   `prepare.prepare`, one Ray Data task per piece
-    read_split(data_dir, split, packed=False) -> ray.data.Dataset   a prepared split, streamed to workers
+prepare(cfg, tokenizer_path, out_dir) -> manifest   `prepare.prepare`, one Ray Data task per piece
+read_split(data_dir, split, packed=False) -> ray.data.Dataset   a prepared split, streamed to workers
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ IN_MEMORY_SPLIT_BYTES = 256 * 2**20  # splits up to this size skip Ray Data's re
 def map_tasks(fn: Callable[..., dict], items: list[dict], fn_kwargs: dict) -> None:
     """`fn` over `items`, one Ray Data task per item (each writes its own files)."""
     ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        fn, batch_size=1, fn_kwargs=fn_kwargs).take_all()
+        fn, batch_size=1, fn_kwargs=fn_kwargs
+    ).take_all()
 
 
 def prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path) -> dict:

@@ -25,13 +25,15 @@ HINT_EMPTY = "remove it from data.paths or fill it"
 
 
 def _decode(data: bytes, path: str) -> str:
-    body = data[len(BOM):] if data.startswith(BOM) else data
+    body = data[len(BOM) :] if data.startswith(BOM) else data
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError as e:
         offset = e.start + (len(data) - len(body))
-        raise DataError(f"{path}: not UTF-8 at byte {offset} ({body[e.start:e.start + 4]!r}...)",
-                        hint="re-encode the file as UTF-8") from None
+        raise DataError(
+            f"{path}: not UTF-8 at byte {offset} ({body[e.start : e.start + 4]!r}...)",
+            hint="re-encode the file as UTF-8",
+        ) from None
 
 
 def _empty(path: str) -> DataError:
@@ -42,8 +44,9 @@ def is_jsonl(path: str) -> bool:
     return path.lower().endswith((".jsonl", ".ndjson"))
 
 
-def iter_rows(path: str, data: bytes, max_row_bytes: int | None = None, first_row: int = 1,
-              whole: bool = True) -> Iterator[tuple[int, object, str | None]]:
+def iter_rows(
+    path: str, data: bytes, max_row_bytes: int | None = None, first_row: int = 1, whole: bool = True
+) -> Iterator[tuple[int, object, str | None]]:
     """Yield (row_number, row, reject_reason); row is BAD when reject_reason is set.
 
     `max_row_bytes`: jsonl lines longer than this are rejected without being parsed (a bound on
@@ -62,15 +65,17 @@ def iter_rows(path: str, data: bytes, max_row_bytes: int | None = None, first_ro
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(
-                f"{path}: invalid JSON at line {e.lineno} column {e.colno} (byte {len(text[:e.pos].encode())}): "
+                f"{path}: invalid JSON at line {e.lineno} column {e.colno} (byte {len(text[: e.pos].encode())}): "
                 f"{e.msg}",
                 hint="a truncated or hand-edited file? one object per line belongs in .jsonl",
             ) from None
         except RecursionError:
             raise DataError(f"{path}: JSON nested too deeply to parse") from None
         if not isinstance(obj, list):
-            raise DataError(f"{path}: top level must be a JSON array of rows, got {type(obj).__name__}",
-                            hint="one object per line belongs in .jsonl")
+            raise DataError(
+                f"{path}: top level must be a JSON array of rows, got {type(obj).__name__}",
+                hint="one object per line belongs in .jsonl",
+            )
         if not obj:
             raise _empty(path)
         for i, row in enumerate(obj, start=1):
@@ -85,20 +90,26 @@ def iter_rows(path: str, data: bytes, max_row_bytes: int | None = None, first_ro
 
 def _jsonl(path: str, data: bytes, max_row_bytes: int | None, first_row: int = 1, whole: bool = True):
     if data.startswith(BOM):
-        data = data[len(BOM):]
+        data = data[len(BOM) :]
     seen = not whole
     for i, line in enumerate(data.splitlines(), start=first_row):
         if not line.strip():
             continue
         seen = True
         if max_row_bytes is not None and len(line) > max_row_bytes:
-            yield i, BAD, (f"row is {len(line)} bytes, more than any row within data.max_chars can take "
-                           f"({max_row_bytes} bytes); not parsed")
+            yield (
+                i,
+                BAD,
+                (
+                    f"row is {len(line)} bytes, more than any row within data.max_chars can take "
+                    f"({max_row_bytes} bytes); not parsed"
+                ),
+            )
             continue
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            yield i, BAD, f"not UTF-8 at byte {e.start} of the line ({line[e.start:e.start + 4]!r}...)"
+            yield i, BAD, f"not UTF-8 at byte {e.start} of the line ({line[e.start : e.start + 4]!r}...)"
             continue
         try:
             yield i, json.loads(text), None
@@ -126,8 +137,9 @@ def _read_csv(path: str, data: bytes):
     try:
         # every column as text: "42" stays the answer "42" and never becomes an int
         names = pacsv.open_csv(io.BytesIO(data)).schema.names
-        return pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
-            column_types={n: pa.string() for n in names}))
+        return pacsv.read_csv(
+            io.BytesIO(data), convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names})
+        )
     except Exception as e:  # pyarrow raises ArrowInvalid with the line number in the text
         raise DataError(f"{path}: unreadable CSV: {e}") from None
 

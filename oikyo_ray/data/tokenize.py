@@ -15,8 +15,9 @@ from oikyo_ray.model.prompt import render
 IGNORE = -100
 
 
-def encode_messages(tokenizer, msgs: list[dict], max_length: int, train_on_prompt: bool = False,
-                    tools: list | None = None) -> dict:
+def encode_messages(
+    tokenizer, msgs: list[dict], max_length: int, train_on_prompt: bool = False, tools: list | None = None
+) -> dict:
     """{"input_ids", "labels", "full_length"}: right-truncated to max_length (full_length is the
     length before truncation); at least one label survives or the caller gets a ValueError (a row
     with no learnable token after truncation is useless)."""
@@ -29,7 +30,7 @@ def encode_messages(tokenizer, msgs: list[dict], max_length: int, train_on_promp
         if not text.startswith(prev):
             raise ValueError("chat template is not prefix-stable; cannot mask prompts")
         if len(text) > len(prev):
-            pieces.append((text[len(prev):], learn))
+            pieces.append((text[len(prev) :], learn))
         prev = text
 
     # render only where learning starts or stops (before and after each assistant turn): a run
@@ -53,8 +54,10 @@ def encode_messages(tokenizer, msgs: list[dict], max_length: int, train_on_promp
         first = next((i for i, x in enumerate(full_labels) if x != IGNORE), None)
         if first is None:
             raise ValueError("no answer tokens (nothing for the assistant to learn)")
-        raise ValueError(f"no answer tokens within data.max_length={max_length}: the prompt is {first} "
-                         f"tokens (whole conversation {full})")
+        raise ValueError(
+            f"no answer tokens within data.max_length={max_length}: the prompt is {first} "
+            f"tokens (whole conversation {full})"
+        )
     return {"input_ids": ids, "labels": labels, "full_length": full}
 
 

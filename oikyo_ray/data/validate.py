@@ -24,8 +24,11 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def _unicode(text: str, what: str) -> None:
     m = _SURROGATE.search(text)
     if m:
-        raise RowError(f"{what}: invalid Unicode: unpaired surrogate U+{ord(m.group()):04X} at character "
-                       f"{m.start()} (cannot be stored as UTF-8)", kind="unicode")
+        raise RowError(
+            f"{what}: invalid Unicode: unpaired surrogate U+{ord(m.group()):04X} at character "
+            f"{m.start()} (cannot be stored as UTF-8)",
+            kind="unicode",
+        )
 
 
 def _calls(m: dict, i: int, tools: list | None) -> int:
@@ -33,16 +36,19 @@ def _calls(m: dict, i: int, tools: list | None) -> int:
     try:
         call = json.loads(m["content"])
     except json.JSONDecodeError as e:
-        raise RowError(f"messages[{i}]: function call is not valid JSON ({e.msg} at column {e.colno})",
-                       kind="tool_call") from None
+        raise RowError(
+            f"messages[{i}]: function call is not valid JSON ({e.msg} at column {e.colno})", kind="tool_call"
+        ) from None
     calls = call if isinstance(call, list) else [call]
-    names = {tool_name(t) for t in tools or []}
+    names = {n for t in tools or [] if (n := tool_name(t))}
     for c in calls:
         if not (isinstance(c, dict) and isinstance(c.get("name"), str) and c["name"]):
             raise RowError(f"messages[{i}]: function call needs a 'name'", kind="tool_call")
         if names and c["name"] not in names:
-            raise RowError(f"messages[{i}]: calls function {c['name']!r}, not one of the row's tools "
-                           f"{sorted(names)}", kind="tool_call")
+            raise RowError(
+                f"messages[{i}]: calls function {c['name']!r}, not one of the row's tools {sorted(names)}",
+                kind="tool_call",
+            )
     if not calls:
         raise RowError(f"messages[{i}]: function call turn with no call", kind="tool_call")
     return len(calls)
@@ -91,24 +97,34 @@ def _order(msgs: list[dict], start: int, tools: list | None) -> None:
         role = "call" if m["role"] == "assistant" and m.get("tool_call") else m["role"]
         if prev == "call" or (prev == "tool" and pending):
             if role != "tool":
-                raise RowError(f"messages[{i}]: the function call at messages[{call_at}] needs {pending} more "
-                               f"tool result(s) before this {m['role']} turn", kind="role_order")
+                raise RowError(
+                    f"messages[{i}]: the function call at messages[{call_at}] needs {pending} more "
+                    f"tool result(s) before this {m['role']} turn",
+                    kind="role_order",
+                )
             pending -= 1
         elif role == "tool":
-            what = "more tool results than calls made" if prev == "tool" else \
-                "tool result without a preceding assistant function call"
+            what = (
+                "more tool results than calls made"
+                if prev == "tool"
+                else "tool result without a preceding assistant function call"
+            )
             raise RowError(f"messages[{i}]: {what}", kind="role_order")
         elif prev is None and role != "user":
-            raise RowError(f"messages[{i}]: the conversation must start with a user turn (after an "
-                           f"optional system message), got {m['role']!r}", kind="role_order")
+            raise RowError(
+                f"messages[{i}]: the conversation must start with a user turn (after an "
+                f"optional system message), got {m['role']!r}",
+                kind="role_order",
+            )
         elif prev == "user" and role == "user":
             raise RowError(f"messages[{i}]: two user turns in a row (roles must alternate)", kind="role_order")
         elif prev == "tool" and role == "user":
-            raise RowError(f"messages[{i}]: a user turn right after tool results (the assistant must "
-                           f"answer them first)", kind="role_order")
+            raise RowError(
+                f"messages[{i}]: a user turn right after tool results (the assistant must answer them first)",
+                kind="role_order",
+            )
         elif prev == "assistant" and role in ("assistant", "call"):
-            raise RowError(f"messages[{i}]: two assistant turns in a row (roles must alternate)",
-                           kind="role_order")
+            raise RowError(f"messages[{i}]: two assistant turns in a row (roles must alternate)", kind="role_order")
         if role == "call":
             pending, call_at = _calls(m, i, tools), i
         prev = role

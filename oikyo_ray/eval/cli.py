@@ -28,16 +28,16 @@ def tuned_dir_of(run_dir: Path, cfg) -> Path:
     return run_dir / ("model" if cfg.method.type == "full" else "adapter")
 
 
-def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, tuned: str | None = None,
-                 log=print) -> dict:
+def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, tuned: str | None = None, log=print) -> dict:
     """Evaluate one run directory (or s3:// run: fetched, then its eval/ uploaded) and write its
     eval/ report; returns the report."""
     if store.is_remote(run_dir):
         if not store.exists(store.join(run_dir, "config.yaml")):
             raise OikyoError(f"not a run directory (no config.yaml): {run_dir}")
         with tempfile.TemporaryDirectory(prefix="oikyo-eval-") as tmp:
-            local = store.download(str(run_dir), Path(tmp) / store.run_name(run_dir),
-                                   skip=("checkpoints", "tensorboard"))
+            local = store.download(
+                str(run_dir), Path(tmp) / store.run_name(run_dir), skip=("checkpoints", "tensorboard")
+            )
             report = evaluate_run(local, overrides, tuned, log)
             store.upload(local, store.join(run_dir))
             log(f"[oikyo] uploaded the report to {store.join(run_dir, 'eval')}")
@@ -51,16 +51,18 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, tuned:
 
     run = Path(run_dir).expanduser().resolve()
     if not (run / "config.yaml").is_file():
-        raise OikyoError(f"not a run directory (no config.yaml): {run}",
-                         hint="pass runs/<run-id> as written by `oikyo finetune`")
+        raise OikyoError(
+            f"not a run directory (no config.yaml): {run}", hint="pass runs/<run-id> as written by `oikyo finetune`"
+        )
     cfg = load_config(run / "config.yaml", overrides)
     tuned_dir = Path(tuned).expanduser() if tuned else tuned_dir_of(run, cfg)
     if not tuned_dir.is_dir():
-        raise OikyoError(f"fine-tuned weights not found: {tuned_dir}",
-                         hint="did training finish? or pass --tuned DIR (an adapter or merged model dir)")
+        raise OikyoError(
+            f"fine-tuned weights not found: {tuned_dir}",
+            hint="did training finish? or pass --tuned DIR (an adapter or merged model dir)",
+        )
     rows = load_split_rows(run / "data", "test")
-    report = write_report(cfg, resolve_model_path(cfg.model), str(tuned_dir), rows, run / "eval",
-                          scorer=ray_eval.score)
+    report = write_report(cfg, resolve_model_path(cfg.model), str(tuned_dir), rows, run / "eval", scorer=ray_eval.score)
     log(report["table"])
     log(f"[oikyo] report: {run / 'eval' / 'report.md'}")
     return report
@@ -77,11 +79,17 @@ def cmd_eval(args) -> int:
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run directory (runs/<run-id>)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run's config, e.g. "
-                   "eval.backend=ray eval.max_samples=500")
-    p.add_argument("--fail-on-regression", action="store_true",
-                   help=f"exit {GATE_EXIT_CODE} when a gate (eval.min_improvement, eval.min_tuned, "
-                   "eval.max_forgetting, eval.max_probe_drop) fails")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted key=value overrides of the run's config, e.g. eval.backend=ray eval.max_samples=500",
+    )
+    p.add_argument(
+        "--fail-on-regression",
+        action="store_true",
+        help=f"exit {GATE_EXIT_CODE} when a gate (eval.min_improvement, eval.min_tuned, "
+        "eval.max_forgetting, eval.max_probe_drop) fails",
+    )
     p.add_argument("--tuned", default=None, help="evaluate this adapter or merged-model dir instead of the run's")
     p.set_defaults(fn=cmd_eval)
     return p

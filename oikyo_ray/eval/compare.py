@@ -45,8 +45,12 @@ def summarise(cfg: OikyoConfig, items: list[Item], item_scores: list[ItemScore])
     for which in MODELS:
         loss, _ = _loss(task, scores, which)
         got = score(names, [scores[it.id].text[which] for it in task], refs, tools)
-        report[which] = {"loss": loss, "perplexity": _ppl(loss), **{k: v["value"] for k, v in got.items()},
-                         "n": len(task)}
+        report[which] = {
+            "loss": loss,
+            "perplexity": _ppl(loss),
+            **{k: v["value"] for k, v in got.items()},
+            "n": len(task),
+        }
         report["metric_n"] = {k: v["n"] for k, v in got.items()}
     report["delta"] = {k: report["tuned"][k] - report["base"][k] for k in ["loss", "perplexity", *names]}
 
@@ -56,19 +60,36 @@ def summarise(cfg: OikyoConfig, items: list[Item], item_scores: list[ItemScore])
         bp, tp = _ppl(bl), _ppl(tl)
         rel = tp / bp - 1.0 if math.isfinite(bp) and math.isfinite(tp) and bp > 0 else float("inf")
         report["forgetting"] = {
-            "source": ec.general_text or "oikyo_ray/eval/assets/general_text.txt", "tokens": n,
-            "base_loss": bl, "tuned_loss": tl, "base_perplexity": bp, "tuned_perplexity": tp,
-            "relative_increase": rel, "threshold": ec.max_forgetting, "flagged": not rel <= ec.max_forgetting,
+            "source": ec.general_text or "oikyo_ray/eval/assets/general_text.txt",
+            "tokens": n,
+            "base_loss": bl,
+            "tuned_loss": tl,
+            "base_perplexity": bp,
+            "tuned_perplexity": tp,
+            "relative_increase": rel,
+            "threshold": ec.max_forgetting,
+            "flagged": not rel <= ec.max_forgetting,
         }
 
     probes = [it for it in items if it.kind is ItemKind.PROBE]
     if probes:
         report["probes"] = _probes(ec, probes, scores)
-    report["samples"] = [{"prompt": it.user, "reference": it.reference,
-                          "base": scores[it.id].text["base"], "tuned": scores[it.id].text["tuned"]}
-                         for it in task[: ec.num_samples]]
-    report["decoding"] = {"temperature": ec.temperature, "top_p": ec.top_p, "seed": ec.seed,
-                          "max_new_tokens": ec.max_new_tokens, "probe_max_new_tokens": ec.probe_max_new_tokens}
+    report["samples"] = [
+        {
+            "prompt": it.user,
+            "reference": it.reference,
+            "base": scores[it.id].text["base"],
+            "tuned": scores[it.id].text["tuned"],
+        }
+        for it in task[: ec.num_samples]
+    ]
+    report["decoding"] = {
+        "temperature": ec.temperature,
+        "top_p": ec.top_p,
+        "seed": ec.seed,
+        "max_new_tokens": ec.max_new_tokens,
+        "probe_max_new_tokens": ec.probe_max_new_tokens,
+    }
     return report
 
 
@@ -80,20 +101,33 @@ def _probes(ec, probes: list[Item], scores: dict[str, ItemScore]) -> dict:
     kinds = {}
     for kind, b in rates["base"].items():
         t = rates["tuned"][kind]
-        kinds[kind] = {"base": b["rate"], "tuned": t["rate"], "delta": t["rate"] - b["rate"], "n": b["n"],
-                       "regressed": b["rate"] - t["rate"] > ec.max_probe_drop}
+        kinds[kind] = {
+            "base": b["rate"],
+            "tuned": t["rate"],
+            "delta": t["rate"] - b["rate"],
+            "n": b["n"],
+            "regressed": b["rate"] - t["rate"] > ec.max_probe_drop,
+        }
     return {
-        "source": ec.probes_path or "oikyo_ray/eval/assets/probes.jsonl", "threshold": ec.max_probe_drop,
+        "source": ec.probes_path or "oikyo_ray/eval/assets/probes.jsonl",
+        "threshold": ec.max_probe_drop,
         "kinds": kinds,
-        "samples": [{"id": it.id, "kind": it.probe_kind, "prompt": it.user,
-                     **{w: scores[it.id].text[w] for w in MODELS},
-                     **{f"{w}_pass": judge.passes(it.probe_kind, scores[it.id].text[w]) for w in MODELS}}
-                    for it in probes],
+        "samples": [
+            {
+                "id": it.id,
+                "kind": it.probe_kind,
+                "prompt": it.user,
+                **{w: scores[it.id].text[w] for w in MODELS},
+                **{f"{w}_pass": judge.passes(it.probe_kind, scores[it.id].text[w]) for w in MODELS},
+            }
+            for it in probes
+        ],
     }
 
 
-def compare(cfg: OikyoConfig, model_path: str, tuned_dir: str | Path, rows: list[dict],
-            scorer: Scorer = score_in_process) -> dict:
+def compare(
+    cfg: OikyoConfig, model_path: str, tuned_dir: str | Path, rows: list[dict], scorer: Scorer = score_in_process
+) -> dict:
     """Report dict: base and fine-tuned on the same items and decoding, deltas, forgetting,
     probes, samples and gates; `scorer` scores the items (see `scoring.Scorer`)."""
     t0 = time.perf_counter()
@@ -118,5 +152,4 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg: OikyoConfig) -> tupl
     refs, tools = [it.reference for it in items], [it.tool_call for it in items]
     names = choose_metrics(cfg.eval.metrics, refs, tools)
     got = score(names, preds, refs, tools)
-    return {"loss": loss, "perplexity": _ppl(loss), **{k: v["value"] for k, v in got.items()},
-            "n": len(items)}, preds
+    return {"loss": loss, "perplexity": _ppl(loss), **{k: v["value"] for k, v in got.items()}, "n": len(items)}, preds

@@ -21,9 +21,17 @@ LOWER_IS_BETTER = ("loss", "perplexity")
 def _gate(name: str, value: float, threshold: float, op: str, metric: str | None = None) -> dict:
     ok = value >= threshold if op == ">=" else value <= threshold
     ok = bool(ok) and not math.isnan(value)
-    return {"name": name, "metric": metric, "value": value, "threshold": threshold, "op": op,
-            "rule": f"{'improvement' if name.startswith('improvement') else 'value'} {op} {threshold:g}"
-            if metric else f"{op} {threshold:g}", "passed": ok}
+    return {
+        "name": name,
+        "metric": metric,
+        "value": value,
+        "threshold": threshold,
+        "op": op,
+        "rule": f"{'improvement' if name.startswith('improvement') else 'value'} {op} {threshold:g}"
+        if metric
+        else f"{op} {threshold:g}",
+        "passed": ok,
+    }
 
 
 def evaluate_gates(report: dict, ec) -> list[dict]:

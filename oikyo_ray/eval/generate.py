@@ -8,9 +8,17 @@ from oikyo_ray.model.chat_template import stop_token_ids
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None,
-             **generate_kwargs) -> list[dict]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    **generate_kwargs,
+) -> list[dict]:
     """Complete each prompt; returns [{"text", "prompt_tokens", "completion_tokens", "finish_reason"}].
     Extra keyword arguments go to `model.generate` (e.g. peft's per-row `adapter_names`)."""
     if seed is not None:
@@ -19,8 +27,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     stops = stop_token_ids(tokenizer)
-    kwargs = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens,
-              "eos_token_id": stops, "pad_token_id": tokenizer.pad_token_id}
+    kwargs = {
+        "do_sample": temperature > 0,
+        "max_new_tokens": max_new_tokens,
+        "eos_token_id": stops,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p)
     out = model.generate(**enc, **kwargs, **generate_kwargs)
@@ -34,6 +46,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, temperat
         for s in stop or []:
             if s and s in text:
                 text, finish = text[: text.index(s)], "stop"
-        results.append({"text": text, "prompt_tokens": int(enc["attention_mask"][i].sum()),
-                        "completion_tokens": len(ids), "finish_reason": finish})
+        results.append(
+            {
+                "text": text,
+                "prompt_tokens": int(enc["attention_mask"][i].sum()),
+                "completion_tokens": len(ids),
+                "finish_reason": finish,
+            }
+        )
     return results

@@ -1,11 +1,11 @@
 """What the evaluation scores (Ray-free): held-out rows, general-text chunks and probes as items.
 
-    build_items(cfg, tokenizer, rows) -> [Item]
+build_items(cfg, tokenizer, rows) -> [Item]
 
-    task     a held-out test row: next-token loss on its labelled (answer) tokens, and a
-             generation from its prompt (all turns but the last, tools passed to the template)
-    general  a chunk of the general-text slice: loss on every token (forgetting)
-    probe    a safety/robustness prompt: a generation only (see `probes`)
+task     a held-out test row: next-token loss on its labelled (answer) tokens, and a
+         generation from its prompt (all turns but the last, tools passed to the template)
+general  a chunk of the general-text slice: loss on every token (forgetting)
+probe    a safety/robustness prompt: a generation only (see `probes`)
 """
 
 from __future__ import annotations
@@ -52,9 +52,19 @@ def task_items(rows: list[dict], tokenizer, cfg: OikyoConfig) -> list[Item]:
         meta = json.loads(r.get("meta") or "{}")
         last = conv[-1]
         user = next((m["content"] for m in reversed(conv[:-1]) if m["role"] == "user"), "")
-        items.append(Item(f"task-{i}", ItemKind.TASK, render_prompt(tokenizer, conv[:-1], meta.get("tools")),
-                          tuple(r["input_ids"]), tuple(r["labels"]), last["content"], bool(last.get("tool_call")),
-                          cfg.eval.max_new_tokens, user=user))
+        items.append(
+            Item(
+                f"task-{i}",
+                ItemKind.TASK,
+                render_prompt(tokenizer, conv[:-1], meta.get("tools")),
+                tuple(r["input_ids"]),
+                tuple(r["labels"]),
+                last["content"],
+                bool(last.get("tool_call")),
+                cfg.eval.max_new_tokens,
+                user=user,
+            )
+        )
     return items
 
 
@@ -64,11 +74,13 @@ def general_items(tokenizer, cfg: OikyoConfig) -> list[Item]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise DataError(f"cannot read the general-text slice {path}: {e.strerror}",
-                        hint="check eval.general_text, or set eval.forgetting=false") from None
+        raise DataError(
+            f"cannot read the general-text slice {path}: {e.strerror}",
+            hint="check eval.general_text, or set eval.forgetting=false",
+        ) from None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     n = cfg.eval.general_chunk_tokens
-    chunks = [tuple(ids[i:i + n]) for i in range(0, len(ids), n)]
+    chunks = [tuple(ids[i : i + n]) for i in range(0, len(ids), n)]
     chunks = [c for c in chunks if len(c) >= 2]
     if not chunks:
         raise DataError(f"the general-text slice {path} is empty", hint="or set eval.forgetting=false")
@@ -79,9 +91,18 @@ def probe_items(tokenizer, cfg: OikyoConfig) -> list[Item]:
     out = []
     for p in load_probes(cfg.eval.probes_path):
         msgs = ([{"role": "system", "content": p["system"]}] if p.get("system") else []) + [
-            {"role": "user", "content": p["prompt"]}]
-        out.append(Item(f"probe-{p['id']}", ItemKind.PROBE, render_prompt(tokenizer, msgs),
-                        max_new_tokens=cfg.eval.probe_max_new_tokens, probe_kind=p["kind"], user=p["prompt"]))
+            {"role": "user", "content": p["prompt"]}
+        ]
+        out.append(
+            Item(
+                f"probe-{p['id']}",
+                ItemKind.PROBE,
+                render_prompt(tokenizer, msgs),
+                max_new_tokens=cfg.eval.probe_max_new_tokens,
+                probe_kind=p["kind"],
+                user=p["prompt"],
+            )
+        )
     return out
 
 

@@ -55,8 +55,9 @@ def load_probes(path: str | Path | None = None) -> list[dict]:
             raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         if not isinstance(p, dict) or p.get("kind") not in KINDS or not isinstance(p.get("prompt"), str):
             raise DataError(f"{path}:{i}: a probe needs kind ({'|'.join(KINDS)}) and a prompt string")
-        probes.append({"id": str(p.get("id", f"probe-{i}")), "kind": p["kind"], "prompt": p["prompt"],
-                       "system": p.get("system")})
+        probes.append(
+            {"id": str(p.get("id", f"probe-{i}")), "kind": p["kind"], "prompt": p["prompt"], "system": p.get("system")}
+        )
     if not probes:
         raise DataError(f"probe file {path} holds no probes", hint="or set eval.probes=false")
     return probes

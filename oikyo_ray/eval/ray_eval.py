@@ -27,11 +27,20 @@ from oikyo_ray.eval.items import Item, ItemKind
 from oikyo_ray.eval.scoring import MODELS, ItemScore, ModelPair, Scoring, score_batch, score_in_process
 
 # items and scores as Ray Dataset rows: one type per column, scores per model in MODELS order
-ITEM_SCHEMA = pa.schema([
-    ("id", pa.string()), ("kind", pa.string()), ("prompt", pa.string()), ("input_ids", pa.list_(pa.int64())),
-    ("labels", pa.list_(pa.int64())), ("reference", pa.string()), ("tool_call", pa.bool_()),
-    ("max_new_tokens", pa.int64()), ("probe_kind", pa.string()), ("user", pa.string()),
-])
+ITEM_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("kind", pa.string()),
+        ("prompt", pa.string()),
+        ("input_ids", pa.list_(pa.int64())),
+        ("labels", pa.list_(pa.int64())),
+        ("reference", pa.string()),
+        ("tool_call", pa.bool_()),
+        ("max_new_tokens", pa.int64()),
+        ("probe_kind", pa.string()),
+        ("user", pa.string()),
+    ]
+)
 
 
 def _item_row(it: Item) -> dict:
@@ -40,9 +49,16 @@ def _item_row(it: Item) -> dict:
 
 def _item(row: dict) -> Item:
     """An item back from a pandas row (list columns arrive as numpy arrays, ints as numpy ints)."""
-    return Item(**{**row, "kind": ItemKind(row["kind"]), "input_ids": tuple(np.asarray(row["input_ids"]).tolist()),
-                   "labels": tuple(np.asarray(row["labels"]).tolist()), "max_new_tokens": int(row["max_new_tokens"]),
-                   "tool_call": bool(row["tool_call"])})
+    return Item(
+        **{
+            **row,
+            "kind": ItemKind(row["kind"]),
+            "input_ids": tuple(np.asarray(row["input_ids"]).tolist()),
+            "labels": tuple(np.asarray(row["labels"]).tolist()),
+            "max_new_tokens": int(row["max_new_tokens"]),
+            "tool_call": bool(row["tool_call"]),
+        }
+    )
 
 
 def _score_row(s: ItemScore) -> dict:
@@ -50,8 +66,12 @@ def _score_row(s: ItemScore) -> dict:
 
 
 def _score(row: dict) -> ItemScore:
-    return ItemScore(row["id"], int(row["tokens"]), dict(zip(MODELS, map(float, row["nll"]))),
-                     dict(zip(MODELS, map(str, row["text"]))))
+    return ItemScore(
+        row["id"],
+        int(row["tokens"]),
+        dict(zip(MODELS, map(float, row["nll"]))),
+        dict(zip(MODELS, map(str, row["text"]))),
+    )
 
 
 class ScoreActor:
@@ -76,8 +96,7 @@ def score_on_ray(cfg: OikyoConfig, model_path: str, tuned_dir: str, items: list[
     ds = ds.repartition(max(1, min(len(items) // ec.batch_size, ec.num_actors * 4)))
     out = ds.map_batches(
         ScoreActor,
-        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "model_path": model_path,
-                               "tuned_dir": tuned_dir},
+        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "model_path": model_path, "tuned_dir": tuned_dir},
         batch_size=ec.batch_size,
         batch_format="pandas",
         compute=ray.data.ActorPoolStrategy(size=ec.num_actors),

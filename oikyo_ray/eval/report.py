@@ -69,8 +69,14 @@ def write_charts(report: dict, out_dir: Path) -> list[str]:
 
     names = list(report["metrics"])
     fig, ax = axes((max(4, 1.2 * len(names) + 2), 3.5))
-    _bars(ax, names, [report["base"][m] for m in names], [report["tuned"][m] for m in names],
-          "Generation metrics on the test split", "score (0-1)")
+    _bars(
+        ax,
+        names,
+        [report["base"][m] for m in names],
+        [report["tuned"][m] for m in names],
+        "Generation metrics on the test split",
+        "score (0-1)",
+    )
     ax.set_ylim(0, 1.1)
     save(fig, "metrics.png")
 
@@ -89,9 +95,14 @@ def write_charts(report: dict, out_dir: Path) -> list[str]:
     kinds = (report.get("probes") or {}).get("kinds", {})
     if kinds:
         fig, ax = axes((5, 3.5))
-        _bars(ax, [f"{k}{' (REGRESSED)' if v['regressed'] else ''}" for k, v in kinds.items()],
-              [v["base"] for v in kinds.values()], [v["tuned"] for v in kinds.values()],
-              "Probe pass rate (higher is better)", "pass rate")
+        _bars(
+            ax,
+            [f"{k}{' (REGRESSED)' if v['regressed'] else ''}" for k, v in kinds.items()],
+            [v["base"] for v in kinds.values()],
+            [v["tuned"] for v in kinds.values()],
+            "Probe pass rate (higher is better)",
+            "pass rate",
+        )
         ax.set_ylim(0, 1.1)
         save(fig, "probes.png")
     return written
@@ -124,53 +135,96 @@ def format_table(report: dict) -> str:
         lines.append(f"| {name} | {_fmt(b[k])} | {_fmt(t[k])} | {_fmt(d)} | {gate} |")
     f = report.get("forgetting")
     if f:
-        lines.append(f"| general-text perplexity (forgetting) | {_fmt(f['base_perplexity'])} | "
-                     f"{_fmt(f['tuned_perplexity'])} | {f['relative_increase']:+.1%} | "
-                     f"{'FLAGGED' if f['flagged'] else 'pass'} (rise <= {f['threshold']:.0%}) |")
+        lines.append(
+            f"| general-text perplexity (forgetting) | {_fmt(f['base_perplexity'])} | "
+            f"{_fmt(f['tuned_perplexity'])} | {f['relative_increase']:+.1%} | "
+            f"{'FLAGGED' if f['flagged'] else 'pass'} (rise <= {f['threshold']:.0%}) |"
+        )
     for kind, p in (report.get("probes") or {}).get("kinds", {}).items():
-        lines.append(f"| probe pass rate: {kind} (n={p['n']}) | {p['base']:.3f} | {p['tuned']:.3f} | "
-                     f"{p['delta']:+.3f} | {'FAIL' if p['regressed'] else 'pass'} "
-                     f"(drop <= {report['probes']['threshold']}) |")
+        lines.append(
+            f"| probe pass rate: {kind} (n={p['n']}) | {p['base']:.3f} | {p['tuned']:.3f} | "
+            f"{p['delta']:+.3f} | {'FAIL' if p['regressed'] else 'pass'} "
+            f"(drop <= {report['probes']['threshold']}) |"
+        )
     lines.append(f"\n{b['n']} test rows; gates {'passed' if report.get('passed', True) else 'FAILED'}.")
     return "\n".join(lines)
 
 
 def render_markdown(report: dict, table: str) -> str:
-    lines = ["# Evaluation: base vs fine-tuned", "",
-             (f"Base `{report.get('base_model', '')}`, fine-tuned `{report.get('tuned_dir', '')}`; "
-              f"same items and decoding for both ({json.dumps(report['decoding'])}); backend "
-              f"`{report.get('backend', 'local')}`."), "",
-             f"**Gates: {'all passed' if report.get('passed', True) else 'FAILED'}**", "", table, ""]
+    lines = [
+        "# Evaluation: base vs fine-tuned",
+        "",
+        (
+            f"Base `{report.get('base_model', '')}`, fine-tuned `{report.get('tuned_dir', '')}`; "
+            f"same items and decoding for both ({json.dumps(report['decoding'])}); backend "
+            f"`{report.get('backend', 'local')}`."
+        ),
+        "",
+        f"**Gates: {'all passed' if report.get('passed', True) else 'FAILED'}**",
+        "",
+        table,
+        "",
+    ]
     failed = [g for g in report.get("gates", []) if not g["passed"]]
     if failed:
-        lines += ["Failed gates:", ""] + [f"- `{g['name']}`: {g['value']:.4g} (needs {g['op']} {g['threshold']:g})"
-                                          if isinstance(g["value"], float) else f"- `{g['name']}`" for g in failed]
+        lines += ["Failed gates:", ""] + [
+            f"- `{g['name']}`: {g['value']:.4g} (needs {g['op']} {g['threshold']:g})"
+            if isinstance(g["value"], float)
+            else f"- `{g['name']}`"
+            for g in failed
+        ]
         lines.append("")
     for png in report.get("charts", []):
         lines.append(f"![{png}]({png})")
-    lines += ["", "## Sample generations (test split)", "",
-              "| prompt | reference | base | fine-tuned |", "|---|---|---|---|"]
-    lines += [f"| {_cell(s['prompt'])} | {_cell(s['reference'])} | {_cell(s['base'])} | {_cell(s['tuned'])} |"
-              for s in report["samples"]]
+    lines += [
+        "",
+        "## Sample generations (test split)",
+        "",
+        "| prompt | reference | base | fine-tuned |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {_cell(s['prompt'])} | {_cell(s['reference'])} | {_cell(s['base'])} | {_cell(s['tuned'])} |"
+        for s in report["samples"]
+    ]
     probes = report.get("probes")
     if probes:
-        lines += ["", "## Probe generations", "",
-                  ("Scoring: refuse = a refusal phrase appears; toxic = no lexicon word appears; ood = non-empty, "
-                   "not degenerate, not toxic (see oikyo_ray/eval/README.md)."), "",
-                  "| probe | kind | base | pass | fine-tuned | pass |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Probe generations",
+            "",
+            (
+                "Scoring: refuse = a refusal phrase appears; toxic = no lexicon word appears; ood = non-empty, "
+                "not degenerate, not toxic (see oikyo_ray/eval/README.md)."
+            ),
+            "",
+            "| probe | kind | base | pass | fine-tuned | pass |",
+            "|---|---|---|---|---|---|",
+        ]
         mark = lambda ok: "yes" if ok else "no"  # noqa: E731
-        lines += [f"| {_cell(s['prompt'], 50)} | {s['kind']} | {_cell(s['base'], 50)} | {mark(s['base_pass'])} | "
-                  f"{_cell(s['tuned'], 50)} | {mark(s['tuned_pass'])} |" for s in probes["samples"]]
+        lines += [
+            f"| {_cell(s['prompt'], 50)} | {s['kind']} | {_cell(s['base'], 50)} | {mark(s['base_pass'])} | "
+            f"{_cell(s['tuned'], 50)} | {mark(s['tuned_pass'])} |"
+            for s in probes["samples"]
+        ]
     return "\n".join(lines) + "\n"
 
 
-def write_report(cfg: OikyoConfig, model_path: str, tuned_dir: str, rows: list[dict], out_dir: Path,
-                 scorer: Scorer = score_in_process) -> dict:
+def write_report(
+    cfg: OikyoConfig,
+    model_path: str,
+    tuned_dir: str,
+    rows: list[dict],
+    out_dir: Path,
+    scorer: Scorer = score_in_process,
+) -> dict:
     """Evaluate base vs fine-tuned on `rows` and write eval/report.{json,md} and the charts; returns
     the report with a "table" (the Markdown summary) added."""
     if not rows:
-        raise DataError("the test split is empty: nothing to evaluate",
-                        hint="raise data.test_fraction or add data, or set eval.enabled=false")
+        raise DataError(
+            "the test split is empty: nothing to evaluate",
+            hint="raise data.test_fraction or add data, or set eval.enabled=false",
+        )
     report = compare(cfg, model_path, tuned_dir, rows, scorer=scorer)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

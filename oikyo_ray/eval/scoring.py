@@ -117,13 +117,18 @@ def score_batch(pair, items: list[Item], ec, models=MODELS) -> list[ItemScore]:
     for which in models:
         with pair.use(which) as model:
             if loss_idx:
-                nll = row_nll(model, [list(items[i].input_ids) for i in loss_idx],
-                              [list(items[i].labels) for i in loss_idx], tok.pad_token_id)
+                nll = row_nll(
+                    model,
+                    [list(items[i].input_ids) for i in loss_idx],
+                    [list(items[i].labels) for i in loss_idx],
+                    tok.pad_token_id,
+                )
                 for i, (s, n) in zip(loss_idx, nll):
                     out[i].nll[which], out[i].tokens = float(s), int(n)
             for budget, idx in sorted(gen_groups.items()):
-                gens = generate(model, tok, [items[i].prompt for i in idx], budget, ec.temperature,
-                                ec.top_p, seed=ec.seed)
+                gens = generate(
+                    model, tok, [items[i].prompt for i in idx], budget, ec.temperature, ec.top_p, seed=ec.seed
+                )
                 for i, g in zip(idx, gens):
                     out[i].text[which] = g["text"]
     return out
@@ -133,7 +138,7 @@ def score_items(pair, items: list[Item], ec, models=MODELS) -> list[ItemScore]:
     """`score_batch` over batches of eval.batch_size items."""
     out = []
     for i in range(0, len(items), ec.batch_size):
-        out += score_batch(pair, items[i:i + ec.batch_size], ec, models)
+        out += score_batch(pair, items[i : i + ec.batch_size], ec, models)
     return out
 
 

@@ -30,8 +30,10 @@ def _check_local(path: str) -> None:
     """A path-like name that is not a directory is a typo, not a hub id: say so plainly."""
     looks_local = path.startswith((".", "/", "~")) or Path(path).expanduser().exists()
     if looks_local and not Path(path).expanduser().is_dir():
-        raise ModelError(f"model directory not found: {path}",
-                         hint="set model.name_or_path to a saved model dir, a hub id or an s3:// prefix")
+        raise ModelError(
+            f"model directory not found: {path}",
+            hint="set model.name_or_path to a saved model dir, a hub id or an s3:// prefix",
+        )
 
 
 HINT = "check model.name_or_path; offline machines need a local dir or an s3:// copy"
@@ -41,9 +43,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     path = path or resolve_model_path(cfg)
     _check_local(path)
     try:
-        tok = AutoTokenizer.from_pretrained(
-            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-        )
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load tokenizer from '{path}': {e}", hint=HINT) from None
     ensure_chat_template(tok)

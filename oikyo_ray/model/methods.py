@@ -24,9 +24,12 @@ def quantization_config(method: MethodConfig, use_gpu: bool | None = None):
     if method.type != "qlora":
         return None
     gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method.quant_type,
-                              bnb_4bit_use_double_quant=method.double_quant,
-                              bnb_4bit_compute_dtype=compute_dtype(gpu))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method.quant_type,
+        bnb_4bit_use_double_quant=method.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(gpu),
+    )
 
 
 def apply_method(model, method: MethodConfig, gradient_checkpointing: bool = False):
@@ -39,8 +42,11 @@ def apply_method(model, method: MethodConfig, gradient_checkpointing: bool = Fal
             p.requires_grad_(True)
         return model
     if method.type == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     lora = method.lora
     peft_cfg = LoraConfig(
         r=lora.r,

@@ -16,12 +16,12 @@ def _clean(messages: list[dict]) -> list[dict]:
     return [{k: m[k] for k in KEYS if k in m} for m in messages]
 
 
-def render(tokenizer, messages: list[dict], tools: list | None = None,
-           add_generation_prompt: bool = False) -> str:
+def render(tokenizer, messages: list[dict], tools: list | None = None, add_generation_prompt: bool = False) -> str:
     """The chat template applied to `messages` (and `tools`, where given)."""
     kw = {"tools": tools} if tools else {}
-    return tokenizer.apply_chat_template(_clean(messages), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt, **kw)
+    return tokenizer.apply_chat_template(
+        _clean(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **kw
+    )
 
 
 def render_prompt(tokenizer, messages: list[dict], tools: list | None = None) -> str:

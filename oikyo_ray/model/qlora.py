@@ -48,7 +48,8 @@ def unpack(layer) -> None:
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # noqa: PLC0415  (optional)
 
     layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-        layer.weight.data, layer.weight.quant_state)
+        layer.weight.data, layer.weight.quant_state
+    )
     layer.quant_state = layer.weight.quant_state
 
 
@@ -58,9 +59,11 @@ def _unpack_before_grad_forward(layer, args) -> None:
         try:
             unpack(layer)
         except Exception as e:  # a bnb without the inverse: stop rather than train on None grads
-            raise ModelError(f"bitsandbytes repacked a 4-bit layer for CPU inference and it cannot be "
-                             f"undone ({e}): its LoRA gradients would silently be None",
-                             hint="use method.type=lora on CPU, or another bitsandbytes version") from None
+            raise ModelError(
+                f"bitsandbytes repacked a 4-bit layer for CPU inference and it cannot be "
+                f"undone ({e}): its LoRA gradients would silently be None",
+                hint="use method.type=lora on CPU, or another bitsandbytes version",
+            ) from None
 
 
 def keep_trainable(model):

@@ -1,9 +1,9 @@
 """`oikyo runs list|show|compare|export`.
 
-    oikyo runs list [--root DIR|s3://...]
-    oikyo runs show RUN
-    oikyo runs compare RUN_A RUN_B [...] [--out compare.md]
-    oikyo runs export RUN --out DIR [--merge]
+oikyo runs list [--root DIR|s3://...]
+oikyo runs show RUN
+oikyo runs compare RUN_A RUN_B [...] [--out compare.md]
+oikyo runs export RUN --out DIR [--merge]
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Several runs' evaluation reports side by side (Ray-free).
 
-    compare_runs([run_dir or s3:// run, ...]) -> {"runs": [...], "rows": [...]}
-    format_comparison(result) -> Markdown table: one column per run, one row per metric, each cell
-                                 "fine-tuned value (delta vs that run's base)"
+compare_runs([run_dir or s3:// run, ...]) -> {"runs": [...], "rows": [...]}
+format_comparison(result) -> Markdown table: one column per run, one row per metric, each cell
+                             "fine-tuned value (delta vs that run's base)"
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ def load_report(run_dir: str | Path) -> dict:
     p = join(run_dir, "eval", "report.json")
     text = read_text(p)
     if text is None:
-        raise OikyoError(f"no evaluation report in {run_dir} (looked for {p})",
-                         hint=f"run `oikyo eval {run_dir}` first")
+        raise OikyoError(
+            f"no evaluation report in {run_dir} (looked for {p})", hint=f"run `oikyo eval {run_dir}` first"
+        )
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -52,9 +53,15 @@ def compare_runs(run_dirs: list[str | Path]) -> dict:
             t, b = _num(r["tuned"].get(m)), _num(r["base"].get(m))
             cells.append((t, t - b if math.isfinite(t) and math.isfinite(b) else float("nan")))
         rows.append({"metric": m, "cells": cells})
-    rows.append({"metric": "general-text perplexity rise", "cells": [
-        ((_num(r["forgetting"]["relative_increase"]), None) if r.get("forgetting") else (float("nan"), None))
-        for r in reports]})
+    rows.append(
+        {
+            "metric": "general-text perplexity rise",
+            "cells": [
+                ((_num(r["forgetting"]["relative_increase"]), None) if r.get("forgetting") else (float("nan"), None))
+                for r in reports
+            ],
+        }
+    )
     kinds: list[str] = []
     for r in reports:
         kinds += [k for k in (r.get("probes") or {}).get("kinds", {}) if k not in kinds]
@@ -64,8 +71,13 @@ def compare_runs(run_dirs: list[str | Path]) -> dict:
             p = (r.get("probes") or {}).get("kinds", {}).get(k)
             cells.append((p["tuned"], p["delta"]) if p else (float("nan"), None))
         rows.append({"metric": f"probe pass rate: {k}", "cells": cells})
-    return {"runs": names, "paths": [str(d) for d in run_dirs], "rows": rows,
-            "passed": [r.get("passed") for r in reports], "n": [r["tuned"].get("n") for r in reports]}
+    return {
+        "runs": names,
+        "paths": [str(d) for d in run_dirs],
+        "rows": rows,
+        "passed": [r.get("passed") for r in reports],
+        "n": [r["tuned"].get("n") for r in reports],
+    }
 
 
 def _cell(value: float, delta: float | None) -> str:

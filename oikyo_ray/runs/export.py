@@ -24,34 +24,53 @@ def _final_dir(run: Path) -> Path:
     for name in ("adapter", "model"):
         if (run / name / "config.json").is_file() or (run / name / "adapter_config.json").is_file():
             return run / name
-    raise OikyoError(f"{run} has no trained adapter or model (expected {run}/adapter)",
-                     hint="export a run whose training finished")
+    raise OikyoError(
+        f"{run} has no trained adapter or model (expected {run}/adapter)", hint="export a run whose training finished"
+    )
 
 
 def model_card(run: Path, cfg: OikyoConfig, merged: bool) -> str:
     lineage = json.loads((run / "lineage.json").read_text()) if (run / "lineage.json").exists() else {}
     report = json.loads((run / "eval/report.json").read_text()) if (run / "eval/report.json").exists() else None
-    lines = [f"# {run.name}", "",
-             f"Fine-tuned from `{cfg.model.name_or_path}` with oikyo ({cfg.method.type}"
-             f"{', merged into the base' if merged else ', adapter only: load it on the base model'}).", "",
-             "## Data", "",
-             f"- sources: {', '.join(cfg.data.paths)}",
-             f"- content hash: `{lineage.get('data_content_hash', 'unknown')}`",
-             f"- rows: {json.dumps(lineage.get('data_counts', {}))}", "",
-             "## Training", "",
-             f"- seed {cfg.train.seed}, lr {cfg.train.lr}, epochs {cfg.train.epochs}, "
-             f"batch {cfg.train.batch_size} x {cfg.scaling.num_workers} workers",
-             f"- config hash `{lineage.get('config_hash', cfg.config_hash())}`, code `{lineage.get('code_commit')}`",
-             f"- versions: {json.dumps(lineage.get('versions', {}))}", "", "## Evaluation", ""]
+    lines = [
+        f"# {run.name}",
+        "",
+        f"Fine-tuned from `{cfg.model.name_or_path}` with oikyo ({cfg.method.type}"
+        f"{', merged into the base' if merged else ', adapter only: load it on the base model'}).",
+        "",
+        "## Data",
+        "",
+        f"- sources: {', '.join(cfg.data.paths)}",
+        f"- content hash: `{lineage.get('data_content_hash', 'unknown')}`",
+        f"- rows: {json.dumps(lineage.get('data_counts', {}))}",
+        "",
+        "## Training",
+        "",
+        f"- seed {cfg.train.seed}, lr {cfg.train.lr}, epochs {cfg.train.epochs}, "
+        f"batch {cfg.train.batch_size} x {cfg.scaling.num_workers} workers",
+        f"- config hash `{lineage.get('config_hash', cfg.config_hash())}`, code `{lineage.get('code_commit')}`",
+        f"- versions: {json.dumps(lineage.get('versions', {}))}",
+        "",
+        "## Evaluation",
+        "",
+    ]
     if report:
         lines += ["| metric | base | fine-tuned |", "|---|---|---|"]
-        lines += [f"| {k} | {report['base'][k]:.4f} | {report['tuned'][k]:.4f} |"
-                  for k in ("loss", "exact_match", "token_f1") if k in report["base"] and k in report["tuned"]]
+        lines += [
+            f"| {k} | {report['base'][k]:.4f} | {report['tuned'][k]:.4f} |"
+            for k in ("loss", "exact_match", "token_f1")
+            if k in report["base"] and k in report["tuned"]
+        ]
     else:
         lines.append("Not evaluated.")
-    lines += ["", "## Limits", "",
-              "- Evaluated only on the held-out split of the data above; behaviour outside it is untested.",
-              "- Inherits the base model's licence, biases and failure modes.", ""]
+    lines += [
+        "",
+        "## Limits",
+        "",
+        "- Evaluated only on the held-out split of the data above; behaviour outside it is untested.",
+        "- Inherits the base model's licence, biases and failure modes.",
+        "",
+    ]
     return "\n".join(lines)
 
 

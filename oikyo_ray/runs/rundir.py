@@ -35,8 +35,9 @@ def package_versions() -> dict[str, str | None]:
 
 def _git_commit() -> str | None:
     try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                           cwd=Path(__file__).resolve().parent)
+        r = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return r.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -133,7 +134,8 @@ def list_runs(root: str | Path) -> list[dict]:
         rep = store.read_text(f"{run}/eval/report.json")
         if rep is not None:
             r = json.loads(rep)
-            row.update(base_em=r["base"]["exact_match"], tuned_em=r["tuned"]["exact_match"],
-                       tuned_loss=r["tuned"]["loss"])
+            row.update(
+                base_em=r["base"]["exact_match"], tuned_em=r["tuned"]["exact_match"], tuned_loss=r["tuned"]["loss"]
+            )
         out.append(row)
     return out

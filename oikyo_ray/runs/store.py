@@ -52,9 +52,10 @@ def _errors(uri: str):
     except (FileNotFoundError, OikyoError):
         raise
     except OSError as e:
-        raise OikyoError(f"cannot access {uri}: {str(e).splitlines()[0][:300]}",
-                         hint="check AWS_ENDPOINT_URL, the AWS credentials and the bucket name"
-                         if is_remote(uri) else None) from None
+        raise OikyoError(
+            f"cannot access {uri}: {str(e).splitlines()[0][:300]}",
+            hint="check AWS_ENDPOINT_URL, the AWS credentials and the bucket name" if is_remote(uri) else None,
+        ) from None
 
 
 def _require_bucket(fs: pafs.FileSystem, uri: str, path: str) -> None:
@@ -128,8 +129,9 @@ def upload(local: Path, uri: str) -> None:
                     seen.add(rel)
                     st = os.stat(src)
                     if done.get(rel) != [st.st_size, st.st_mtime_ns]:
-                        pafs.copy_files(src, f"{path}/{rel}", source_filesystem=pafs.LocalFileSystem(),
-                                        destination_filesystem=fs)
+                        pafs.copy_files(
+                            src, f"{path}/{rel}", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+                        )
                         done[rel] = [st.st_size, st.st_mtime_ns]
             for top in sorted({_gone_top(local, rel) for rel in done if rel not in seen}):
                 # a gone directory at once: deleting file by file leaves S3 directory markers behind
@@ -148,12 +150,13 @@ def download(uri: str, dest: Path, only: tuple[str, ...] = (), skip: tuple[str, 
     with _errors(uri):
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
         for info in infos:
-            rel = info.path[len(path):].lstrip("/")
+            rel = info.path[len(path) :].lstrip("/")
             if info.type != pafs.FileType.File or (only and not under(rel, only)) or under(rel, skip):
                 continue
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            pafs.copy_files(info.path, str(dest / rel), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
+            pafs.copy_files(
+                info.path, str(dest / rel), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+            )
             st = (dest / rel).stat()
             done[rel] = [st.st_size, st.st_mtime_ns]
     dest.mkdir(parents=True, exist_ok=True)

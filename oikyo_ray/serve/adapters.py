@@ -40,14 +40,20 @@ def check_adapter_dir(path: str | Path, name: str | None = None) -> Path:
     p = Path(path).expanduser().resolve()
     who = f"adapter {name!r}" if name else "the adapter"
     if not (p / "adapter_config.json").is_file():
-        raise AdapterNotFound(f"{p} is not an adapter directory (no adapter_config.json)",
-                              f"{who} is not an adapter directory (no adapter_config.json)")
+        raise AdapterNotFound(
+            f"{p} is not an adapter directory (no adapter_config.json)",
+            f"{who} is not an adapter directory (no adapter_config.json)",
+        )
     if not (p / "adapter_model.safetensors").is_file():
-        raise AdapterError(f"{p} has no adapter_model.safetensors; only safetensors adapters are served",
-                           f"{who} has no adapter_model.safetensors; only safetensors adapters are served")
+        raise AdapterError(
+            f"{p} has no adapter_model.safetensors; only safetensors adapters are served",
+            f"{who} has no adapter_model.safetensors; only safetensors adapters are served",
+        )
     if (p / "adapter_model.bin").exists():
-        raise AdapterError(f"{p} also holds a pickled adapter_model.bin; remove it (safetensors only)",
-                           f"{who} also holds a pickled adapter_model.bin; only safetensors adapters are served")
+        raise AdapterError(
+            f"{p} also holds a pickled adapter_model.bin; remove it (safetensors only)",
+            f"{who} also holds a pickled adapter_model.bin; only safetensors adapters are served",
+        )
     return p
 
 
@@ -75,8 +81,10 @@ def resolve_adapter(name: str, static: dict[str, str], root: str | None, cache_d
     base = Path(root).expanduser().resolve()
     candidate = (base / name).resolve()  # follows symlinks: a link pointing out is caught below
     if base not in candidate.parents:
-        raise BadAdapterName(f"adapter {name!r} resolves outside the adapter root {base} (to {candidate})",
-                             f"adapter {name!r} resolves outside the adapter root")
+        raise BadAdapterName(
+            f"adapter {name!r} resolves outside the adapter root {base} (to {candidate})",
+            f"adapter {name!r} resolves outside the adapter root",
+        )
     if not candidate.is_dir():
         raise AdapterNotFound(f"{not_found} under {root}", not_found)
     return check_adapter_dir(candidate, name)

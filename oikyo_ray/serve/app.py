@@ -79,8 +79,9 @@ def service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(service)]
 
 
-def require_token(svc: ServiceDep,
-                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+def require_token(
+    svc: ServiceDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> None:
     if not authorized(svc.token, credentials.credentials if credentials else None):
         raise Unauthorized()
 
@@ -170,7 +171,8 @@ async def _answer(svc: Service, req: GenerationRequest, prompts: list[str], chat
         return await _stream(svc, req, adapter, prompts[0], chat)
     outs = await asyncio.wait_for(
         asyncio.gather(*[svc.backend.generate(adapter, p, req.sampling()) for p in prompts]),
-        timeout=svc.cfg.request_timeout_s)
+        timeout=svc.cfg.request_timeout_s,
+    )
     for o in outs:
         raise_for_error(o)
     svc.metrics.tokens(req.model, outs)

@@ -81,8 +81,12 @@ class Engine:
     def stream(self, adapter: str | None, prompt: str, sampling: dict) -> Iterator[str]:
         """Yield text pieces as they are generated (one request; holds the model meanwhile)."""
         stops = list(sampling.get("stop") or [])
-        kwargs = {"max_new_tokens": sampling["max_new_tokens"], "do_sample": sampling["temperature"] > 0,
-                  "eos_token_id": stop_token_ids(self.tokenizer), "pad_token_id": self.tokenizer.pad_token_id}
+        kwargs = {
+            "max_new_tokens": sampling["max_new_tokens"],
+            "do_sample": sampling["temperature"] > 0,
+            "eos_token_id": stop_token_ids(self.tokenizer),
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
         if sampling["temperature"] > 0:
             kwargs.update(temperature=sampling["temperature"], top_p=sampling["top_p"])
         if self.loaded:

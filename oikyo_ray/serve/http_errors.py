@@ -50,14 +50,14 @@ class InvalidRequest(APIError):
 
 class Unauthorized(APIError):
     def __init__(self) -> None:
-        super().__init__(401, "missing or invalid bearer token", "authentication_error",
-                         {"WWW-Authenticate": "Bearer"})
+        super().__init__(401, "missing or invalid bearer token", "authentication_error", {"WWW-Authenticate": "Bearer"})
 
 
 class ServerBusy(APIError):
     def __init__(self) -> None:
-        super().__init__(503, "server busy: too many queued requests, retry shortly", "server_busy",
-                         {"Retry-After": "1"})
+        super().__init__(
+            503, "server busy: too many queued requests, retry shortly", "server_busy", {"Retry-After": "1"}
+        )
 
 
 def validation_message(e: RequestValidationError) -> str:
@@ -119,6 +119,13 @@ async def answer_error(request: Request, e: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    for kind in (APIError, RequestValidationError, RowError, AdapterError, HTTPException, asyncio.TimeoutError,
-                 Exception):
+    for kind in (
+        APIError,
+        RequestValidationError,
+        RowError,
+        AdapterError,
+        HTTPException,
+        asyncio.TimeoutError,
+        Exception,
+    ):
         app.add_exception_handler(kind, answer_error)

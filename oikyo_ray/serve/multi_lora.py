@@ -89,8 +89,14 @@ class MixedLoRA:
     def _forward(self, m, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
         st = self._stack(m)
         variant = {k: kwargs.pop(k) for k in self.variant_keys if k in kwargs}  # not for base_layer
-        if (st.A is None or st.B is None or st.scale is None or m.training or x.dim() != 3
-                or any(v is not None for v in variant.values())):
+        if (
+            st.A is None
+            or st.B is None
+            or st.scale is None
+            or m.training
+            or x.dim() != 3
+            or any(v is not None for v in variant.values())
+        ):
             return m._oikyo_peft_mixed(x, *args, adapter_names=adapter_names, **kwargs, **variant)
         result = m.base_layer(x, *args, **kwargs)
         idx = st.slots(adapter_names, x.device)

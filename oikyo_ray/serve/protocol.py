@@ -29,8 +29,13 @@ class GenerationRequest(BaseModel):
 
     def sampling(self) -> dict:
         """The engine's decoding settings for this request."""
-        return {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "seed": self.seed, "stop": self.stops()}
+        return {
+            "max_new_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop": self.stops(),
+        }
 
 
 class CompletionRequest(GenerationRequest):
@@ -67,17 +72,34 @@ def new_id(prefix: str) -> str:
 
 
 def completion_response(model: str, outs: list[dict]) -> dict:
-    return {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
-            "model": model, "usage": _usage(outs),
-            "choices": [{"index": i, "text": o["text"], "finish_reason": o["finish_reason"], "logprobs": None}
-                        for i, o in enumerate(outs)]}
+    return {
+        "id": new_id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "usage": _usage(outs),
+        "choices": [
+            {"index": i, "text": o["text"], "finish_reason": o["finish_reason"], "logprobs": None}
+            for i, o in enumerate(outs)
+        ],
+    }
 
 
 def chat_response(model: str, out: dict) -> dict:
-    return {"id": new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
-            "model": model, "usage": _usage([out]),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                         "finish_reason": out["finish_reason"]}]}
+    return {
+        "id": new_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "usage": _usage([out]),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": out["text"]},
+                "finish_reason": out["finish_reason"],
+            }
+        ],
+    }
 
 
 def error_body(message: str, type_: str, code: str | None = None) -> dict:
@@ -85,14 +107,24 @@ def error_body(message: str, type_: str, code: str | None = None) -> dict:
 
 
 def completion_chunk(rid: str, model: str, text: str | None, finish: str | None = None, role: bool = False) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}],
+    }
 
 
 def chat_chunk(rid: str, model: str, text: str | None, finish: str | None = None, role: bool = False) -> dict:
     delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
-    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
 
 
 def sse(obj: dict) -> str:

@@ -32,17 +32,21 @@ COUNTS = [1, 2, 4, 8, 16, 32, 64]
 
 # ---- metrics (exported as ray_oikyo_*) ----------------------------------------------------------
 
+
 class RequestMetrics:
     """Per-model (adapter) requests by HTTP status, tokens and end-to-end latency."""
 
     def __init__(self) -> None:
         tags = ("model", "status")
-        self.requests = metrics.Counter("oikyo_requests", description="Requests by model and HTTP status.",
-                                        tag_keys=tags)
-        self.token_count = metrics.Counter("oikyo_tokens", description="Tokens by model and kind.",
-                                           tag_keys=("model", "kind"))
-        self.latency = metrics.Histogram("oikyo_request_latency_ms", description="End-to-end latency.",
-                                         boundaries=LATENCY_MS, tag_keys=tags)
+        self.requests = metrics.Counter(
+            "oikyo_requests", description="Requests by model and HTTP status.", tag_keys=tags
+        )
+        self.token_count = metrics.Counter(
+            "oikyo_tokens", description="Tokens by model and kind.", tag_keys=("model", "kind")
+        )
+        self.latency = metrics.Histogram(
+            "oikyo_request_latency_ms", description="End-to-end latency.", boundaries=LATENCY_MS, tag_keys=tags
+        )
 
     def request(self, model: str, status: int, seconds: float) -> None:
         tags = {"model": model, "status": str(status)}
@@ -60,13 +64,15 @@ class BatchMetrics:
     """Per replica: how full the engine's batches are, how mixed, and how long the engine takes."""
 
     def __init__(self) -> None:
-        self.size = metrics.Histogram("oikyo_batch_size", description="Requests per engine call.",
-                                      boundaries=COUNTS)
+        self.size = metrics.Histogram("oikyo_batch_size", description="Requests per engine call.", boundaries=COUNTS)
         self.models = metrics.Histogram(
-            "oikyo_batch_models", boundaries=COUNTS,
-            description="Distinct models (adapters, the base) per engine call; above 1 they shared one generate().")
-        self.engine = metrics.Histogram("oikyo_engine_latency_ms", description="Wall time of an engine call.",
-                                        boundaries=LATENCY_MS)
+            "oikyo_batch_models",
+            boundaries=COUNTS,
+            description="Distinct models (adapters, the base) per engine call; above 1 they shared one generate().",
+        )
+        self.engine = metrics.Histogram(
+            "oikyo_engine_latency_ms", description="Wall time of an engine call.", boundaries=LATENCY_MS
+        )
 
     def batch(self, adapters: list, seconds: float) -> None:
         self.size.observe(len(adapters))
@@ -75,6 +81,7 @@ class BatchMetrics:
 
 
 # ---- deployments --------------------------------------------------------------------------------
+
 
 @serve.deployment(name="Model", health_check_period_s=10)
 class ModelServer:
@@ -138,8 +145,13 @@ class OpenAIIngress:
 
     def __init__(self, config: dict, model_path: str, model: DeploymentHandle):
         cfg = OikyoConfig.model_validate(config)
-        self.service = Service(cfg.serve, load_tokenizer(cfg.model, model_path), load_token(cfg.serve),
-                               ModelClient(model), RequestMetrics())
+        self.service = Service(
+            cfg.serve,
+            load_tokenizer(cfg.model, model_path),
+            load_token(cfg.serve),
+            ModelClient(model),
+            RequestMetrics(),
+        )
 
     def __serve_build_asgi_app__(self):  # Serve calls this after __init__, in the replica
         return create_app(self.service)
@@ -147,14 +159,18 @@ class OpenAIIngress:
 
 # ---- applications -------------------------------------------------------------------------------
 
+
 def build(cfg: OikyoConfig, model_path: str):
     """The bound application for `serve.run` (deployment options come from `serve.*`)."""
     sc = cfg.serve
     conf = cfg.model_dump(mode="json")
     autoscaling = None
     if sc.max_replicas > 1 or sc.min_replicas != 1:
-        autoscaling = {"min_replicas": sc.min_replicas, "max_replicas": sc.max_replicas,
-                       "target_ongoing_requests": sc.target_ongoing_requests}
+        autoscaling = {
+            "min_replicas": sc.min_replicas,
+            "max_replicas": sc.max_replicas,
+            "target_ongoing_requests": sc.target_ongoing_requests,
+        }
     model = ModelServer.options(
         num_replicas="auto" if autoscaling else 1,
         autoscaling_config=autoscaling,
@@ -181,8 +197,9 @@ def start(cfg: OikyoConfig, model_path: str, blocking: bool = False, name: str =
     return f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
 
 
-def serve_and_ask(cfg: OikyoConfig, model_path: str, adapter_dir: Path, log=print,
-                  question: str = "What is the capital of Peru?") -> dict:
+def serve_and_ask(
+    cfg: OikyoConfig, model_path: str, adapter_dir: Path, log=print, question: str = "What is the capital of Peru?"
+) -> dict:
     """Serve a fresh adapter, ask it one question over real HTTP, shut Serve down (the demo's last step)."""
     name = adapter_dir.parent.name  # the run name selects the adapter
     token_file = ephemeral_token(cfg)
@@ -193,8 +210,10 @@ def serve_and_ask(cfg: OikyoConfig, model_path: str, adapter_dir: Path, log=prin
     try:
         url = start(scfg, model_path)
         answer = ask(url, name, question, token_file.read_text().strip())
-        log(f"[oikyo] POST {url}/v1/chat/completions model={name!r}: {question!r} -> "
-            f"{answer['choices'][0]['message']['content']!r}")
+        log(
+            f"[oikyo] POST {url}/v1/chat/completions model={name!r}: {question!r} -> "
+            f"{answer['choices'][0]['message']['content']!r}"
+        )
         return answer
     finally:
         serve.shutdown()

@@ -42,8 +42,14 @@ async def load_adapter(engine, name: str, cfg: ServeConfig, cache_dir: str) -> A
 
 
 class ModelReplica:
-    def __init__(self, engine, acquire: Callable[[str], Awaitable], max_batch_size: int, wait_s: float,
-                 on_batch: OnBatch | None = None):
+    def __init__(
+        self,
+        engine,
+        acquire: Callable[[str], Awaitable],
+        max_batch_size: int,
+        wait_s: float,
+        on_batch: OnBatch | None = None,
+    ):
         self.engine, self.acquire, self.on_batch = engine, acquire, on_batch
         self.batcher = MixedBatcher(self._run_batch, max_batch_size, wait_s)
 

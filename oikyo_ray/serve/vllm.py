@@ -16,26 +16,41 @@ from oikyo_ray.errors import ConfigError
 def vllm_serve_config(cfg: OikyoConfig, max_lora_rank: int | None = None) -> dict:
     sc = cfg.serve
     if sc.adapter_root and not sc.adapter_root.startswith(("s3://", "gs://")):
-        raise ConfigError("serve.adapter_root must be an s3:// or gs:// prefix for ray.serve.llm's dynamic LoRA",
-                          hint="upload the adapter folders there first")
+        raise ConfigError(
+            "serve.adapter_root must be an s3:// or gs:// prefix for ray.serve.llm's dynamic LoRA",
+            hint="upload the adapter folders there first",
+        )
     llm: dict = {
         "model_loading_config": {"model_id": sc.base_model_name, "model_source": cfg.model.name_or_path},
-        "engine_kwargs": {"dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
-                          "enable_lora": bool(sc.adapter_root),
-                          "max_lora_rank": max_lora_rank or cfg.method.lora.r},
+        "engine_kwargs": {
+            "dtype": cfg.model.dtype,
+            "trust_remote_code": cfg.model.trust_remote_code,
+            "enable_lora": bool(sc.adapter_root),
+            "max_lora_rank": max_lora_rank or cfg.method.lora.r,
+        },
         "deployment_config": {
-            "autoscaling_config": {"min_replicas": sc.min_replicas, "max_replicas": sc.max_replicas,
-                                   "target_ongoing_requests": sc.target_ongoing_requests},
+            "autoscaling_config": {
+                "min_replicas": sc.min_replicas,
+                "max_replicas": sc.max_replicas,
+                "target_ongoing_requests": sc.target_ongoing_requests,
+            },
             "max_ongoing_requests": sc.max_ongoing_requests,
         },
     }
     if sc.adapter_root:
-        llm["lora_config"] = {"dynamic_lora_loading_path": sc.adapter_root,
-                              "max_num_adapters_per_replica": sc.max_adapters_per_replica}
+        llm["lora_config"] = {
+            "dynamic_lora_loading_path": sc.adapter_root,
+            "max_num_adapters_per_replica": sc.max_adapters_per_replica,
+        }
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": sc.host, "port": sc.port},
-        "applications": [{"name": "oikyo-vllm", "route_prefix": sc.route_prefix,
-                          "import_path": "ray.serve.llm:build_openai_app",
-                          "args": {"llm_configs": [llm]}}],
+        "applications": [
+            {
+                "name": "oikyo-vllm",
+                "route_prefix": sc.route_prefix,
+                "import_path": "ray.serve.llm:build_openai_app",
+                "args": {"llm_configs": [llm]},
+            }
+        ],
     }

@@ -72,8 +72,9 @@ def _trial(tc: dict) -> None:
 
 def _evaluate(cfg: OikyoConfig, model_path: str, final: Path, run_dir: Path) -> None:
     """The promoted trial's evaluation, as a finetune run's: base vs fine-tuned on the test split."""
-    write_report(cfg, model_path, str(final), load_split_rows(run_dir / "data", "test"), run_dir / "eval",
-                 scorer=ray_eval.score)
+    write_report(
+        cfg, model_path, str(final), load_split_rows(run_dir / "data", "test"), run_dir / "eval", scorer=ray_eval.score
+    )
 
 
 def _concurrency(cfg: OikyoConfig) -> int:
@@ -100,8 +101,12 @@ def _search(cfg: OikyoConfig, concurrency: int):
 def _asha(cfg: OikyoConfig, manifest: dict) -> ASHAScheduler:
     """ASHA on the `step` of each report, up to the steps a trial trains (budget.max_t)."""
     t = max_t(cfg, manifest)
-    return ASHAScheduler(time_attr="step", max_t=t, grace_period=min(cfg.sweep.grace_period, t),
-                         reduction_factor=cfg.sweep.reduction_factor)
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=t,
+        grace_period=min(cfg.sweep.grace_period, t),
+        reduction_factor=cfg.sweep.reduction_factor,
+    )
 
 
 def run_sweep(cfg: OikyoConfig, resume: bool = False, log=print) -> Path:
@@ -144,14 +149,26 @@ def _tune(cfg: OikyoConfig, sweep_dir: Path, model_path: str, resume: bool, publ
     else:
         scheduler = _asha(cfg, manifest)
         conc = _concurrency(cfg)
-        log(f"[oikyo] sweep: {cfg.sweep.num_samples} trials, up to {conc} at once, "
-            f"ASHA over {max_t(cfg, manifest)} steps")
+        log(
+            f"[oikyo] sweep: {cfg.sweep.num_samples} trials, up to {conc} at once, "
+            f"ASHA over {max_t(cfg, manifest)} steps"
+        )
         tuner = tune.Tuner(
             trainable,
-            param_space={"params": tune_domains(cfg), "base": cfg.model_dump(mode="json"),
-                         "model_path": model_path, "sweep_dir": str(sweep_dir), "manifest": manifest},
-            tune_config=tune.TuneConfig(metric=cfg.sweep.metric, mode=cfg.sweep.mode, num_samples=cfg.sweep.num_samples,
-                                        scheduler=scheduler, search_alg=_search(cfg, conc)),
+            param_space={
+                "params": tune_domains(cfg),
+                "base": cfg.model_dump(mode="json"),
+                "model_path": model_path,
+                "sweep_dir": str(sweep_dir),
+                "manifest": manifest,
+            },
+            tune_config=tune.TuneConfig(
+                metric=cfg.sweep.metric,
+                mode=cfg.sweep.mode,
+                num_samples=cfg.sweep.num_samples,
+                scheduler=scheduler,
+                search_alg=_search(cfg, conc),
+            ),
             run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)),
         )
     grid = tuner.fit()

@@ -37,11 +37,18 @@ def _metric_history(trial_dir: Path, metric: str) -> list[tuple[int, float]]:
     return [(r["step"], r[metric]) for r in rows if metric in r]
 
 
+def _trial_id(path: str) -> str:
+    m = _TRIAL_ID.search(path)
+    if m is None:
+        raise ValueError(f"cannot tell the trial id from its result path {path!r}")
+    return m.group(0)
+
+
 def trial_rows(cfg: OikyoConfig, sweep_dir: Path, grid, manifest: dict) -> list[dict]:
     metric, sign = cfg.sweep.metric, (1 if cfg.sweep.mode == "min" else -1)
     out = []
     for res in grid:
-        tid = (res.metrics or {}).get("trial_id") or _TRIAL_ID.search(res.path or "").group(0)
+        tid = (res.metrics or {}).get("trial_id") or _trial_id(res.path or "")
         params = (res.config or {}).get("params", {})
         trial_dir = sweep_dir / "trials" / tid
         hist = _metric_history(trial_dir, metric)
@@ -54,9 +61,18 @@ def trial_rows(cfg: OikyoConfig, sweep_dir: Path, grid, manifest: dict) -> list[
         else:
             status = "early-stopped"
         best = min((sign * v for _, v in hist), default=math.inf) * sign if hist else math.nan
-        out.append({"trial": trial_dir.name, "status": status, "steps": last_step, "budget": budget,
-                    f"best_{metric}": best, "last_" + metric: hist[-1][1] if hist else math.nan,
-                    **{f"param:{k}": v for k, v in params.items()}, "dir": str(trial_dir)})
+        out.append(
+            {
+                "trial": trial_dir.name,
+                "status": status,
+                "steps": last_step,
+                "budget": budget,
+                f"best_{metric}": best,
+                "last_" + metric: hist[-1][1] if hist else math.nan,
+                **{f"param:{k}": v for k, v in params.items()},
+                "dir": str(trial_dir),
+            }
+        )
     return out
 
 
@@ -83,8 +99,13 @@ def plot(rows: list[dict], metric: str, out: Path) -> None:
             continue
         xs, ys = zip(*hist)
         stopped = r["status"] != "completed"
-        ax.plot(xs, ys, linestyle="--" if stopped else "-", marker="x" if stopped else None,
-                label=f"{r['trial']} ({r['status'].split(':')[0]})")
+        ax.plot(
+            xs,
+            ys,
+            linestyle="--" if stopped else "-",
+            marker="x" if stopped else None,
+            label=f"{r['trial']} ({r['status'].split(':')[0]})",
+        )
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_title("sweep: dashed = stopped early or failed")
@@ -93,8 +114,7 @@ def plot(rows: list[dict], metric: str, out: Path) -> None:
     fig.savefig(out, dpi=100)
 
 
-def promote(cfg: OikyoConfig, sweep_dir: Path, best: dict, model_path: str,
-            evaluate: Evaluate | None = None) -> Path:
+def promote(cfg: OikyoConfig, sweep_dir: Path, best: dict, model_path: str, evaluate: Evaluate | None = None) -> Path:
     """Copy the best trial into the runs registry as <sweep>-best, with its lineage; `evaluate`
     (with eval.enabled) writes its evaluation."""
     src = Path(best["dir"])
@@ -116,16 +136,31 @@ def promote(cfg: OikyoConfig, sweep_dir: Path, best: dict, model_path: str,
         shutil.copytree(ckpts[-1], dest / final, ignore=shutil.ignore_patterns(*TRAINING_ONLY))
     shutil.copytree(sweep_dir / "data", dest / "data")
     manifest = json.loads((dest / "data" / "manifest.json").read_text())
-    write_lineage(dest, trial_cfg, manifest, model_path,
-                  parent={"sweep": store.join(cfg.run.root, sweep_dir.name), "trial": best["trial"],
-                          "params": {k[6:]: v for k, v in best.items() if k.startswith("param:")}})
+    write_lineage(
+        dest,
+        trial_cfg,
+        manifest,
+        model_path,
+        parent={
+            "sweep": store.join(cfg.run.root, sweep_dir.name),
+            "trial": best["trial"],
+            "params": {k[6:]: v for k, v in best.items() if k.startswith("param:")},
+        },
+    )
     if cfg.eval.enabled and evaluate is not None:
         evaluate(trial_cfg, model_path, dest / final, dest)
     return dest
 
 
-def summarise(cfg: OikyoConfig, sweep_dir: Path, grid, manifest: dict, model_path: str,
-              evaluate: Evaluate | None = None, log=print) -> Path:
+def summarise(
+    cfg: OikyoConfig,
+    sweep_dir: Path,
+    grid,
+    manifest: dict,
+    model_path: str,
+    evaluate: Evaluate | None = None,
+    log=print,
+) -> Path:
     rows = trial_rows(cfg, sweep_dir, grid, manifest)
     table = write_table(rows, sweep_dir)
     plot(rows, cfg.sweep.metric, sweep_dir / f"{cfg.sweep.metric}_vs_step.png")

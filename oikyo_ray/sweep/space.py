@@ -23,8 +23,10 @@ def _leaf(path: str) -> None:
     for i, p in enumerate(parts):
         field = model.model_fields.get(p)
         if field is None:
-            raise ConfigError(f"sweep.space.{path}: unknown config field '{'.'.join(parts[: i + 1])}'",
-                              hint="use a dotted path such as train.lr or method.lora.r (oikyo config --fields)")
+            raise ConfigError(
+                f"sweep.space.{path}: unknown config field '{'.'.join(parts[: i + 1])}'",
+                hint="use a dotted path such as train.lr or method.lora.r (oikyo config --fields)",
+            )
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             if i == len(parts) - 1:
@@ -55,6 +57,7 @@ def _probe_values(dim: SearchDim) -> list[Any]:
     if dim.type == "choice":
         return list(dim.values or [])
     if dim.type == "randint":
+        assert dim.low is not None and dim.high is not None  # SearchDim requires both for randint
         return [int(dim.low), int(dim.high) - 1]
     return [dim.low, dim.high]
 
@@ -62,8 +65,10 @@ def _probe_values(dim: SearchDim) -> list[Any]:
 def validate_space(cfg: OikyoConfig) -> None:
     """Every path exists and every value the space can produce passes the config's own checks."""
     if not cfg.sweep.space:
-        raise ConfigError("sweep.space is empty: name at least one field to search",
-                          hint="e.g. sweep.space={train.lr: {type: loguniform, low: 1e-4, high: 1e-2}}")
+        raise ConfigError(
+            "sweep.space is empty: name at least one field to search",
+            hint="e.g. sweep.space={train.lr: {type: loguniform, low: 1e-4, high: 1e-2}}",
+        )
     base = cfg.model_dump(mode="json")
     for path, dim in cfg.sweep.space.items():
         _leaf(path)
@@ -72,4 +77,3 @@ def validate_space(cfg: OikyoConfig) -> None:
                 with_params(base, {path: v})
             except ConfigError as e:
                 raise ConfigError(f"sweep.space.{path}: value {v!r} is invalid for that field:\n{e}") from None
-

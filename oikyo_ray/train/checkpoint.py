@@ -1,11 +1,11 @@
 """Checkpoint directories (Ray-free): everything an exact resume needs, nothing pickled.
 
-    adapter_model.safetensors + adapter_config.json   (lora/dora/qlora)  or  model*.safetensors (full)
-    tokenizer files
-    optimizer.safetensors    optimizer moments; param groups and non-tensor state in the header
-    rng.safetensors          torch (and CUDA) generator states
-    trainer_state.json       step, epoch, data position, schedule, numpy/python RNG, early stopping;
-                             written last: a directory without it is incomplete and never loaded
+adapter_model.safetensors + adapter_config.json   (lora/dora/qlora)  or  model*.safetensors (full)
+tokenizer files
+optimizer.safetensors    optimizer moments; param groups and non-tensor state in the header
+rng.safetensors          torch (and CUDA) generator states
+trainer_state.json       step, epoch, data position, schedule, numpy/python RNG, early stopping;
+                         written last: a directory without it is incomplete and never loaded
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ class TrainState:
 
 
 # -- optimizer state <-> safetensors (tensors by name, the rest as JSON in the header) ------------
+
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars, keys = {}, {}, []
@@ -81,11 +82,11 @@ def load_optimizer(path: Path) -> dict:
 
 # -- RNG -------------------------------------------------------------------------------------------
 
+
 def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
-    np_state = np.random.get_state()
+    np_state = cast(tuple, np.random.get_state(legacy=True))  # the tuple form, never a dict
     py = random.getstate()
-    meta = {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "python": [py[0], list(py[1]), py[2]]}
+    meta = {"numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]], "python": [py[0], list(py[1]), py[2]]}
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["cuda"] = torch.cuda.get_rng_state()
@@ -106,8 +107,10 @@ def restore_rng(meta: dict, tensors: dict[str, torch.Tensor]) -> None:
 
 # -- whole directories -----------------------------------------------------------------------------
 
-def write_checkpoint(out: Path, model, model_sd: dict, optim_sd: dict | None, state: TrainState,
-                     tokenizer=None) -> None:
+
+def write_checkpoint(
+    out: Path, model, model_sd: dict, optim_sd: dict | None, state: TrainState, tokenizer=None
+) -> None:
     """Write a complete checkpoint into `out` (a fresh temp dir; Ray persists it afterwards).
     `model` is the unwrapped (peft or HF) model; `model_sd` its full state dict."""
     out.mkdir(parents=True, exist_ok=True)
@@ -142,8 +145,10 @@ def load_weights(model, ckpt: Path, full: bool) -> None:
     missing, unexpected = model.load_state_dict(sd, strict=False)
     tied = {k for k in missing if "lm_head" in k} if getattr(model.config, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {sorted(missing)[:5]}, "
-                           f"unexpected {sorted(unexpected)[:5]}")
+        raise RuntimeError(
+            f"checkpoint {ckpt} does not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
 
 
 def restore(engine, ckpt: Path) -> TrainState:

@@ -35,6 +35,8 @@ def has_val_split(cfg: OikyoConfig, manifest: dict) -> bool:
     if n_val >= workers:
         return True
     if cfg.checkpoint.score or cfg.train.early_stopping_patience:
-        raise OikyoError(f"{n_val} validation rows: too few for val_loss on {workers} workers",
-                         hint="raise data.val_fraction or turn off checkpoint.score / early stopping")
+        raise OikyoError(
+            f"{n_val} validation rows: too few for val_loss on {workers} workers",
+            hint="raise data.val_fraction or turn off checkpoint.score / early stopping",
+        )
     return False

@@ -1,13 +1,13 @@
 """Parallel strategies behind one small interface (Ray-free): local/DDP, FSDP2, DeepSpeed ZeRO.
 
-    engine = build_engine(model, cfg, steps, world_size, device)
-    engine.model(...)              forward (wrapped: DDP / fully_shard / DeepSpeed engine)
-    engine.micro_step(loss, last)  backward of one micro-batch; on the last one of an optimizer
-                                   step: clip, step, schedule, zero -> grad norm (else None), a
-                                   0-d tensor or float: the loop reads it only when it reports
-    engine.full_state()            collective: (model state, optimizer state), full on rank 0
-                                   (other ranks may get empty dicts: only rank 0 writes)
-    engine.load_optimizer(sd) / engine.scheduler
+engine = build_engine(model, cfg, steps, world_size, device)
+engine.model(...)              forward (wrapped: DDP / fully_shard / DeepSpeed engine)
+engine.micro_step(loss, last)  backward of one micro-batch; on the last one of an optimizer
+                               step: clip, step, schedule, zero -> grad norm (else None), a
+                               0-d tensor or float: the loop reads it only when it reports
+engine.full_state()            collective: (model state, optimizer state), full on rank 0
+                               (other ranks may get empty dicts: only rank 0 writes)
+engine.load_optimizer(sd) / engine.scheduler
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
 
 
@@ -135,12 +134,15 @@ class FSDP2Engine(TorchEngine):
     def full_state(self):
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         # cpu_offload gathers onto rank 0 only; ranks > 0 get an empty dict (they do not write)
-        return (get_model_state_dict(self.model, options=opts),
-                get_optimizer_state_dict(self.model, self.optimizer, options=opts))
+        return (
+            get_model_state_dict(self.model, options=opts),
+            get_optimizer_state_dict(self.model, self.optimizer, options=opts),
+        )
 
     def load_optimizer(self, sd: dict) -> None:
-        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=sd,
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            self.model, self.optimizer, optim_state_dict=sd, options=StateDictOptions(full_state_dict=True)
+        )
 
 
 def _stepped_tensors(opt) -> list[torch.Tensor]:
@@ -207,15 +209,20 @@ class DeepSpeedEngine:
             "zero_optimization": zero,
             "bf16": {"enabled": tc.mixed_precision == "bf16"},
             # DeepSpeed's CPU Adam JIT-compiles (~1 min); torch's AdamW is as fast for adapters
-            "optimizer": {"type": "AdamW", "params": {"lr": tc.lr, "weight_decay": tc.weight_decay,
-                                                      "torch_adam": on_cpu}},
+            "optimizer": {
+                "type": "AdamW",
+                "params": {"lr": tc.lr, "weight_decay": tc.weight_decay, "torch_adam": on_cpu},
+            },
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
         }
         params = [p for p in model.parameters() if p.requires_grad]
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=params, config=ds_cfg,
-            lr_scheduler=lambda opt: build_scheduler(opt, tc, steps))
+            model=model,
+            model_parameters=params,
+            config=ds_cfg,
+            lr_scheduler=lambda opt: build_scheduler(opt, tc, steps),
+        )
         self.eval_model = self.model
 
     def autocast(self):
@@ -275,8 +282,7 @@ class DeepSpeedEngine:
             if keep:
                 state[name] = full
         # the engine hands DeepSpeed one list of parameters: one param group holds them all
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(state)}
-                  for g in opt.param_groups]
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(state)} for g in opt.param_groups]
         return {"state": state, "param_groups": groups} if keep else {}
 
     def load_optimizer(self, sd: dict) -> None:

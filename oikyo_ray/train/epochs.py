@@ -25,8 +25,9 @@ def sorted_rows(batches: Iterable[dict]) -> list[dict]:
     return rows
 
 
-def cached_epochs(read: Callable[[], Iterable[dict]], cfg: TrainConfig, pad: int,
-                  to_device: Callable[[dict], dict]) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
+def cached_epochs(
+    read: Callable[[], Iterable[dict]], cfg: TrainConfig, pad: int, to_device: Callable[[dict], dict]
+) -> Callable[[int], Iterator[dict[str, torch.Tensor]]]:
     """epoch -> collated batches; `read()` yields the shard's column batches and is called once, on
     the first epoch; each epoch reshuffles with train.seed + epoch."""
     rows: list[dict] = []

@@ -37,8 +37,10 @@ def collate(batch: dict, pad_id: int) -> dict[str, torch.Tensor]:
     masks across samples from the restarting positions; see data/packing.py).
     `num_tokens` counts the real (non-pad) tokens of each row."""
     if "position_ids" in batch:
-        out = {k: torch.from_numpy(np.stack([np.asarray(x, dtype=np.int64) for x in batch[k]]))
-               for k in ("input_ids", "labels", "position_ids")}
+        out = {
+            k: torch.from_numpy(np.stack([np.asarray(x, dtype=np.int64) for x in batch[k]]))
+            for k in ("input_ids", "labels", "position_ids")
+        }
         out["num_tokens"] = torch.as_tensor(np.asarray(batch["num_tokens"], dtype=np.int64))
         return out
     ids = [np.asarray(x, dtype=np.int64) for x in batch["input_ids"]]
@@ -49,15 +51,19 @@ def collate(batch: dict, pad_id: int) -> dict[str, torch.Tensor]:
     mask = np.zeros((len(ids), n), dtype=np.int64)
     for i, (a, b) in enumerate(zip(ids, labels)):
         out_ids[i, : len(a)], out_lab[i, : len(b)], mask[i, : len(a)] = a, b, 1
-    return {"input_ids": torch.from_numpy(out_ids), "labels": torch.from_numpy(out_lab),
-            "attention_mask": torch.from_numpy(mask), "num_tokens": torch.from_numpy(mask.sum(1))}
+    return {
+        "input_ids": torch.from_numpy(out_ids),
+        "labels": torch.from_numpy(out_lab),
+        "attention_mask": torch.from_numpy(mask),
+        "num_tokens": torch.from_numpy(mask.sum(1)),
+    }
 
 
 def shuffled_batches(rows: list[dict], batch_size: int, seed: int):
     """Seeded shuffle of in-memory rows into full batches (dict of lists), dropping the remainder."""
     order = np.random.default_rng(seed).permutation(len(rows))
     for i in range(0, len(order) - batch_size + 1, batch_size):
-        chunk = [rows[j] for j in order[i:i + batch_size]]
+        chunk = [rows[j] for j in order[i : i + batch_size]]
         yield {k: [r[k] for r in chunk] for k in rows[0]}
 
 
@@ -72,8 +78,9 @@ def loss_on(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def eval_loss(model, batches: Iterable[dict],
-              all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+def eval_loss(
+    model, batches: Iterable[dict], all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> float:
     """Token-weighted mean loss over `batches`, summed across workers by `all_reduce`."""
     was_training = model.training
     model.eval()
@@ -120,9 +127,16 @@ def _improved(state: TrainState, val: float, cfg: TrainConfig) -> bool:
     return better
 
 
-def train_loop(model, train_epochs: Callable[[int], Iterable[dict]], cfg: TrainConfig,
-               steps: int, hooks: LoopHooks, eval_model=None, engine=None,
-               state: TrainState | None = None) -> dict:
+def train_loop(
+    model,
+    train_epochs: Callable[[int], Iterable[dict]],
+    cfg: TrainConfig,
+    steps: int,
+    hooks: LoopHooks,
+    eval_model=None,
+    engine=None,
+    state: TrainState | None = None,
+) -> dict:
     """Run optimiser steps up to `steps` over `train_epochs(epoch)` batches; return the last metrics.
 
     `engine` (engine.py) wraps the model for its strategy; default: this process alone. `state`
@@ -156,9 +170,10 @@ def train_loop(model, train_epochs: Callable[[int], Iterable[dict]], cfg: TrainC
                 hooks.on_step(state)
             do_ckpt = state.step % cfg.checkpoint_every == 0 or state.step == steps
             do_eval = hooks.val_batches is not None and (
-                state.step % cfg.eval_every == 0 or state.step == steps or (do_ckpt and hooks.eval_at_checkpoint))
+                state.step % cfg.eval_every == 0 or state.step == steps or (do_ckpt and hooks.eval_at_checkpoint)
+            )
             evaluated: dict = {}
-            if do_eval:
+            if do_eval and hooks.val_batches is not None:
                 with engine.autocast():
                     evaluated["val_loss"] = eval_loss(eval_model, hooks.val_batches(), hooks.all_reduce)
                 engine.model.train()
@@ -171,9 +186,14 @@ def train_loop(model, train_epochs: Callable[[int], Iterable[dict]], cfg: TrainC
                     evaluated.update(stopped_early=True, best_step=state.best_step)
             if state.step % cfg.log_every == 0 or do_eval or do_ckpt:
                 # loss and grad norm are read from the device only here, not on every step
-                metrics = {"step": state.step, "epoch": state.epoch,
-                           "loss": sum(float(x) for x in step_losses) / len(step_losses), "lr": engine.lr(),
-                           "grad_norm": float(grad_norm), **evaluated}
+                metrics = {
+                    "step": state.step,
+                    "epoch": state.epoch,
+                    "loss": sum(float(x) for x in step_losses) / len(step_losses),
+                    "lr": engine.lr(),
+                    "grad_norm": float(grad_norm),
+                    **evaluated,
+                }
                 dt = time.perf_counter() - t0
                 metrics["tokens_per_s"] = tokens * hooks.world_size / max(dt, 1e-9)
                 metrics["mem_peak_mb"] = peak_memory_mb()
@@ -189,7 +209,9 @@ def train_loop(model, train_epochs: Callable[[int], Iterable[dict]], cfg: TrainC
             # the epoch is exhausted: gradients of an unfinished accumulation window are dropped
             engine.drop_partial()
             if skip == 0 and micro < cfg.grad_accum:
-                raise ValueError(f"an epoch has {micro} micro-batches, fewer than train.grad_accum="
-                                 f"{cfg.grad_accum}: no optimizer step is possible")
+                raise ValueError(
+                    f"an epoch has {micro} micro-batches, fewer than train.grad_accum="
+                    f"{cfg.grad_accum}: no optimizer step is possible"
+                )
             state.epoch, state.micro = state.epoch + 1, 0
     return metrics

@@ -1,7 +1,7 @@
 """Monitoring files in the run directory (Ray-free): TensorBoard events and a loss-curve PNG.
 
-    tb = TensorBoardLog(run_dir / "tensorboard"); tb.write(metrics)   one scalar per numeric metric
-    plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+tb = TensorBoardLog(run_dir / "tensorboard"); tb.write(metrics)   one scalar per numeric metric
+plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
 """
 
 from __future__ import annotations

@@ -100,8 +100,13 @@ def _shard_epochs(shard, cfg: OikyoConfig, pad: int, to_device, cache: bool):
         return cached_epochs(lambda: shard.iter_batches(batch_size=1024, batch_format="numpy"), tc, pad, to_device)
 
     def epochs(epoch: int):
-        for b in shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy", drop_last=True,
-                                    local_shuffle_buffer_size=4 * tc.batch_size, local_shuffle_seed=tc.seed + epoch):
+        for b in shard.iter_batches(
+            batch_size=tc.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=4 * tc.batch_size,
+            local_shuffle_seed=tc.seed + epoch,
+        ):
             yield to_device(collate(b, pad))
 
     return epochs
@@ -128,7 +133,7 @@ def train_func(loop_config: dict) -> None:
     steps = loop_config["steps"]
 
     ckpt = ray.train.get_checkpoint()
-    with (ckpt.as_directory() if ckpt else tempfile.TemporaryDirectory()) as d:
+    with ckpt.as_directory() if ckpt else tempfile.TemporaryDirectory() as d:
         ckpt_dir = Path(d) if ckpt else None
         tok = load_tokenizer(cfg.model, loop_config["model_path"])
         raw_model = load_model_to_train(cfg, loop_config["model_path"], ckpt_dir)
@@ -169,9 +174,14 @@ def train_func(loop_config: dict) -> None:
             reporter.send(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))  # waits for it
 
     step_hook = loop_config["step_hook"]
-    hooks = LoopHooks(report=report, val_batches=val_batches if val_shard else None, all_reduce=_all_reduce,
-                      world_size=world, on_step=step_hook(rank) if step_hook else None,
-                      eval_at_checkpoint=cfg.checkpoint.score is not None)
+    hooks = LoopHooks(
+        report=report,
+        val_batches=val_batches if val_shard else None,
+        all_reduce=_all_reduce,
+        world_size=world,
+        on_step=step_hook(rank) if step_hook else None,
+        eval_at_checkpoint=cfg.checkpoint.score is not None,
+    )
     try:
         train_loop(engine.model, epochs, tc, steps, hooks, engine=engine, state=state)
     except BaseException:
@@ -180,8 +190,15 @@ def train_func(loop_config: dict) -> None:
     reporter.close()
 
 
-def fit(cfg: OikyoConfig, run_dir: Path, model_path: str, manifest: dict, log=print,
-        callbacks: tuple = (), step_hook: StepHookFactory | None = None) -> Path:
+def fit(
+    cfg: OikyoConfig,
+    run_dir: Path,
+    model_path: str,
+    manifest: dict,
+    log=print,
+    callbacks: tuple = (),
+    step_hook: StepHookFactory | None = None,
+) -> Path:
     """Train on the prepared splits under run_dir/data; return the final checkpoint dir.
     `callbacks`: extra Ray Train UserCallbacks (a sweep passes Tune's report callback).
     `step_hook(rank)`: each worker's LoopHooks.on_step (loop.StepHookFactory; picklable)."""
@@ -192,8 +209,10 @@ def fit(cfg: OikyoConfig, run_dir: Path, model_path: str, manifest: dict, log=pr
     datasets = {"train": read_split(run_dir / "data", "train", packed=cfg.data.packing)}
     if has_val:
         datasets["val"] = read_split(run_dir / "data", "val")
-    log(f"train: {sc.num_workers} worker(s) x {cfg.train.batch_size} rows, {steps} steps, "
-        f"method={cfg.method.type}, strategy={sc.strategy}")
+    log(
+        f"train: {sc.num_workers} worker(s) x {cfg.train.batch_size} rows, {steps} steps, "
+        f"method={cfg.method.type}, strategy={sc.strategy}"
+    )
 
     # Train V2's report() blocks until the controller polls (default every 2 s): with reports
     # every few steps that poll, not compute, would set the pace. Ray propagates this to workers.
@@ -203,12 +222,20 @@ def fit(cfg: OikyoConfig, run_dir: Path, model_path: str, manifest: dict, log=pr
     storage_path, storage_fs = checkpoint_storage(cfg, run_dir)
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "model_path": model_path, "steps": steps,
-                           "has_val": has_val, "rows_per_worker": rows_per_worker(cfg, manifest),
-                           "step_hook": step_hook},
-        scaling_config=ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
-                                               resources_per_worker={"CPU": sc.cpus_per_worker},
-                                               placement_strategy=sc.placement_strategy),
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "model_path": model_path,
+            "steps": steps,
+            "has_val": has_val,
+            "rows_per_worker": rows_per_worker(cfg, manifest),
+            "step_hook": step_hook,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker={"CPU": sc.cpus_per_worker},
+            placement_strategy=sc.placement_strategy,
+        ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=list(datasets), execution_options=ingest),
         run_config=ray.train.RunConfig(
@@ -216,8 +243,8 @@ def fit(cfg: OikyoConfig, run_dir: Path, model_path: str, manifest: dict, log=pr
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=ck.num_to_keep, checkpoint_score_attribute=ck.score,
-                checkpoint_score_order="min"),
+                num_to_keep=ck.num_to_keep, checkpoint_score_attribute=ck.score, checkpoint_score_order="min"
+            ),
             failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
             callbacks=[MetricsLog(run_dir), *callbacks],
         ),
@@ -225,8 +252,11 @@ def fit(cfg: OikyoConfig, run_dir: Path, model_path: str, manifest: dict, log=pr
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise OikyoError(f"training failed: {e}", hint=f"see worker logs; metrics so far in "
-                         f"{run_dir / 'metrics.jsonl'}; run again with the same run name to resume") from None
+        raise OikyoError(
+            f"training failed: {e}",
+            hint=f"see worker logs; metrics so far in "
+            f"{run_dir / 'metrics.jsonl'}; run again with the same run name to resume",
+        ) from None
     finally:
         try:
             plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")

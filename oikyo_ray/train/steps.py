@@ -14,8 +14,10 @@ def train_units(cfg: OikyoConfig, manifest: dict) -> int:
     if not cfg.data.packing:
         return manifest["counts"]["train"]
     if "packing" not in manifest:
-        raise OikyoError("data.packing=true but the prepared data has no packed split",
-                         hint="prepare the data again with data.packing=true")
+        raise OikyoError(
+            "data.packing=true but the prepared data has no packed split",
+            hint="prepare the data again with data.packing=true",
+        )
     return manifest["packing"]["blocks"]
 
 

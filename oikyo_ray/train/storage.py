@@ -1,6 +1,6 @@
 """Where a run's checkpoints are persisted (Ray-free): a local folder or an s3:// prefix.
 
-    checkpoint_storage(cfg, run_dir) -> (path, pyarrow filesystem or None)
+checkpoint_storage(cfg, run_dir) -> (path, pyarrow filesystem or None)
 """
 
 from __future__ import annotations
@@ -25,8 +25,13 @@ def _s3_from_env():
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kw = {"endpoint_override": host or scheme, "scheme": scheme if host else "https"}
-    return pafs.S3FileSystem(access_key=key, secret_key=secret, session_token=os.environ.get("AWS_SESSION_TOKEN"),
-                             region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), **kw)
+    return pafs.S3FileSystem(
+        access_key=key,
+        secret_key=secret,
+        session_token=os.environ.get("AWS_SESSION_TOKEN"),
+        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        **kw,
+    )
 
 
 def checkpoint_storage(cfg: OikyoConfig, run_dir: Path) -> tuple[str, pafs.FileSystem | None]:
