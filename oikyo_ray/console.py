@@ -149,17 +149,20 @@ def quiet_third_party() -> Iterator[None]:
 
 class _Bar:
     def __init__(self, bar: tqdm):
-        self._bar = bar
+        self._bar, self._postfix = bar, {}
 
     def update(self, n: int = 1, **postfix) -> None:
+        """Advance by `n`; `postfix` values are shown after the rate, each kept until replaced."""
         if postfix:
-            self._bar.set_postfix(postfix, refresh=False)
-        self._bar.update(n)
+            self._postfix.update(postfix)
+            self._bar.set_postfix(self._postfix, refresh=n == 0)
+        if n:
+            self._bar.update(n)
 
     def moveto(self, done: int, **postfix) -> None:
-        """Set the count to `done` (a resumed run starts past zero; a restarted worker repeats)."""
-        if done > self._bar.n:
-            self.update(done - self._bar.n, **postfix)
+        """Set the count to `done` (a resumed run starts past zero; a restarted worker repeats
+        steps: the count never goes back)."""
+        self.update(max(0, done - self._bar.n), **postfix)
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -117,6 +118,10 @@ def test_job_submit_finetune(ray_session, worker_node, cache_dir, tmp_path):
         timeout=120,
     ).stdout
     assert "run directory:" in logs and "job1" in logs
+    # what the user reads: oikyo's own lines and a training bar, no third-party warnings
+    assert re.search(r"train: 100%\|[^|]*\| (\d+)/\1 .*loss=", logs), logs[-3000:]
+    warned = [line for line in logs.splitlines() if re.search(r"warn|deprecat", line, re.I)]
+    assert warned == [], "\n".join(warned)
 
     # the dashboard's job API on 127.0.0.1 needs the token: 401 without, the job with it
     assert httpx.get(f"{ray_session['dashboard']}/api/jobs/", timeout=30).status_code == 401

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import ray
 
 from oikyo_ray.config import OikyoConfig
+from oikyo_ray.console import progress
 from oikyo_ray.data import prepare as preparation
 from oikyo_ray.data.manifest import PACKED
 from oikyo_ray.data.packing import PACKED_COLUMNS
@@ -22,10 +23,15 @@ IN_MEMORY_SPLIT_BYTES = 256 * 2**20  # splits up to this size skip Ray Data's re
 
 
 def map_tasks(fn: Callable[..., dict], items: list[dict], fn_kwargs: dict) -> None:
-    """`fn` over `items`, one Ray Data task per item (each writes its own files)."""
-    ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        fn, batch_size=1, fn_kwargs=fn_kwargs
-    ).take_all()
+    """`fn` over `items`, one Ray Data task per item (each writes its own files); with more than
+    one item, a progress bar counts the finished ones (Ray Data's own bars are off: see cluster.py)."""
+    done = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(fn, batch_size=1, fn_kwargs=fn_kwargs)
+    if len(items) == 1:
+        done.take_all()
+        return
+    with progress(len(items), f"data: {getattr(fn, '__name__', 'tasks')}", unit="task") as bar:
+        for _ in done.iter_batches(batch_size=None):
+            bar.update(1)
 
 
 def prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path) -> dict:

@@ -67,7 +67,15 @@ def _trial(tc: dict) -> None:
         (run_dir / "data").symlink_to(sweep_dir / "data", target_is_directory=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     (run_dir / "params.json").write_text(json.dumps(tc["params"], indent=2))
-    fit(cfg, run_dir, tc["model_path"], tc["manifest"], log=lambda s: None, callbacks=(TuneReportCallback(),))
+    fit(
+        cfg,
+        run_dir,
+        tc["model_path"],
+        tc["manifest"],
+        log=lambda s: None,
+        callbacks=(TuneReportCallback(),),
+        show_progress=False,  # a trial runs in a Tune actor: Tune reports its progress
+    )
 
 
 def _evaluate(cfg: OikyoConfig, model_path: str, final: Path, run_dir: Path) -> None:

@@ -2,12 +2,16 @@
 
 tb = TensorBoardLog(run_dir / "tensorboard"); tb.write(metrics)   one scalar per numeric metric
 plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
+with following(run_dir / "metrics.jsonl", on_row): ...   on_row(metrics) per line appended meanwhile
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -63,3 +67,39 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
     fig.tight_layout()
     fig.savefig(out)
     return out
+
+
+@contextmanager
+def following(path: Path, on_row: Callable[[dict], None], poll_s: float = 0.5) -> Iterator[None]:
+    """Call `on_row` with each metrics line appended to `path` while the block runs (a polling
+    thread), then once more for lines written before the block ended. This is how the driver
+    sees a run's progress: Ray Train's controller writes the file (MetricsLog), the driver only
+    waits in `fit()`. Lines already there (a resumed run's) are skipped; `on_row` errors are
+    swallowed, because a progress display must never fail a run."""
+    path = Path(path)
+    start = path.stat().st_size if path.is_file() else 0
+    stop = threading.Event()
+
+    def run() -> None:
+        offset, pending = start, b""
+        while True:
+            stopped = stop.wait(poll_s)
+            if path.is_file():
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                offset += len(chunk)
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    with suppress(Exception):
+                        on_row(json.loads(line))
+            if stopped:
+                return
+
+    thread = threading.Thread(target=run, name="oikyo-metrics-follow", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)

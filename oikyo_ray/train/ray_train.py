@@ -16,6 +16,8 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 import ray
@@ -26,6 +28,7 @@ import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
 from oikyo_ray.config import OikyoConfig
+from oikyo_ray.console import progress
 from oikyo_ray.data.ray_data import read_split
 from oikyo_ray.errors import OikyoError
 from oikyo_ray.model.load import load_tokenizer
@@ -34,7 +37,7 @@ from oikyo_ray.train.checks import check_before_ray, check_train_split, has_val_
 from oikyo_ray.train.engine import build_engine
 from oikyo_ray.train.epochs import cached_epochs
 from oikyo_ray.train.loop import LoopHooks, StepHookFactory, collate, train_loop
-from oikyo_ray.train.monitor import TensorBoardLog, plot_losses
+from oikyo_ray.train.monitor import TensorBoardLog, following, plot_losses
 from oikyo_ray.train.start import load_model_to_train, seed_everything
 from oikyo_ray.train.steps import rows_per_worker, run_steps
 from oikyo_ray.train.storage import checkpoint_storage
@@ -190,6 +193,13 @@ def train_func(loop_config: dict) -> None:
     reporter.close()
 
 
+def _show_step(bar, metrics: dict) -> None:
+    """One metrics line on the training bar: the step it reached, its losses as the postfix."""
+    if "step" in metrics:
+        losses = {k: f"{metrics[k]:.4f}" for k in ("loss", "val_loss") if isinstance(metrics.get(k), float)}
+        bar.moveto(int(metrics["step"]), **losses)
+
+
 def fit(
     cfg: OikyoConfig,
     run_dir: Path,
@@ -198,10 +208,12 @@ def fit(
     log=print,
     callbacks: tuple = (),
     step_hook: StepHookFactory | None = None,
+    show_progress: bool = True,
 ) -> Path:
     """Train on the prepared splits under run_dir/data; return the final checkpoint dir.
     `callbacks`: extra Ray Train UserCallbacks (a sweep passes Tune's report callback).
-    `step_hook(rank)`: each worker's LoopHooks.on_step (loop.StepHookFactory; picklable)."""
+    `step_hook(rank)`: each worker's LoopHooks.on_step (loop.StepHookFactory; picklable).
+    `show_progress`: a progress bar of optimizer steps (loss, steps/s, ETA) on stderr."""
     check_before_ray(cfg)
     check_train_split(cfg, manifest)
     sc, ck = cfg.scaling, cfg.checkpoint
@@ -250,7 +262,11 @@ def fit(
         ),
     )
     try:
-        result = trainer.fit()
+        with ExitStack() as shown:
+            if show_progress:
+                bar = shown.enter_context(progress(steps, "train"))
+                shown.enter_context(following(run_dir / "metrics.jsonl", partial(_show_step, bar)))
+            result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise OikyoError(
             f"training failed: {e}",
