@@ -435,6 +435,13 @@ class ServeConfig(_Section):
         32, ge=-1, description="Requests queued beyond that; more get 503 with Retry-After (-1: no cap)."
     )
     request_timeout_s: float = Field(120, gt=0, description="A request still running after this gets 504.")
+    stall_timeout_s: float = Field(
+        60,
+        gt=0,
+        description="A replica whose engine makes no progress (no batch done, no streamed token) for this "
+        "long while requests wait fails its health check, so Serve replaces it; also the longest wait for "
+        "one streamed token.",
+    )
     auth: bool = Field(True, description="Require a bearer token; may be off only when host is a loopback address.")
     token_env: str = Field("OIKYO_API_TOKEN", description="Env var holding the bearer token.")
     token_file: str | None = Field(None, description="File holding the bearer token (env wins).")

@@ -85,10 +85,29 @@ class FilteredStream(io.TextIOBase):
     """A text stream that drops whole lines matching `NOISE` and passes everything else on.
 
     Lines are held until their newline; a carriage return (another tool's progress bar redrawing)
-    is passed straight through, so bars still animate."""
+    is passed straight through, so bars still animate.
+
+    `release(name)` turns a wrapper that has been taken off `sys.<name>` into one that writes to
+    whatever `sys.<name>` is at each write: loggers keep the stream they found at set-up (Ray's
+    handler binds `sys.stderr` once), so a wrapper can outlive the block it was installed for."""
 
     def __init__(self, stream):
-        self.stream, self._buf = stream, ""
+        self._stream, self._follow, self._buf = stream, "", ""
+
+    @property
+    def stream(self):
+        if not self._follow:
+            return self._stream
+        current = getattr(sys, self._follow)
+        return current if current is not self else getattr(sys, f"__{self._follow}__")
+
+    def release(self, name: str) -> None:
+        self.flush_quietly()
+        self._follow = name
+
+    def flush_quietly(self) -> None:
+        with suppress(ValueError):  # the wrapped stream was closed under us
+            self.flush()
 
     def write(self, s: str) -> int:
         self._buf += s
@@ -126,30 +145,31 @@ def quiet_third_party() -> Iterator[None]:
     """Set the libraries' own switches and filter stdout and stderr while the block runs. Enter it
     before ray, torch or transformers are imported: some loggers bind their stream at import.
 
-    The streams are put back on exit: the CLI also runs in-process (tests, notebooks), where a
-    wrapper left behind would outlive the stream it wraps (a closed capture) and break every later
-    write, such as a Ray Data thread logging its shutdown."""
+    The streams are put back on exit, and a wrapper a library still holds then writes to the
+    current `sys.stdout`/`sys.stderr`: the CLI also runs in-process (tests, notebooks), where a
+    wrapper stuck on the stream it first wrapped (a test's capture, closed since) would break every
+    later write, such as a Ray Data thread logging its shutdown."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' load/save bars
     for category, message, _ in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
-    saved = sys.stdout, sys.stderr
-    if not isinstance(sys.stdout, FilteredStream):
-        sys.stdout = FilteredStream(sys.stdout)
-    if not isinstance(sys.stderr, FilteredStream):
-        sys.stderr = FilteredStream(sys.stderr)
+    saved = {name: getattr(sys, name) for name in ("stdout", "stderr")}
+    installed = {}
+    for name, stream in saved.items():
+        if not isinstance(stream, FilteredStream):  # a nested CLI call keeps the outer filter
+            installed[name] = FilteredStream(stream)
+            setattr(sys, name, installed[name])
     try:
         yield
     finally:
-        for s in (sys.stdout, sys.stderr):
-            if isinstance(s, FilteredStream):
-                with suppress(ValueError):  # the wrapped stream was closed under us
-                    s.flush()
-        sys.stdout, sys.stderr = saved
+        for name, stream in saved.items():
+            setattr(sys, name, stream)
+        for name, wrapper in installed.items():
+            wrapper.release(name)
 
 
 class _Bar:
     def __init__(self, bar: tqdm):
-        self._bar, self._postfix = bar, {}
+        self._bar, self._postfix = bar, dict[str, object]()
 
     def update(self, n: int = 1, **postfix) -> None:
         """Advance by `n`; `postfix` values are shown after the rate, each kept until replaced."""

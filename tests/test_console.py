@@ -85,19 +85,24 @@ def test_quiet_third_party_filters_known_warnings_only():
     assert r.stdout.splitlines() == ["[oikyo] kept", "1", SEEN[1]]
 
 
-def test_streams_are_restored_even_when_the_wrapped_one_closes(monkeypatch):
-    """In-process CLI runs (tests, notebooks): nothing is left wrapping a stream that later closes."""
+def test_a_wrapper_held_after_the_block_writes_to_the_current_stream(monkeypatch):
+    """In-process CLI runs (tests, notebooks): a logger that kept the wrapper (Ray's handler binds
+    sys.stderr once) writes to whatever sys.stderr is later, not to a capture closed since."""
     from oikyo_ray.console import quiet_third_party
 
-    inner = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", inner)
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
     with quiet_third_party():
-        assert isinstance(sys.stderr, FilteredStream)
-        sys.stderr.write("partial")
         held = sys.stderr
-        inner.close()  # a test's capture ends while a library still holds the wrapper
-    assert sys.stderr is inner
-    assert held.closed  # what such a library (Ray's colorama, at exit) checks before it writes
+        assert isinstance(held, FilteredStream)
+        held.write("during\n" + SEEN[1] + "\n")
+    assert sys.stderr is first and first.getvalue() == "during\n"
+    first.close()  # that test's capture ends
+    later = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", later)
+    held.write("after\n" + SEEN[1] + "\n")
+    held.flush()
+    assert later.getvalue() == "after\n" and not held.closed
 
 
 def test_cli_main_restores_streams(capsys):

@@ -58,10 +58,93 @@ class FakeEngine:
 
     def generate_many(self, items):
         time.sleep(0.05)
+        if any(it["sampling"].get("poison") for it in items):
+            raise RuntimeError("probability tensor contains inf")  # as torch says for overflowing sampling
         return [{"text": f"{it['adapter']}:{it['prompt']}"} for it in items]
 
-    def stream(self, adapter, prompt, sampling):
+    def stream(self, adapter, prompt, sampling, cancel=None):
         yield from (f"{adapter}:", prompt)
+        self.generated = 0
+        for i in range(sampling.get("more", 0)):  # a long generation, stopped by `cancel` or close()
+            if cancel is not None and cancel.is_set():
+                return
+            time.sleep(0.01)
+            self.generated += 1
+            yield f" {i}"
+        if sampling.get("fail_midway"):
+            raise RuntimeError("generation failed")
+
+
+def test_a_poisoned_row_fails_alone_in_its_batch(tmp_path, caplog):
+    batches: list = []
+    replica, _, _ = _replica(tmp_path, batches=batches)
+
+    async def main():
+        await replica.generate(None, "warm", {})  # the next requests then queue into one batch
+        sampling = [{"poison": i == 3} for i in range(8)]
+        return await asyncio.gather(*[replica.generate("a0", f"p{i}", s) for i, s in enumerate(sampling)])
+
+    outs = asyncio.run(main())
+    assert [o.get("text") for o in outs] == [f"a0:p{i}" if i != 3 else None for i in range(8)]
+    assert outs[3]["error"]["status"] == 500 and "inf" not in str(outs[3])  # no raw exception text
+    assert any(len(a) > 1 for a, _ in batches) and "retrying its rows one by one" in caplog.text
+    assert replica.pending == 0
+
+
+def test_stream_error_ends_with_an_error_and_frees_the_replica(tmp_path):
+    replica, _, _ = _replica(tmp_path)
+
+    async def main():
+        broken = [p async for p in replica.stream(None, "p", {"more": 2, "fail_midway": True})]
+        return broken, await replica.generate(None, "after", {})
+
+    broken, after = asyncio.run(main())
+    assert broken[:4] == ["None:", "p", " 0", " 1"] and broken[4]["error"]["status"] == 500
+    assert after == {"text": "None:after"} and replica.pending == 0
+
+
+def test_leaving_a_stream_stops_its_generation(tmp_path):
+    replica, engine, _ = _replica(tmp_path)
+
+    async def main():
+        stream = replica.stream(None, "p", {"more": 1000})
+        got = [await anext(stream) for _ in range(3)]
+        await stream.aclose()  # the client disconnected
+        await asyncio.sleep(0.2)
+        return got
+
+    assert asyncio.run(main()) == ["None:", "p", " 0"]
+    assert engine.generated < 100  # stopped at once, not after all 1000 tokens
+    assert replica.pending == 0
+
+
+def test_stalled_only_with_work_waiting(tmp_path):
+    replica, _, _ = _replica(tmp_path)
+    assert not replica.stalled(0.0)  # idle for any time is fine
+    replica.pending, replica.last_progress = 1, time.monotonic() - 5
+    assert replica.stalled(1.0) and not replica.stalled(10.0)
+
+
+def test_batcher_skips_requests_whose_caller_left():
+    ran = []
+
+    async def run(items):
+        ran.append(list(items))
+        await asyncio.sleep(0.05)
+        return items
+
+    async def main():
+        b = MixedBatcher(run, max_size=8, wait_s=0.05)
+        first = asyncio.create_task(b.submit("busy"))
+        await asyncio.sleep(0.01)
+        gone = asyncio.create_task(b.submit("gone"))
+        kept = asyncio.create_task(b.submit("kept"))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        return await first, await kept
+
+    assert asyncio.run(main()) == ("busy", "kept")
+    assert ran == [["busy"], ["kept"]]
 
 
 def _adapter_root(tmp_path) -> Path:
@@ -199,6 +282,35 @@ def test_engine_mixed_batch_equals_single_requests(tiny_model, tmp_path):
     eng.remove_adapter("a0")
     assert eng.loaded == ["a1"] and eng.generate_many([items[1]])[0]["text"] == alone[1]
     assert eng.healthy()
+
+
+def test_engine_stream_that_fails_raises_and_frees_the_engine(tiny_model):
+    import threading
+
+    from oikyo_ray.serve.engine import Engine
+
+    eng = Engine(load_config(None).model, str(tiny_model))
+    eng.token_timeout_s = 30
+    s = {"max_new_tokens": 5, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []}
+    real_generate = eng.model.generate
+
+    def broken(**kw):
+        raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+
+    eng.model.generate = broken
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="probability tensor"):
+        list(eng.stream(None, "Capital of Peru?", s))
+    assert time.monotonic() - t0 < 10  # raised, not waited out
+    eng.model.generate = real_generate
+    assert len("".join(eng.stream(None, "Capital of Peru?", s))) > 0  # the lock was released
+
+    cancel, long = threading.Event(), dict(s, max_new_tokens=200)
+    pieces = []
+    for piece in eng.stream(None, "Capital of Peru?", long, cancel):
+        pieces.append(piece)
+        cancel.set()  # the caller leaves after the first piece: generation stops at the next token
+    assert 1 <= len(pieces) <= 3
 
 
 def test_batched_mixed_lora_equals_peft(tiny_model, tmp_path):

@@ -42,6 +42,9 @@ class MixedBatcher:
                     batch.append(await asyncio.wait_for(self.queue.get(), left))
                 except asyncio.TimeoutError:
                     break
+            batch = [(item, fut) for item, fut in batch if not fut.cancelled()]  # callers gone
+            if not batch:
+                continue
             try:
                 results = await self.run([item for item, _ in batch])
                 self._last_end = loop.time()

@@ -7,13 +7,14 @@ each LoRA layer computing all rows' adapters in two batched matmuls (`multi_lora
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from peft import PeftModel
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from oikyo_ray.config import ModelConfig
 from oikyo_ray.eval.generate import generate
@@ -25,7 +26,28 @@ from oikyo_ray.serve.multi_lora import MixedLoRA
 BASE_ROW = "__base__"  # peft's name for "no adapter" in adapter_names
 
 
+class _Cancelled(StoppingCriteria):
+    """Stops `generate` at its next token once the event is set (client gone, stop string hit)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _pieces(streamer: TextIteratorStreamer, timeout_s: float) -> Iterator[str]:
+    try:
+        yield from streamer
+    except queue.Empty:
+        raise TimeoutError(f"no token generated for {timeout_s:.0f}s") from None
+
+
 class Engine:
+    # a stream whose next token takes longer than this ends with an error (and frees the engine)
+    # instead of holding the model forever
+    token_timeout_s: float = 60.0
+
     def __init__(self, model_cfg: ModelConfig, model_path: str):
         self.tokenizer = load_tokenizer(model_cfg, model_path)
         self.model = load_model(model_cfg, model_path)
@@ -78,40 +100,58 @@ class Engine:
                     out[i] = res
         return out  # type: ignore[return-value]
 
-    def stream(self, adapter: str | None, prompt: str, sampling: dict) -> Iterator[str]:
-        """Yield text pieces as they are generated (one request; holds the model meanwhile)."""
+    def stream(
+        self, adapter: str | None, prompt: str, sampling: dict, cancel: threading.Event | None = None
+    ) -> Iterator[str]:
+        """Yield text pieces as they are generated (one request; holds the model meanwhile).
+        Setting `cancel`, closing this iterator, or a stop string ends generation at its next
+        token; a generation error is raised here (never left blocking the stream)."""
+        cancel = cancel or threading.Event()
         stops = list(sampling.get("stop") or [])
         kwargs = {
             "max_new_tokens": sampling["max_new_tokens"],
             "do_sample": sampling["temperature"] > 0,
             "eos_token_id": stop_token_ids(self.tokenizer),
             "pad_token_id": self.tokenizer.pad_token_id,
+            "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)]),
         }
         if sampling["temperature"] > 0:
             kwargs.update(temperature=sampling["temperature"], top_p=sampling["top_p"])
         if self.loaded:
             kwargs["adapter_names"] = [adapter or BASE_ROW]
         enc = self.tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(self.model.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = TextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=self.token_timeout_s
+        )
+        failed: list[BaseException] = []
         with self._lock:
             if sampling.get("seed") is not None:
                 torch.manual_seed(sampling["seed"])
-            worker = threading.Thread(target=self._generate_quietly, args=(enc, streamer, kwargs), daemon=True)
+            worker = threading.Thread(target=self._generate_into, args=(enc, streamer, kwargs, failed), daemon=True)
             worker.start()
-            text = ""
-            for piece in streamer:
-                text += piece
-                cut = min((text.index(s) for s in stops if s and s in text), default=None)
-                if cut is not None:
-                    yield piece[: max(0, len(piece) - (len(text) - cut))]
-                    break
-                if piece:
-                    yield piece
-            worker.join()
+            try:
+                text = ""
+                for piece in _pieces(streamer, self.token_timeout_s):
+                    text += piece
+                    cut = min((text.index(s) for s in stops if s and s in text), default=None)
+                    if cut is not None:
+                        yield piece[: max(0, len(piece) - (len(text) - cut))]
+                        break
+                    if piece:
+                        yield piece
+            finally:  # done, stop string, consumer gone or timed out: generation stops now
+                cancel.set()
+                worker.join(timeout=self.token_timeout_s)
+        if failed:
+            raise failed[0]
 
-    def _generate_quietly(self, enc, streamer, kwargs) -> None:
-        with torch.no_grad():
-            self.model.generate(**enc, streamer=streamer, **kwargs)
+    def _generate_into(self, enc, streamer, kwargs, failed: list) -> None:
+        try:
+            with torch.no_grad():
+                self.model.generate(**enc, streamer=streamer, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the stream's thread
+            failed.append(e)
+            streamer.end()  # the stream's reader must not wait for tokens that will never come
 
     def healthy(self) -> bool:
         """A one-token forward pass works (skipped while busy: a busy engine is a working one)."""

@@ -91,6 +91,7 @@ class ModelServer:
         cfg = OikyoConfig.model_validate(config)
         sc = cfg.serve
         self.engine = engine = Engine(cfg.model, model_path)
+        engine.token_timeout_s = self.stall_s = sc.stall_timeout_s
 
         async def load(name: str):  # a plain function: Serve keeps its LRU cache on it
             return await load_adapter(engine, name, sc, cfg.model.cache_dir)
@@ -106,6 +107,8 @@ class ModelServer:
             yield piece
 
     def check_health(self) -> None:
+        if self.replica.stalled(self.stall_s):
+            raise RuntimeError(f"engine made no progress for {self.stall_s:.0f}s with requests waiting")
         if not self.engine.healthy():
             raise RuntimeError("model produced non-finite logits")
 

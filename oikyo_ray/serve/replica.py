@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 
 from oikyo_ray.config import ServeConfig
 from oikyo_ray.serve.adapters import AdapterError, resolve_adapter
@@ -52,22 +54,50 @@ class ModelReplica:
     ):
         self.engine, self.acquire, self.on_batch = engine, acquire, on_batch
         self.batcher = MixedBatcher(self._run_batch, max_batch_size, wait_s)
+        self.pending = 0  # generations asked for and not answered
+        self.last_progress = time.monotonic()  # a batch done or a streamed piece
+
+    def stalled(self, after_s: float) -> bool:
+        """Work is waiting and the engine has shown no progress for `after_s`: the health check
+        fails on this so Serve replaces the replica (a wedged engine never recovers by itself)."""
+        return self.pending > 0 and time.monotonic() - self.last_progress > after_s
 
     async def generate(self, adapter: str | None, prompt: str, sampling: dict) -> dict:
         """{"text", "prompt_tokens", "completion_tokens", "finish_reason"} or an error dict."""
         failed = await self._ready(adapter)
         if failed:
             return failed
-        return await self.batcher.submit({"adapter": adapter, "prompt": prompt, "sampling": sampling})
+        with self._working():
+            return await self.batcher.submit({"adapter": adapter, "prompt": prompt, "sampling": sampling})
 
     async def stream(self, adapter: str | None, prompt: str, sampling: dict) -> AsyncIterator[str | dict]:
-        """Text pieces as they are generated, or one error dict."""
+        """Text pieces as they are generated, or one error dict (also after some pieces, when
+        generation fails midway). Leaving the iteration early (client gone) stops generation."""
         failed = await self._ready(adapter)
         if failed:
             yield failed
             return
-        async for piece in _in_thread(lambda: self.engine.stream(adapter, prompt, sampling)):
-            yield piece
+        cancel = threading.Event()
+        with self._working():
+            try:
+                async for piece in _in_thread(lambda: self.engine.stream(adapter, prompt, sampling, cancel)):
+                    self.last_progress = time.monotonic()
+                    yield piece
+            except Exception:  # noqa: BLE001 - one request's failure, logged; its stream ends with an error
+                log.exception("streaming generation failed")
+                yield internal_error_dict()
+            finally:
+                cancel.set()
+
+    @contextmanager
+    def _working(self) -> Iterator[None]:
+        if self.pending == 0:
+            self.last_progress = time.monotonic()  # idle time is not a stall
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
 
     async def _ready(self, adapter: str | None) -> dict | None:
         """None once the adapter is loaded (or for the base); else the error dict to answer with."""
@@ -88,26 +118,50 @@ class ModelReplica:
             if it["adapter"] and it["adapter"] not in self.engine.loaded:
                 await self.acquire(it["adapter"])
         t0 = time.perf_counter()
-        outs = await asyncio.to_thread(self.engine.generate_many, items)
+        try:
+            outs = await asyncio.to_thread(self.engine.generate_many, items)
+        except Exception:  # noqa: BLE001 - find the culprit: each row alone, so only it fails
+            if len(items) == 1:
+                log.exception("generation failed")
+                return [internal_error_dict()]
+            log.warning("a batch of %d failed; retrying its rows one by one", len(items))
+            outs = [(await self._run_batch([it]))[0] for it in items]
+        self.last_progress = time.monotonic()
         if self.on_batch:
             self.on_batch([it["adapter"] for it in items], time.perf_counter() - t0)
         return outs
 
 
 async def _in_thread(make: Callable[[], Iterator[str]]) -> AsyncIterator[str]:
-    """Iterate a blocking iterator in a worker thread, yielding its items on the event loop."""
+    """Iterate a blocking iterator in a worker thread, yielding its items on the event loop; its
+    error is raised here. If the consumer leaves early, the iterator is closed in its thread at its
+    next item (the engine's stream then stops generating)."""
     queue: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
-    done = object()
+    done, gone = object(), threading.Event()
+    failed: list[BaseException] = []
 
     def produce() -> None:
+        it = make()
         try:
-            for item in make():
+            for item in it:
+                if gone.is_set():
+                    break
                 loop.call_soon_threadsafe(queue.put_nowait, item)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            failed.append(e)
         finally:
+            close = getattr(it, "close", None)
+            if close:
+                close()
             loop.call_soon_threadsafe(queue.put_nowait, done)
 
     task = loop.run_in_executor(None, produce)
-    while (item := await queue.get()) is not done:
-        yield item
+    try:
+        while (item := await queue.get()) is not done:
+            yield item
+    finally:
+        gone.set()
     await task
+    if failed:
+        raise failed[0]
