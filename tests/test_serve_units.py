@@ -384,3 +384,53 @@ def test_vllm_export_is_a_valid_serve_config(tmp_path):
     assert "token" not in out.read_text().lower()  # no secret travels in the generated file
     with pytest.raises(ConfigError, match="s3://"):
         vllm_serve_config(load_config(None, ["serve.adapter_root=/local/dir"]))
+
+
+def test_engine_logprobs_and_echo_equal_the_model_in_process(tiny_model, tmp_path):
+    """OpenAI completions' `logprobs`/`echo` (what lm-eval's loglikelihood tasks sum) are the model's
+    own log-softmax, for the base and through the mixed-adapter path for an adapter."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from oikyo_ray.serve.engine import Engine
+
+    torch.manual_seed(0)
+    get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    ).save_pretrained(tmp_path / "a0")
+    eng = Engine(load_config(None).model, str(tiny_model))
+    eng.add_adapter("a0", str(tmp_path / "a0"))
+    ids = eng.tokenizer("Capital of Peru? Lima", add_special_tokens=False)["input_ids"]
+    s = {"max_new_tokens": 1, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": [], "logprobs": 1, "echo": True}
+    items = [{"adapter": a, "prompt": ids, "sampling": s} for a in (None, "a0")]
+    outs = eng.generate_many(items)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "a0").eval()
+    for model, out in zip((base, tuned), outs):
+        lp = out["logprobs"]
+        assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None  # prompt + 1 new
+        with torch.no_grad():
+            ref = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        want = [float(ref[p - 1, ids[p]]) for p in range(1, len(ids))]
+        assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1 : len(ids)], want)) < 1e-4
+        greedy = [max(top.values()) == tok for tok, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:])]
+        assert greedy[-1]  # the generated token was the argmax (temperature 0)
+        assert out["text"].startswith(eng.tokenizer.decode(ids)) and lp["text_offset"][0] == 0
+    assert outs[0]["logprobs"]["token_logprobs"] != outs[1]["logprobs"]["token_logprobs"]
+
+    scored = eng.generate_many([{"adapter": None, "prompt": ids, "sampling": dict(s, max_new_tokens=0)}])[0]
+    assert (
+        scored["completion_tokens"] == 0
+        and scored["logprobs"]["token_logprobs"] == outs[0]["logprobs"]["token_logprobs"][: len(ids)]
+    )
+    plain = dict(s, logprobs=None, echo=False, max_new_tokens=4)
+    by_ids, by_text = eng.generate_many(
+        [
+            {"adapter": None, "prompt": ids, "sampling": plain},
+            {"adapter": None, "prompt": "Capital of Peru? Lima", "sampling": plain},
+        ]
+    )
+    assert by_ids == by_text and "logprobs" not in by_ids and "token_ids" not in by_ids

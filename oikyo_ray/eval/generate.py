@@ -11,7 +11,7 @@ from oikyo_ray.model.chat_template import stop_token_ids
 def generate(
     model,
     tokenizer,
-    prompts: list[str],
+    prompts: list[str] | list[list[int]],
     max_new_tokens: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -19,12 +19,15 @@ def generate(
     stop: list[str] | None = None,
     **generate_kwargs,
 ) -> list[dict]:
-    """Complete each prompt; returns [{"text", "prompt_tokens", "completion_tokens", "finish_reason"}].
-    Extra keyword arguments go to `model.generate` (e.g. peft's per-row `adapter_names`)."""
+    """Complete each prompt (text, or token ids as OpenAI's completions API allows); returns
+    [{"text", "prompt_tokens", "completion_tokens", "finish_reason", "token_ids"}], `token_ids`
+    being the completion's. Extra keyword arguments go to `model.generate` (e.g. peft's per-row
+    `adapter_names`)."""
     if seed is not None:
         torch.manual_seed(seed)
     tokenizer.padding_side = "left"  # decoder-only: pad on the left so answers start aligned
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    prompt_ids = [p if isinstance(p, list) else tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    enc = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt")
     enc = {k: v.to(model.device) for k, v in enc.items()}
     stops = stop_token_ids(tokenizer)
     kwargs = {
@@ -52,6 +55,7 @@ def generate(
                 "prompt_tokens": int(enc["attention_mask"][i].sum()),
                 "completion_tokens": len(ids),
                 "finish_reason": finish,
+                "token_ids": ids,
             }
         )
     return results

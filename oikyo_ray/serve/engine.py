@@ -21,6 +21,7 @@ from oikyo_ray.eval.generate import generate
 from oikyo_ray.model.chat_template import stop_token_ids
 from oikyo_ray.model.load import load_model, load_tokenizer
 from oikyo_ray.serve.adapters import check_adapter_dir
+from oikyo_ray.serve.logprobs import logprobs_of
 from oikyo_ray.serve.multi_lora import MixedLoRA
 
 BASE_ROW = "__base__"  # peft's name for "no adapter" in adapter_names
@@ -34,6 +35,11 @@ class _Cancelled(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def _nothing_generated(tokenizer, prompt: str | list[int]) -> dict:
+    n = len(prompt) if isinstance(prompt, list) else len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    return {"text": "", "prompt_tokens": n, "completion_tokens": 0, "finish_reason": "length", "token_ids": []}
 
 
 def _pieces(streamer: TextIteratorStreamer, timeout_s: float) -> Iterator[str]:
@@ -83,7 +89,10 @@ class Engine:
 
     # generation -----------------------------------------------------------------------------
     def generate_many(self, items: list[dict]) -> list[dict]:
-        """items: {"adapter": name or None, "prompt": str, "sampling": dict}; outputs in order."""
+        """items: {"adapter": name or None, "prompt": text or token ids, "sampling": dict}; outputs
+        in order. Sampling may ask for `logprobs` (top-k count; the answer then has OpenAI's
+        logprobs object) and `echo` (the prompt is part of the text and of the logprobs), and
+        `max_new_tokens` 0 with echo only scores the prompt."""
         out: list[dict | None] = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(items):
@@ -91,14 +100,36 @@ class Engine:
             groups.setdefault(key, []).append(i)
         with self._lock:
             for idx in groups.values():
-                sampling = items[idx[0]]["sampling"]
+                sampling = dict(items[idx[0]]["sampling"])
+                top_k, echo = sampling.pop("logprobs", None), sampling.pop("echo", False)
                 prompts = [items[i]["prompt"] for i in idx]
                 extra: dict[str, Any] = {}
                 if self.loaded:
                     extra["adapter_names"] = [items[i]["adapter"] or BASE_ROW for i in idx]
-                for i, res in zip(idx, generate(self.model, self.tokenizer, prompts, **sampling, **extra)):
-                    out[i] = res
+                if sampling["max_new_tokens"] > 0:
+                    results = generate(self.model, self.tokenizer, prompts, **sampling, **extra)
+                else:
+                    results = [_nothing_generated(self.tokenizer, p) for p in prompts]
+                for i, res in zip(idx, results):
+                    out[i] = self._with_echo_and_logprobs(items[i], res, top_k, echo)
         return out  # type: ignore[return-value]
+
+    def _with_echo_and_logprobs(self, item: dict, res: dict, top_k: int | None, echo: bool) -> dict:
+        completion = res.pop("token_ids")
+        if top_k is None and not echo:
+            return res
+        prompt = item["prompt"]
+        prompt_ids = (
+            prompt if isinstance(prompt, list) else self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        )
+        if top_k is not None:
+            kw = {"adapter_names": [item["adapter"] or BASE_ROW]} if self.loaded else {}
+            first = 0 if echo else len(prompt_ids)
+            res["logprobs"] = logprobs_of(self.model, self.tokenizer, prompt_ids + completion, first, top_k, **kw)
+        if echo:
+            text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+            res["text"] = text + res["text"]
+        return res
 
     def stream(
         self, adapter: str | None, prompt: str, sampling: dict, cancel: threading.Event | None = None
