@@ -58,6 +58,8 @@ class FakeEngine:
 
     def generate_many(self, items):
         time.sleep(0.05)
+        missing = [it["adapter"] for it in items if it["adapter"] and it["adapter"] not in self.loaded]
+        assert not missing, f"ran with adapters not loaded: {missing}"  # the real engine refuses these too
         if any(it["sampling"].get("poison") for it in items):
             raise RuntimeError("probability tensor contains inf")  # as torch says for overflowing sampling
         return [{"text": f"{it['adapter']}:{it['prompt']}"} for it in items]
@@ -116,6 +118,31 @@ def test_leaving_a_stream_stops_its_generation(tmp_path):
     assert asyncio.run(main()) == ["None:", "p", " 0"]
     assert engine.generated < 100  # stopped at once, not after all 1000 tokens
     assert replica.pending == 0
+
+
+def test_a_batch_with_more_adapters_than_cache_slots_runs_in_parts(tmp_path):
+    """A one-slot LRU cache: loading a1 evicts a0, so a batch asking for both must run in parts."""
+    batches: list = []
+    root = _adapter_root(tmp_path)
+    cfg = load_config(None, [f"serve.adapter_root={root}"]).serve
+    engine, cache = FakeEngine(), {}
+
+    async def lru_of_one(name):
+        if name not in cache:
+            cache.clear()  # evicts: the lease is dropped and unloads its adapter
+            cache[name] = await load_adapter(engine, name, cfg, str(tmp_path))
+        return cache[name]
+
+    replica = ModelReplica(engine, lru_of_one, 8, 0.05, lambda a, s: batches.append(a), max_adapters=1)
+
+    async def main():
+        await replica.generate(None, "warm", {})
+        names = ["a0", "a1", None, "a0", "a1"]
+        return await asyncio.gather(*[replica.generate(a, f"p{i}", {}) for i, a in enumerate(names)])
+
+    outs = asyncio.run(main())
+    assert [o["text"] for o in outs] == ["a0:p0", "a1:p1", "None:p2", "a0:p3", "a1:p4"]
+    assert all(len({a for a in b if a}) <= 1 for b in batches), batches
 
 
 def test_stalled_only_with_work_waiting(tmp_path):
@@ -434,3 +461,49 @@ def test_engine_logprobs_and_echo_equal_the_model_in_process(tiny_model, tmp_pat
         ]
     )
     assert by_ids == by_text and "logprobs" not in by_ids and "token_ids" not in by_ids
+
+
+def test_engine_adapter_eviction_is_never_stale(tiny_model, tmp_path):
+    """Evicting the only adapter leaves base requests on the bare base; evicting one while a stream
+    uses it neither blocks the caller nor changes that stream."""
+    import threading
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from oikyo_ray.serve.engine import Engine
+
+    torch.manual_seed(0)
+    get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model),
+        LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    ).save_pretrained(tmp_path / "a0")
+    s = {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []}
+    eng = Engine(load_config(None).model, str(tiny_model))
+    base = eng.generate_many([{"adapter": None, "prompt": "Capital of Peru?", "sampling": s}])[0]["text"]
+    eng.add_adapter("a0", str(tmp_path / "a0"))
+    tuned = eng.generate_many([{"adapter": "a0", "prompt": "Capital of Peru?", "sampling": s}])[0]["text"]
+    assert tuned != base
+    eng.remove_adapter("a0")  # the only slot: peft keeps its weights, base rows must not use them
+    assert eng.generate_many([{"adapter": None, "prompt": "Capital of Peru?", "sampling": s}])[0]["text"] == base
+    with pytest.raises(KeyError, match="not loaded"):
+        eng.generate_many([{"adapter": "a0", "prompt": "Capital of Peru?", "sampling": s}])
+
+    eng.add_adapter("a0", str(tmp_path / "a0"))
+    long = dict(s, max_new_tokens=40)
+    alone = "".join(eng.stream("a0", "Capital of Peru?", long))
+    pieces, took = [], []
+
+    def evict():
+        t0 = time.monotonic()
+        eng.remove_adapter("a0")
+        took.append(time.monotonic() - t0)
+
+    for piece in eng.stream("a0", "Capital of Peru?", long):
+        if not pieces:
+            threading.Thread(target=evict).start()
+            time.sleep(0.05)
+            assert took and took[0] < 0.05  # returned while the stream still held the engine
+        pieces.append(piece)
+    assert "".join(pieces) == alone and eng.loaded == []

@@ -59,7 +59,8 @@ class Engine:
         self.model = load_model(model_cfg, model_path)
         self.model.to("cuda" if torch.cuda.is_available() else "cpu")
         self.model.eval()
-        self.loaded: list[str] = []
+        self.loaded: list[str] = []  # adapters requests may use
+        self._retired: set[str] = set()  # unloaded by the cache, weights not deleted yet
         self.mixed = MixedLoRA()
         self._lock = threading.RLock()  # generation and adapter (un)loading never overlap
 
@@ -67,9 +68,12 @@ class Engine:
     def add_adapter(self, name: str, path: str) -> None:
         p = check_adapter_dir(path, name)
         with self._lock:
+            self._purge()
             if name in self.loaded:
                 return
-            if not hasattr(self.model, "peft_config"):
+            if name in self._resident():  # retired but still in the model (peft keeps its last one)
+                self._retired.discard(name)
+            elif not self._is_peft():
                 self.model = PeftModel.from_pretrained(self.model, str(p), adapter_name=name)
             else:
                 self.model.load_adapter(str(p), adapter_name=name)
@@ -78,14 +82,44 @@ class Engine:
             self.loaded.append(name)
 
     def remove_adapter(self, name: str) -> None:
-        with self._lock:
-            if name not in self.loaded:
-                return
-            self.loaded.remove(name)
-            if self.loaded:  # peft cannot drop its last adapter; an unlisted one costs little
+        """Stop serving `name` now; its weights go at once if the engine is idle, else before the
+        next generation. Never waits for a running generation: the adapter cache calls this on
+        the event loop, which a stream may be holding the engine for."""
+        if name not in self.loaded:
+            return
+        self.loaded.remove(name)
+        self._retired.add(name)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._purge()
+            finally:
+                self._lock.release()
+
+    def _purge(self) -> None:
+        """Delete retired adapters' weights (called with the lock held)."""
+        for name in sorted(self._retired):
+            if len(self._resident()) > 1:  # peft cannot drop its last adapter; base rows never use it
                 self.model.delete_adapter(name)
-                self.model.set_adapter(self.loaded[0])
+                self._retired.discard(name)
                 self.mixed.changed()
+        if self.loaded and self._is_peft():
+            self.model.set_adapter(self.loaded[0])
+
+    def _is_peft(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    def _resident(self) -> list[str]:
+        return list(self.model.peft_config) if self._is_peft() else []
+
+    def _rows(self, adapters: list[str | None]) -> dict[str, Any]:
+        """The per-row adapter argument: once the model carries any adapter, every row names its
+        own, the base included, so no request runs with an adapter it did not ask for."""
+        if not self._is_peft():
+            return {}
+        unknown = [a for a in adapters if a and a not in self.loaded]
+        if unknown:
+            raise KeyError(f"adapter {unknown[0]!r} is not loaded")  # the replica reloads, never runs it as base
+        return {"adapter_names": [a or BASE_ROW for a in adapters]}
 
     # generation -----------------------------------------------------------------------------
     def generate_many(self, items: list[dict]) -> list[dict]:
@@ -99,13 +133,12 @@ class Engine:
             key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in it["sampling"].items()))
             groups.setdefault(key, []).append(i)
         with self._lock:
+            self._purge()
             for idx in groups.values():
                 sampling = dict(items[idx[0]]["sampling"])
                 top_k, echo = sampling.pop("logprobs", None), sampling.pop("echo", False)
                 prompts = [items[i]["prompt"] for i in idx]
-                extra: dict[str, Any] = {}
-                if self.loaded:
-                    extra["adapter_names"] = [items[i]["adapter"] or BASE_ROW for i in idx]
+                extra = self._rows([items[i]["adapter"] for i in idx])
                 if sampling["max_new_tokens"] > 0:
                     results = generate(self.model, self.tokenizer, prompts, **sampling, **extra)
                 else:
@@ -123,7 +156,7 @@ class Engine:
             prompt if isinstance(prompt, list) else self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         )
         if top_k is not None:
-            kw = {"adapter_names": [item["adapter"] or BASE_ROW]} if self.loaded else {}
+            kw = self._rows([item["adapter"]])
             first = 0 if echo else len(prompt_ids)
             res["logprobs"] = logprobs_of(self.model, self.tokenizer, prompt_ids + completion, first, top_k, **kw)
         if echo:
@@ -148,14 +181,14 @@ class Engine:
         }
         if sampling["temperature"] > 0:
             kwargs.update(temperature=sampling["temperature"], top_p=sampling["top_p"])
-        if self.loaded:
-            kwargs["adapter_names"] = [adapter or BASE_ROW]
         enc = self.tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(self.model.device)
         streamer = TextIteratorStreamer(
             self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=self.token_timeout_s
         )
         failed: list[BaseException] = []
         with self._lock:
+            self._purge()
+            kwargs.update(self._rows([adapter]))
             if sampling.get("seed") is not None:
                 torch.manual_seed(sampling["seed"])
             worker = threading.Thread(target=self._generate_into, args=(enc, streamer, kwargs, failed), daemon=True)
@@ -191,7 +224,7 @@ class Engine:
         try:
             with torch.no_grad():
                 ids = torch.tensor([[self.tokenizer.pad_token_id or 0]], device=self.model.device)
-                logits = self.model(input_ids=ids).logits
+                logits = self.model(input_ids=ids, **self._rows([None])).logits
             return bool(torch.isfinite(logits).all())
         finally:
             self._lock.release()

@@ -97,7 +97,14 @@ class ModelServer:
             return await load_adapter(engine, name, sc, cfg.model.cache_dir)
 
         acquire = serve.multiplexed(max_num_models_per_replica=sc.max_adapters_per_replica)(load)
-        self.replica = ModelReplica(engine, acquire, sc.max_batch_size, sc.batch_wait_timeout_s, BatchMetrics().batch)
+        self.replica = ModelReplica(
+            engine,
+            acquire,
+            sc.max_batch_size,
+            sc.batch_wait_timeout_s,
+            BatchMetrics().batch,
+            max_adapters=sc.max_adapters_per_replica,
+        )
 
     async def generate(self, prompt: str, sampling: dict) -> dict:
         return await self.replica.generate(serve.get_multiplexed_model_id() or None, prompt, sampling)

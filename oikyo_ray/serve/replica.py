@@ -51,8 +51,12 @@ class ModelReplica:
         max_batch_size: int,
         wait_s: float,
         on_batch: OnBatch | None = None,
+        max_adapters: int | None = None,
     ):
+        """`max_adapters`: how many adapters the cache holds at once; a batch asking for more
+        runs in parts (loading the last would evict the first before it ran)."""
         self.engine, self.acquire, self.on_batch = engine, acquire, on_batch
+        self.max_adapters = max_adapters
         self.batcher = MixedBatcher(self._run_batch, max_batch_size, wait_s)
         self.pending = 0  # generations asked for and not answered
         self.last_progress = time.monotonic()  # a batch done or a streamed piece
@@ -114,6 +118,13 @@ class ModelReplica:
         return None
 
     async def _run_batch(self, items: list[dict]) -> list[dict]:
+        parts = _by_adapter_count(items, self.max_adapters)
+        if len(parts) > 1:
+            by_index: dict[int, dict] = {}
+            for part in parts:
+                for i, res in zip(part, await self._run_batch([items[i] for i in part])):
+                    by_index[i] = res
+            return [by_index[i] for i in range(len(items))]
         for it in items:  # an LRU eviction may have raced this batch: reload quietly
             if it["adapter"] and it["adapter"] not in self.engine.loaded:
                 await self.acquire(it["adapter"])
@@ -130,6 +141,26 @@ class ModelReplica:
         if self.on_batch:
             self.on_batch([it["adapter"] for it in items], time.perf_counter() - t0)
         return outs
+
+
+def _by_adapter_count(items: list[dict], most: int | None) -> list[list[int]]:
+    """Indices of `items` in groups that each use at most `most` distinct adapters (base free)."""
+    if most is None or len({it["adapter"] for it in items if it["adapter"]}) <= most:
+        return [list(range(len(items)))]
+    groups: list[list[int]] = []
+    names: list[set] = []
+    for i, it in enumerate(items):
+        a = it["adapter"]
+        for g, ns in zip(groups, names):
+            if not a or a in ns or len(ns) < most:
+                g.append(i)
+                if a:
+                    ns.add(a)
+                break
+        else:
+            groups.append([i])
+            names.append({a} if a else set())
+    return groups
 
 
 async def _in_thread(make: Callable[[], Iterator[str]]) -> AsyncIterator[str]:
