@@ -507,3 +507,13 @@ def test_engine_adapter_eviction_is_never_stale(tiny_model, tmp_path):
             assert took and took[0] < 0.05  # returned while the stream still held the engine
         pieces.append(piece)
     assert "".join(pieces) == alone and eng.loaded == []
+
+
+def test_metric_model_labels_are_bounded():
+    from oikyo_ray.serve.labels import UNKNOWN, ModelLabels
+
+    label = ModelLabels({"base", "static"}, most=4)
+    assert label("base", 400) == "base" and label("static", 200) == "static"
+    assert [label(f"made-up-{i}", 404) for i in range(1000)] == [UNKNOWN] * 1000  # never a new series
+    assert label("found", 200) == "found" and label("found", 500) == "found"  # answered once: known
+    assert label("another", 200) == "another" and label("one-too-many", 200) == UNKNOWN  # at most 4

@@ -24,6 +24,7 @@ from oikyo_ray.serve.auth import load_token
 from oikyo_ray.serve.demo_call import ask, ephemeral_token
 from oikyo_ray.serve.engine import Engine
 from oikyo_ray.serve.http_errors import ServerBusy
+from oikyo_ray.serve.labels import ModelLabels
 from oikyo_ray.serve.replica import ModelReplica, load_adapter
 
 LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
@@ -34,9 +35,11 @@ COUNTS = [1, 2, 4, 8, 16, 32, 64]
 
 
 class RequestMetrics:
-    """Per-model (adapter) requests by HTTP status, tokens and end-to-end latency."""
+    """Per-model (adapter) requests by HTTP status, tokens and end-to-end latency; the model label
+    is bounded (`labels.ModelLabels`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, labels: ModelLabels) -> None:
+        self.label = labels
         tags = ("model", "status")
         self.requests = metrics.Counter(
             "oikyo_requests", description="Requests by model and HTTP status.", tag_keys=tags
@@ -49,7 +52,7 @@ class RequestMetrics:
         )
 
     def request(self, model: str, status: int, seconds: float) -> None:
-        tags = {"model": model, "status": str(status)}
+        tags = {"model": self.label(model, status), "status": str(status)}
         self.requests.inc(1, tags=tags)
         self.latency.observe(seconds * 1000, tags=tags)
 
@@ -57,7 +60,7 @@ class RequestMetrics:
         for o in outs:
             for kind in ("prompt", "completion"):
                 if o.get(f"{kind}_tokens"):
-                    self.token_count.inc(o[f"{kind}_tokens"], tags={"model": model, "kind": kind})
+                    self.token_count.inc(o[f"{kind}_tokens"], tags={"model": self.label(model, 200), "kind": kind})
 
 
 class BatchMetrics:
@@ -160,7 +163,7 @@ class OpenAIIngress:
             load_tokenizer(cfg.model, model_path),
             load_token(cfg.serve),
             ModelClient(model),
-            RequestMetrics(),
+            RequestMetrics(ModelLabels({cfg.serve.base_model_name, *cfg.serve.adapters})),
         )
 
     def __serve_build_asgi_app__(self):  # Serve calls this after __init__, in the replica
