@@ -411,6 +411,22 @@ def test_vllm_export_is_a_valid_serve_config(tmp_path):
     assert "token" not in out.read_text().lower()  # no secret travels in the generated file
     with pytest.raises(ConfigError, match="s3://"):
         vllm_serve_config(load_config(None, ["serve.adapter_root=/local/dir"]))
+    # vLLM's app checks no API key: never exported bound beyond loopback, whatever serve.auth says
+    for host in ("0.0.0.0", "10.0.0.5"):
+        with pytest.raises(ConfigError, match="unauthenticated vLLM endpoint"):
+            vllm_serve_config(load_config(None, [f"serve.host={host}"]))
+    assert main(["serve", str(demo), "serve.host=0.0.0.0", "--export-vllm", str(tmp_path / "open.yaml")]) == 2
+    assert not (tmp_path / "open.yaml").exists()
+
+
+def test_serve_run_builder_refuses_auth_off():
+    """Under `serve run`/`serve deploy` Serve's http_options choose the bind address, so serve.host's
+    loopback check cannot hold: auth off is refused there, before anything is deployed."""
+    from oikyo_ray.errors import ConfigError
+    from oikyo_ray.serve.ray_serve import build_app
+
+    with pytest.raises(ConfigError, match="serve.auth=false is refused"):
+        build_app({"overrides": ["serve.auth=false", "serve.host=127.0.0.1"]})
 
 
 def test_engine_logprobs_and_echo_equal_the_model_in_process(tiny_model, tmp_path):

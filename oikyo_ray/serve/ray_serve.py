@@ -18,6 +18,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from oikyo_ray.config import OikyoConfig, load_config
+from oikyo_ray.errors import ConfigError
 from oikyo_ray.model.load import load_tokenizer, resolve_model_path
 from oikyo_ray.serve.app import Service, create_app
 from oikyo_ray.serve.auth import load_token
@@ -200,6 +201,15 @@ def build_app(args: dict):
     if isinstance(overrides, str):
         overrides = overrides.split()
     cfg = load_config(args.get("config"), overrides)
+    if not cfg.serve.auth:
+        # here Serve's http_options (serve run/deploy, a RayService) choose the bind address, not
+        # serve.host: the loopback check that allows auth off cannot hold
+        raise ConfigError(
+            "serve.auth=false is refused under `serve run`/`serve deploy`: the proxy's bind address comes "
+            "from http_options there, not serve.host",
+            hint="keep serve.auth=true and give the token through serve.token_env or serve.token_file; "
+            "auth can be off only with `oikyo serve` on a loopback serve.host",
+        )
     return build(cfg, resolve_model_path(cfg.model))
 
 

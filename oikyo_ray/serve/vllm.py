@@ -12,9 +12,19 @@ from __future__ import annotations
 from oikyo_ray.config import OikyoConfig
 from oikyo_ray.errors import ConfigError
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 def vllm_serve_config(cfg: OikyoConfig, max_lora_rank: int | None = None) -> dict:
     sc = cfg.serve
+    if sc.host not in LOOPBACK:
+        # ray.serve.llm's OpenAI app checks no bearer token: bound beyond loopback it would answer anyone
+        raise ConfigError(
+            f"refusing to export an unauthenticated vLLM endpoint on serve.host={sc.host}: "
+            "ray.serve.llm's OpenAI app has no API-key check",
+            hint="export with serve.host=127.0.0.1 and reach it through an authenticating gateway, "
+            "or serve with `oikyo serve` (bearer-token auth on by default)",
+        )
     if sc.adapter_root and not sc.adapter_root.startswith(("s3://", "gs://")):
         raise ConfigError(
             "serve.adapter_root must be an s3:// or gs:// prefix for ray.serve.llm's dynamic LoRA",
