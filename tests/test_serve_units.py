@@ -533,3 +533,47 @@ def test_metric_model_labels_are_bounded():
     assert [label(f"made-up-{i}", 404) for i in range(1000)] == [UNKNOWN] * 1000  # never a new series
     assert label("found", 200) == "found" and label("found", 500) == "found"  # answered once: known
     assert label("another", 200) == "another" and label("one-too-many", 200) == UNKNOWN  # at most 4
+
+
+def test_tool_calls_are_read_back_from_the_models_text():
+    from oikyo_ray.serve.tool_calls import ToolCallStream, prefix, split
+
+    names = {"get_weather", "search"}
+    text = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call>'
+    content, calls = split(text, names)
+    assert content == "Let me check." and len(calls) == 1
+    assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+    assert calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Lima"}'}
+    two = '<tool_call>\n[{"name": "search", "arguments": "{}"}, {"name": "get_weather", "arguments": {}}]\n</tool_call>'
+    assert [c["function"]["name"] for c in split(two, names)[1]] == ["search", "get_weather"]
+    assert split(two, names)[0] is None
+    for bad in (
+        '<tool_call>\n{"name": "rm_rf", "arguments": {}}\n</tool_call>',
+        "<tool_call>\n{not json\n</tool_call>",
+    ):
+        assert split(bad, names) == (bad, [])  # not a call of an offered tool: the client sees the text
+    assert split("no calls here", names) == ("no calls here", [])
+
+    # streamed: content flows at once, a possible tag start is held, a call comes out when it closes
+    s = ToolCallStream(names)
+    out = [
+        s.feed(p)
+        for p in ["Let me", " check.<tool", '_call>\n{"name": "get_weather",', ' "arguments": {}}\n</tool_call>', " ok"]
+    ]
+    assert [c for c, _ in out] == ["Let me", " check.", "", "", " ok"]
+    assert [len(k) for _, k in out] == [0, 0, 0, 1, 0]
+    assert ToolCallStream(names).feed("a <b>")[0] == "a <b>"  # not our tag: not held
+    unclosed = ToolCallStream(names)
+    assert unclosed.feed('<tool_call>\n{"name": "search", "arguments": {"q": 1}}') == ("", [])
+    assert unclosed.finish()[1][0]["function"]["name"] == "search"  # generation stopped at the close tag
+
+    # tool_choice: the assistant turn starts inside a call, so the model continues one
+    assert prefix("auto") == prefix("none") == prefix(None) == ""
+    named = prefix({"type": "function", "function": {"name": "search"}})
+    assert split(named + '{"q": "x"}}\n</tool_call>', names)[1][0]["function"] == {
+        "name": "search",
+        "arguments": '{"q": "x"}',
+    }
+    assert (
+        split(prefix("required") + '{"name": "search", "arguments": {}}', names)[1][0]["function"]["name"] == "search"
+    )
