@@ -20,6 +20,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from functools import partial
 
 from tqdm.auto import tqdm
 
@@ -140,6 +141,11 @@ class FilteredStream(io.TextIOBase):
         return self.stream.encoding
 
 
+def _show_unless_known(show, message, category, filename, lineno, file=None, line=None) -> None:
+    if not any(issubclass(category, c) and re.match(m, str(message)) for c, m, _ in WARNINGS):
+        show(message, category, filename, lineno, file, line)
+
+
 @contextmanager
 def quiet_third_party() -> Iterator[None]:
     """Set the libraries' own switches and filter stdout and stderr while the block runs. Enter it
@@ -152,6 +158,10 @@ def quiet_third_party() -> Iterator[None]:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' load/save bars
     for category, message, _ in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    # Filters alone do not hold: ray inserts its own RayDeprecationWarning filter in front of ours
+    # when it is imported. The display hook (documented as replaceable) drops the known ones.
+    shown = warnings.showwarning
+    warnings.showwarning = partial(_show_unless_known, shown)
     saved = {name: getattr(sys, name) for name in ("stdout", "stderr")}
     installed = {}
     for name, stream in saved.items():
@@ -161,6 +171,7 @@ def quiet_third_party() -> Iterator[None]:
     try:
         yield
     finally:
+        warnings.showwarning = shown
         for name, stream in saved.items():
             setattr(sys, name, stream)
         for name, wrapper in installed.items():

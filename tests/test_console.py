@@ -74,6 +74,8 @@ def test_quiet_third_party_filters_known_warnings_only():
         "import warnings, sys\n"
         "from oikyo_ray.console import quiet_third_party\n"
         "with quiet_third_party():\n"
+        "    from ray.util.annotations import RayDeprecationWarning  # puts its own filter in front\n"
+        "    warnings.warn('`ExecutionOptions.exclude_resources` is deprecated.', RayDeprecationWarning)\n"
         "    warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed in v6.', FutureWarning)\n"
         "    warnings.warn('a real problem', UserWarning)\n"
         f"    print({SEEN[1]!r}); print('[oikyo] kept'); import os; print(os.environ['HF_HUB_DISABLE_PROGRESS_BARS'])\n"
@@ -82,6 +84,7 @@ def test_quiet_third_party_filters_known_warnings_only():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "a real problem" in r.stderr and "is_gradient_checkpointing" not in r.stderr
+    assert "exclude_resources" not in r.stderr
     assert r.stdout.splitlines() == ["[oikyo] kept", "1", SEEN[1]]
 
 
