@@ -447,6 +447,19 @@ class ServeConfig(_Section):
     token_file: str | None = Field(None, description="File holding the bearer token (env wins).")
     max_prompt_tokens: int = Field(2048, ge=1, description="Longer prompts are refused with 400.")
     max_tokens_limit: int = Field(512, ge=1, description="Largest accepted max_tokens.")
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Request bodies larger than this are refused with 413 before parsing."
+    )
+    max_prompt_bytes_per_token: int = Field(
+        16,
+        ge=1,
+        description="A prompt over max_prompt_tokens x this many UTF-8 bytes is refused with 400 before it is "
+        "tokenised (text averages about 4 bytes per token).",
+    )
+    max_prompts_per_request: int = Field(16, ge=1, description="Most prompts in one completion request.")
+    max_messages_per_request: int = Field(256, ge=1, description="Most messages in one chat request.")
+    max_stop_sequences: int = Field(4, ge=0, description="Most stop strings in one request (OpenAI allows 4).")
+    max_stop_chars: int = Field(256, ge=1, description="Longest accepted stop string, in characters.")
 
     @model_validator(mode="after")
     def _auth_off_only_on_loopback(self) -> ServeConfig:

@@ -268,3 +268,225 @@ def test_stream_events_and_metrics_per_status(api):
     _chat(client)
     assert svc.metrics.requests == [("base", 200), ("?", 401), ("?", 400), ("base", 200)]
     assert svc.metrics.completion_tokens == 2 + 1  # two streamed pieces, one answer
+
+
+# --- hostile traffic: every bad request is a 4xx naming the problem, and the next request works ---
+
+
+def _ok(client):
+    """A normal request still succeeds after a bad one."""
+    r = client.post("/v1/completions", headers=H, json={"model": "base", "prompt": "hi"})
+    assert r.status_code == 200, r.text
+    r = _chat(client)
+    assert r.status_code == 200, r.text
+
+
+def _raw(client, content, path="/v1/completions", **headers):
+    return client.post(path, headers={**H, "Content-Type": "application/json", **headers}, content=content)
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("temperature", 1e-3, "must be 0 (greedy) or at least 0.01"),
+        ("temperature", -1, "greater than or equal to 0"),
+        ("temperature", 2.5, "less than or equal to 2"),
+        ("top_p", 0, "greater than 0"),
+        ("top_p", 1.5, "less than or equal to 1"),
+        ("max_tokens", 0, "greater than or equal to 1"),
+        ("max_tokens", 10**18, "> limit 512"),
+        ("max_tokens", "many", "valid integer"),
+        ("seed", -1, "greater than or equal to 0"),
+        ("seed", 2**63, "less than or equal to"),
+        ("presence_penalty", 2.5, "less than or equal to 2"),
+        ("frequency_penalty", -3, "greater than or equal to -2"),
+        ("n", 2, "only n=1 is supported"),
+        ("best_of", 3, "only best_of=1 is supported"),
+        ("model", "m" * 300, "at most 256 characters"),
+    ],
+)
+def test_out_of_range_fields_get_400_naming_the_field(api, field, value, words):
+    client, svc = api
+    r = client.post("/v1/completions", headers=H, json={"model": "base", "prompt": "hi", field: value})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"].startswith(field) and words in err["message"]
+    assert err["param"] == field
+    assert svc.backend.prompts == []
+    _ok(client)
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ('{"model": "base", "prompt": "hi", "temperature": NaN}', "temperature: number is not finite"),
+        ('{"model": "base", "prompt": "hi", "top_p": Infinity}', "top_p: number is not finite"),
+        ('{"model": "base", "prompt": "hi", "temperature": -1e999}', "temperature: number is not finite"),
+        ('{"model": "base", "prompt": "hi", "extra": {"a": [1, NaN]}}', "extra.a.1: number is not finite"),
+        ('{"model": "base", "prompt": "hi", "seed": ' + "9" * 30 + "}", "seed: integer is too large"),
+        ('{"model": "base", "prompt": "hi", "seed": ' + "9" * 5000 + "}", "holding a number too large"),
+        ('{"model": "base", "prompt": "\\ud800"}', "prompt: string holds an unpaired surrogate"),
+        ("[1, 2]", "must be a JSON object"),
+        ('"hi"', "must be a JSON object"),
+        ("null", "must be a JSON object"),
+        ('{"model": "base", "prompt": "hi",}', "not valid JSON"),
+    ],
+)
+def test_non_finite_huge_or_unencodable_values_get_400(api, content, words):
+    client, svc = api
+    r = _raw(client, content)
+    assert r.status_code == 400, r.text
+    assert words in r.json()["error"]["message"]
+    assert svc.backend.prompts == []
+    _ok(client)
+
+
+@pytest.mark.parametrize("depth", [65, 1_000, 100_000])
+def test_deeply_nested_bodies_get_400_not_500(api, depth):
+    client, _ = api
+    deep = "[" * depth + "]" * depth
+    for body in (f'{{"model": "base", "prompt": "hi", "x": {deep}}}', '{"a": ' * depth + "1" + "}" * depth):
+        r = _raw(client, body)
+        assert r.status_code == 400, r.text
+        assert "nested deeper than 64 levels" in r.json()["error"]["message"]
+    _ok(client)
+
+
+def test_nesting_up_to_the_limit_is_accepted(api):
+    client, _ = api
+    deep = "[" * 62 + "]" * 62  # the body object, its field and 62 lists: 64 levels
+    assert _raw(client, f'{{"model": "base", "prompt": "hi", "x": {deep}}}').status_code == 200
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b'{"model": "base", "prompt": "\xff\xfe"}', b'{"model": "base", "prompt": "caf\xc3"}', b"\xef\xbb\xbf\x80"],
+)
+def test_invalid_utf8_gets_400(api, content):
+    client, _ = api
+    r = _raw(client, content)
+    assert r.status_code == 400 and "not valid UTF-8" in r.json()["error"]["message"]
+    _ok(client)
+
+
+@pytest.fixture
+def small_body_api(tokenizer):
+    cfg = load_config(None, ["serve.max_body_bytes=2048"]).serve
+    with TestClient(create_app(Service(cfg, tokenizer, TOKEN, FakeBackend(), FakeMetrics()))) as client:
+        yield client
+
+
+def test_bodies_over_the_limit_get_413_before_parsing(small_body_api):
+    client = small_body_api
+    big = json.dumps({"model": "base", "prompt": "x" * 4000})
+    r = _raw(client, big)  # with Content-Length
+    assert r.status_code == 413 and "larger than 2048 bytes" in r.json()["error"]["message"]
+    # chunked (no Content-Length): counted while it arrives; the body is not even JSON
+    r = _raw(client, iter([b"x" * 1000] * 5))
+    assert r.status_code == 413
+    r = _raw(client, "{" * 3000, path="/v1/chat/completions")  # not parsed: 413, not a JSON error
+    assert r.status_code == 413
+    r = _raw(client, big, **{"Content-Length": "99999999999999999999999"})
+    assert r.status_code in (400, 413)
+    # a chunked body under the limit is read whole
+    r = _raw(client, iter([b'{"model": "base", ', b'"prompt": "hi"}']))
+    assert r.status_code == 200, r.text
+    _ok(client)
+
+
+def test_body_is_not_read_without_a_token(small_body_api):
+    r = small_body_api.post("/v1/completions", content="x" * 5000, headers={"Content-Type": "application/json"})
+    assert r.status_code == 401  # auth first: an anonymous client cannot make the server read its body
+
+
+@pytest.mark.parametrize(
+    "path, body, words, param",
+    [
+        ("/v1/completions", {"prompt": ["hi"] * 17}, "between 1 and 16 prompts", "prompt"),
+        ("/v1/completions", {"prompt": []}, "between 1 and 16 prompts", "prompt"),
+        ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "at most 4 stop strings", "stop"),
+        ("/v1/completions", {"prompt": "hi", "stop": "s" * 257}, "1 to 256 characters", "stop"),
+        ("/v1/completions", {"prompt": "hi", "stop": [""]}, "1 to 256 characters", "stop"),
+        ("/v1/completions", {"prompt": "hi", "stop": ["a", 1]}, "stop.1: Input should be a valid string", "stop.1"),
+        ("/v1/completions", {"prompt": [[1, 2]]}, "prompt.0: Input should be a valid string", "prompt.0"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}] * 257}, "256 messages", "messages"),
+        ("/v1/chat/completions", {"messages": "hi"}, "messages: Input should be a valid list", "messages"),
+    ],
+)
+def test_count_limits_get_400(api, path, body, words, param):
+    client, svc = api
+    r = client.post(path, headers=H, json={"model": "base", **body})
+    assert r.status_code == 400, r.text
+    assert words in r.json()["error"]["message"] and r.json()["error"]["param"] == param
+    assert svc.backend.prompts == []
+    _ok(client)
+
+
+def test_over_long_prompts_are_refused_before_tokenising(api, monkeypatch):
+    client, svc = api
+    tokenised = []
+    real = svc.tokenizer.__class__.__call__
+    monkeypatch.setattr(
+        svc.tokenizer.__class__, "__call__", lambda self, *a, **k: tokenised.append(1) or real(self, *a, **k)
+    )
+    too_long = "x" * (2048 * 16 + 1)  # serve.max_prompt_tokens x serve.max_prompt_bytes_per_token
+    for r in (
+        client.post("/v1/completions", headers=H, json={"model": "base", "prompt": too_long}),
+        client.post("/v1/completions", headers=H, json={"model": "base", "prompt": ["hi", too_long]}),
+        client.post("/v1/completions", headers=H, json={"model": "base", "prompt": "é" * 17_000}),  # 2 bytes each
+        _chat(client, messages=[{"role": "user", "content": [{"type": "text", "text": too_long}]}]),
+        _chat(client, messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": too_long}]),
+    ):
+        assert r.status_code == 400 and "prompt is too long" in r.json()["error"]["message"], r.text
+    assert tokenised == [] and svc.backend.prompts == []
+    _ok(client)
+    assert tokenised  # a normal prompt is tokenised (counted against serve.max_prompt_tokens)
+
+
+def test_edge_values_and_unknown_fields_are_accepted(api):
+    client, svc = api
+    body = {
+        "model": "base",
+        "prompt": ["hi"] * 16,
+        "temperature": 0,
+        "top_p": 1,
+        "seed": 2**63 - 1,
+        "max_tokens": 512,
+        "stop": ["a", "b", "c", "d"],
+        "best_of": 1,
+        "n": 1,
+        "presence_penalty": -2,
+        "frequency_penalty": None,
+        "logit_bias": {"50256": -100},
+        "user": "u-1",
+        "suffix": None,
+        "stream_options": {"include_usage": True},
+    }
+    r = client.post("/v1/completions", headers=H, json=body)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 16
+    r = client.post("/v1/completions", headers=H, json={"model": "base", "prompt": "hi", "temperature": 0.01})
+    assert r.status_code == 200, r.text
+
+
+def test_rendering_and_tokenising_run_off_the_event_loop(api, monkeypatch):
+    client, svc = api
+    on_loop = []
+
+    def running_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+            return True
+        except RuntimeError:
+            return False
+
+    cls = svc.tokenizer.__class__
+    real_call, real_render = cls.__call__, cls.apply_chat_template
+    monkeypatch.setattr(
+        cls, "__call__", lambda self, *a, **k: on_loop.append(running_loop()) or real_call(self, *a, **k)
+    )
+    monkeypatch.setattr(
+        cls, "apply_chat_template", lambda self, *a, **k: on_loop.append(running_loop()) or real_render(self, *a, **k)
+    )
+    _ok(client)
+    assert on_loop and not any(on_loop)

@@ -12,27 +12,31 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from oikyo_ray.config import ServeConfig
 from oikyo_ray.serve.adapters import list_root, validate_name
 from oikyo_ray.serve.auth import authorized, bearer
+from oikyo_ray.serve.body import parse_json, read_body
 from oikyo_ray.serve.http_errors import (
     APIError,
     InvalidRequest,
     Unauthorized,
     api_error,
     install_error_handlers,
+    invalid_fields,
     raise_for_error,
 )
-from oikyo_ray.serve.prompts import chat_prompt, check_prompt_length, completion_prompts
+from oikyo_ray.serve.prompts import chat_prompt, check_prompt_length, check_prompt_size, completion_prompts, text_size
 from oikyo_ray.serve.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -44,6 +48,8 @@ from oikyo_ray.serve.protocol import (
     new_id,
     sse,
 )
+
+Req = TypeVar("Req", CompletionRequest, ChatRequest)
 
 
 class Backend(Protocol):
@@ -139,31 +145,71 @@ async def models(svc: ServiceDep) -> dict:
     return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "oikyo"} for m in names]}
 
 
+def body_of(model: type[Req]) -> Callable[..., Awaitable[Req]]:
+    """A dependency that reads the body as `model`: bounded (`body.read_body`), parsed strictly
+    (`body.parse_json`), then validated, naming the first bad field. It replaces FastAPI's own body
+    parsing, which has no size or depth limit, and runs after the auth dependency, so a client
+    without a token never gets its body read."""
+
+    async def read(request: Request, svc: ServiceDep) -> Req:
+        raw = await read_body(request, svc.cfg.max_body_bytes)
+        data = parse_json(raw, request.headers.get("content-type"))
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise invalid_fields(e.errors(include_input=False, include_url=False)) from None
+
+    return read
+
+
 @generation.post("/completions")
-async def completions(req: CompletionRequest, request: Request, svc: ServiceDep) -> Any:
+async def completions(
+    req: Annotated[CompletionRequest, Depends(body_of(CompletionRequest))], request: Request, svc: ServiceDep
+) -> Any:
     check_request(svc.cfg, req)
     request.state.model = req.model
-    return await _answer(svc, req, completion_prompts(req), chat=False)
+    prompts = completion_prompts(req)
+    if not 1 <= len(prompts) <= svc.cfg.max_prompts_per_request:
+        raise InvalidRequest(f"prompt: between 1 and {svc.cfg.max_prompts_per_request} prompts", param="prompt")
+    for p in prompts:
+        check_prompt_size(len(p.encode("utf-8")), svc.cfg.max_prompt_tokens, svc.cfg.max_prompt_bytes_per_token)
+    return await _answer(svc, req, prompts, chat=False)
 
 
 @generation.post("/chat/completions")
-async def chat_completions(req: ChatRequest, request: Request, svc: ServiceDep) -> Any:
+async def chat_completions(
+    req: Annotated[ChatRequest, Depends(body_of(ChatRequest))], request: Request, svc: ServiceDep
+) -> Any:
     check_request(svc.cfg, req)
     request.state.model = req.model
-    return await _answer(svc, req, [chat_prompt(svc.tokenizer, req)], chat=True)
+    cfg = svc.cfg
+    if len(req.messages) > cfg.max_messages_per_request:
+        raise InvalidRequest(f"messages: more than {cfg.max_messages_per_request} messages", param="messages")
+    check_prompt_size(text_size(req), cfg.max_prompt_tokens, cfg.max_prompt_bytes_per_token)
+    # the template renders off the event loop: a big conversation must not stall other requests
+    prompt = await run_in_threadpool(chat_prompt, svc.tokenizer, req)
+    check_prompt_size(len(prompt.encode("utf-8")), cfg.max_prompt_tokens, cfg.max_prompt_bytes_per_token)
+    return await _answer(svc, req, [prompt], chat=True)
 
 
 def check_request(cfg: ServeConfig, req: GenerationRequest) -> None:
     """The limits of this server (the body's own shape is checked by its pydantic model)."""
     if req.max_tokens > cfg.max_tokens_limit:
-        raise InvalidRequest(f"max_tokens {req.max_tokens} > limit {cfg.max_tokens_limit}")
+        raise InvalidRequest(f"max_tokens {req.max_tokens} > limit {cfg.max_tokens_limit}", param="max_tokens")
+    stops = req.stops()
+    if len(stops) > cfg.max_stop_sequences:
+        raise InvalidRequest(f"stop: at most {cfg.max_stop_sequences} stop strings", param="stop")
+    if any(not 1 <= len(s) <= cfg.max_stop_chars for s in stops):
+        raise InvalidRequest(f"stop: each stop string must have 1 to {cfg.max_stop_chars} characters", param="stop")
     if req.model != cfg.base_model_name:
         validate_name(req.model)
 
 
 async def _answer(svc: Service, req: GenerationRequest, prompts: list[str], chat: bool) -> Any:
     for p in prompts:
-        check_prompt_length(svc.tokenizer, p, svc.cfg.max_prompt_tokens)
+        # tokenising runs off the event loop (bounded by check_prompt_size, but still CPU work);
+        # concurrent calls share the fast tokenizer, safe as none changes its truncation or padding
+        await run_in_threadpool(check_prompt_length, svc.tokenizer, p, svc.cfg.max_prompt_tokens)
     adapter = "" if req.model == svc.cfg.base_model_name else req.model
     if req.stream:
         if len(prompts) != 1:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,9 +31,11 @@ INTERNAL = "internal error; the server log has the details"
 class APIError(Exception):
     """An answer other than 200: HTTP status, OpenAI error type, a message the client can act on."""
 
-    def __init__(self, status: int, message: str, type_: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self, status: int, message: str, type_: str, headers: dict[str, str] | None = None, param: str | None = None
+    ):
         super().__init__(message)
-        self.status, self.type, self.headers = status, type_, headers or {}
+        self.status, self.type, self.headers, self.param = status, type_, headers or {}, param
 
     @classmethod
     def from_dict(cls, out: dict) -> APIError:
@@ -40,12 +44,15 @@ class APIError(Exception):
         return cls(err["status"], err["message"], err["type"])
 
     def response(self) -> JSONResponse:
-        return JSONResponse(error_body(str(self), self.type), status_code=self.status, headers=self.headers)
+        body = error_body(str(self), self.type, param=self.param)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 class InvalidRequest(APIError):
-    def __init__(self, message: str):
-        super().__init__(400, message, "invalid_request_error")
+    """400; `param` names the offending field (OpenAI's `error.param`), e.g. `messages.0.role`."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(400, message, "invalid_request_error", param=param)
 
 
 class Unauthorized(APIError):
@@ -60,16 +67,18 @@ class ServerBusy(APIError):
         )
 
 
-def validation_message(e: RequestValidationError) -> str:
-    """The first problem of a request body, naming its field (`messages.0.role: Field required`)."""
-    first = e.errors()[0]
+def invalid_fields(errors: Sequence[Any]) -> InvalidRequest:
+    """The first problem of a request body, naming its field (`messages.0.role: Field required`);
+    `errors` as pydantic lists them (its message texts hold no input values)."""
+    first = errors[0]
     if first["type"] == "json_invalid":
-        return "request body is not valid JSON"
+        return InvalidRequest("request body is not valid JSON")
     loc = [str(p) for p in first["loc"]]
     where = ".".join(loc[1:] if loc[:1] == ["body"] else loc)
     if not where:  # no body, or one that is not JSON (FastAPI parses only application/json)
-        return f"the request body must be a JSON object sent as Content-Type: application/json ({first['msg']})"
-    return f"{where}: {first['msg']}"
+        msg = f"the request body must be a JSON object sent as Content-Type: application/json ({first['msg']})"
+        return InvalidRequest(msg)
+    return InvalidRequest(f"{where}: {first['msg']}", param=where)
 
 
 def _adapter_error(e: AdapterError) -> APIError:
@@ -99,7 +108,7 @@ def api_error(e: Exception) -> APIError:
     if isinstance(e, APIError):
         return e
     if isinstance(e, RequestValidationError):
-        return InvalidRequest(validation_message(e))
+        return invalid_fields(e.errors())
     if isinstance(e, RowError):  # invalid chat messages: formats names the message and field
         return InvalidRequest(str(e))
     if isinstance(e, AdapterError):

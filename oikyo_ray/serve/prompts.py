@@ -22,7 +22,28 @@ def chat_prompt(tokenizer, req: ChatRequest) -> str:
 
 
 def completion_prompts(req: CompletionRequest) -> list[str]:
-    return [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    return list(req.prompt)
+
+
+def text_size(req: ChatRequest) -> int:
+    """Characters of message text and tool-call arguments: a cheap lower bound of the rendered
+    prompt's size, known before the template runs."""
+    n = 0
+    for m in req.messages:
+        parts = [m.content] if isinstance(m.content, str) else [p.get("text") for p in m.content or []]
+        calls = [c.get("function") for c in m.tool_calls or []]
+        parts += [f.get("arguments") for f in calls if isinstance(f, dict)]
+        n += sum(len(p) for p in parts if isinstance(p, str))
+    return n
+
+
+def check_prompt_size(size: int, max_tokens: int, bytes_per_token: int) -> None:
+    """Refuse a prompt certainly over the token limit from its length alone, before tokenising it:
+    no tokenizer worth serving averages `bytes_per_token` bytes (or characters) a token."""
+    if size > max_tokens * bytes_per_token:
+        raise InvalidRequest(
+            f"prompt is too long: over {max_tokens * bytes_per_token} bytes (limit {max_tokens} tokens)"
+        )
 
 
 def check_prompt_length(tokenizer, prompt: str, limit: int) -> None:
