@@ -28,9 +28,12 @@ class FakeBackend:
         self.fail: Exception | None = None
         self.reply: dict | None = None
         self.delay = 0.0
+        self.samplings: list[dict] = []
+        self.pieces: list = ["Li", "ma", {"finish_reason": "length", "completion_tokens": 2}]  # as the engine ends
 
     async def generate(self, adapter, prompt, sampling):
         self.prompts.append((adapter, prompt))
+        self.samplings.append(sampling)
         await asyncio.sleep(self.delay)
         if self.fail:
             raise self.fail
@@ -41,7 +44,7 @@ class FakeBackend:
         if self.reply:
             yield self.reply
             return
-        for piece in ("Li", "ma"):
+        for piece in self.pieces:
             yield piece
 
 
@@ -254,15 +257,22 @@ def test_stream_events_and_metrics_per_status(api):
         "POST",
         "/v1/chat/completions",
         headers=H,
-        json={"model": "base", "messages": [{"role": "user", "content": "Capital of Peru?"}], "stream": True},
+        json={
+            "model": "base",
+            "messages": [{"role": "user", "content": "Capital of Peru?"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
     ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Lima"
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == "Lima"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"  # max_tokens ended it
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
+    assert chunks[-1]["usage"]["prompt_tokens"] > 5  # the rendered prompt's real count
     _chat(client, headers={})
     _chat(client, max_tokens=100000)
     _chat(client)
@@ -293,14 +303,17 @@ def _raw(client, content, path="/v1/completions", **headers):
         ("temperature", 2.5, "less than or equal to 2"),
         ("top_p", 0, "greater than 0"),
         ("top_p", 1.5, "less than or equal to 1"),
-        ("max_tokens", 0, "greater than or equal to 1"),
+        ("max_tokens", -1, "greater than or equal to 0"),
+        ("max_tokens", 0, "0 only with echo"),
         ("max_tokens", 10**18, "> limit 512"),
         ("max_tokens", "many", "valid integer"),
         ("seed", -1, "greater than or equal to 0"),
         ("seed", 2**63, "less than or equal to"),
         ("presence_penalty", 2.5, "less than or equal to 2"),
         ("frequency_penalty", -3, "greater than or equal to -2"),
-        ("n", 2, "only n=1 is supported"),
+        ("n", 9, "less than or equal to 8"),
+        ("n", 0, "greater than or equal to 1"),
+        ("logprobs", 6, "less than or equal to 5"),
         ("best_of", 3, "only best_of=1 is supported"),
         ("model", "m" * 300, "at most 256 characters"),
     ],
@@ -408,7 +421,24 @@ def test_body_is_not_read_without_a_token(small_body_api):
         ("/v1/completions", {"prompt": "hi", "stop": "s" * 257}, "1 to 256 characters", "stop"),
         ("/v1/completions", {"prompt": "hi", "stop": [""]}, "1 to 256 characters", "stop"),
         ("/v1/completions", {"prompt": "hi", "stop": ["a", 1]}, "stop.1: Input should be a valid string", "stop.1"),
-        ("/v1/completions", {"prompt": [[1, 2]]}, "prompt.0: Input should be a valid string", "prompt.0"),
+        ("/v1/completions", {"prompt": [[1, -2]]}, "prompt.0", "prompt.0"),
+        ("/v1/completions", {"prompt": [{"a": 1}]}, "prompt.0", "prompt.0"),
+        ("/v1/completions", {"prompt": "hi", "n": 9}, "n: Input should be less than or equal to 8", "n"),
+        ("/v1/completions", {"prompt": ["hi"] * 9, "n": 2}, "prompts x n", "prompt"),
+        ("/v1/completions", {"prompt": "hi", "stream": True, "n": 2}, "n > 1 is answered whole", "n"),
+        ("/v1/completions", {"prompt": "hi", "stream": True, "logprobs": 1}, "answered whole", "stream"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+            "tool_choice: needs tools",
+            "tool_choice",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "maybe"},
+            "tool_choice",
+            "tool_choice",
+        ),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}] * 257}, "256 messages", "messages"),
         ("/v1/chat/completions", {"messages": "hi"}, "messages: Input should be a valid list", "messages"),
     ],
@@ -490,3 +520,96 @@ def test_rendering_and_tokenising_run_off_the_event_loop(api, monkeypatch):
     )
     _ok(client)
     assert on_loop and not any(on_loop)
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call>'
+
+
+def _events(client, path, body):
+    with client.stream("POST", path, headers=H, json={"model": "base", "stream": True, **body}) as r:
+        assert r.status_code == 200, r.read()
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_n_choices_each_with_its_own_seed(api):
+    client, svc = api
+    r = client.post("/v1/completions", headers=H, json={"model": "base", "prompt": ["a", "b"], "n": 3, "seed": 7})
+    assert r.status_code == 200, r.text
+    assert [c["index"] for c in r.json()["choices"]] == list(range(6))
+    assert [p for _, p in svc.backend.prompts] == ["a"] * 3 + ["b"] * 3  # prompt-major, as OpenAI orders them
+    assert [s["seed"] for s in svc.backend.samplings] == [7, 8, 9, 7, 8, 9]
+    chat = _chat(client, n=2)
+    assert [c["index"] for c in chat.json()["choices"]] == [0, 1]
+
+
+def test_logprobs_echo_and_token_prompts_reach_the_engine_and_come_back(api):
+    client, svc = api
+    lp = {
+        "tokens": ["a", "b"],
+        "token_logprobs": [None, -0.5],
+        "top_logprobs": [None, {"b": -0.5}],
+        "text_offset": [0, 1],
+    }
+    svc.backend.reply = dict(OUT, text="ab", logprobs=lp)
+    body = {"model": "base", "prompt": [3, 4], "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+    r = client.post("/v1/completions", headers=H, json=body)
+    assert r.status_code == 200, r.text
+    assert svc.backend.prompts[-1] == ("", [3, 4])  # token ids go to the engine as ids
+    assert svc.backend.samplings[-1]["logprobs"] == 1 and svc.backend.samplings[-1]["echo"] is True
+    assert r.json()["choices"][0]["logprobs"] == lp
+    chat = _chat(client, logprobs=True, top_logprobs=1).json()["choices"][0]["logprobs"]["content"]
+    assert chat[1] == {
+        "token": "b",
+        "logprob": -0.5,
+        "bytes": [98],
+        "top_logprobs": [{"token": "b", "logprob": -0.5, "bytes": [98]}],
+    }
+    assert svc.backend.samplings[-1]["logprobs"] == 1
+    _chat(client)
+    assert "logprobs" not in svc.backend.samplings[-1]  # not asked: not computed
+
+
+def test_tool_calls_come_back_as_tool_calls(api):
+    client, svc = api
+    svc.backend.reply = dict(OUT, text=CALL)
+    r = _chat(client, tools=WEATHER)
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    call = choice["message"]["tool_calls"][0]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Lima"}'} and call["type"] == "function"
+    none = _chat(client, tools=WEATHER, tool_choice="none").json()["choices"][0]
+    assert none["message"] == {"role": "assistant", "content": CALL} and none["finish_reason"] == "stop"
+    # a named tool: the prompt ends inside that call, the model writes only the arguments
+    svc.backend.reply = dict(OUT, text='{"city": "Lima"}}\n</tool_call>')
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = _chat(client, tools=WEATHER, tool_choice=named)
+    assert svc.backend.prompts[-1][1].endswith('<tool_call>\n{"name": "get_weather", "arguments": ')
+    assert r.json()["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] == '{"city": "Lima"}'
+    bad = _chat(client, tools=WEATHER, tool_choice={"type": "function", "function": {"name": "rm"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
+
+
+def test_streamed_tool_calls_usage_and_errors(api):
+    client, svc = api
+    svc.backend.pieces = ["Checking.", CALL[:15], CALL[15:], {"finish_reason": "stop", "completion_tokens": 9}]
+    chunks = _events(
+        client, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": WEATHER}
+    )
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert "".join(d.get("content") or "" for d in deltas) == "Checking."
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert len(calls) == 1 and calls[0]["index"] == 0 and calls[0]["function"]["name"] == "get_weather"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+    svc.backend.pieces = ["Li", {"error": {"status": 500, "message": "internal error", "type": "internal_error"}}]
+    chunks = _events(client, "/v1/completions", {"prompt": "hi"})
+    assert chunks[0]["choices"][0]["text"] == "Li" and chunks[-1]["error"]["message"] == "internal error"
+    _ok(client)
+
+    svc.backend.pieces = ["Li", "ma"]  # an engine that does not say how it ended: counted from the text
+    chunks = _events(client, "/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}})
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens"] == len(svc.tokenizer("Lima", add_special_tokens=False)["input_ids"])

@@ -305,7 +305,9 @@ def test_engine_mixed_batch_equals_single_requests(tiny_model, tmp_path):
     alone = [eng.generate_many([it])[0]["text"] for it in items]
     together = [o["text"] for o in eng.generate_many(items)]
     assert together == alone and len(set(alone)) == 3
-    assert "".join(eng.stream("a1", "Capital of Peru?", s)) == alone[1]
+    streamed = list(eng.stream("a1", "Capital of Peru?", s))
+    assert "".join(streamed[:-1]) == alone[1] and streamed[-1]["finish_reason"] == "length"
+    assert streamed[-1]["completion_tokens"] == 5
     eng.remove_adapter("a0")
     assert eng.loaded == ["a1"] and eng.generate_many([items[1]])[0]["text"] == alone[1]
     assert eng.healthy()
@@ -330,12 +332,13 @@ def test_engine_stream_that_fails_raises_and_frees_the_engine(tiny_model):
         list(eng.stream(None, "Capital of Peru?", s))
     assert time.monotonic() - t0 < 10  # raised, not waited out
     eng.model.generate = real_generate
-    assert len("".join(eng.stream(None, "Capital of Peru?", s))) > 0  # the lock was released
+    assert len("".join(p for p in eng.stream(None, "Capital of Peru?", s) if isinstance(p, str))) > 0  # lock released
 
     cancel, long = threading.Event(), dict(s, max_new_tokens=200)
     pieces = []
     for piece in eng.stream(None, "Capital of Peru?", long, cancel):
-        pieces.append(piece)
+        if isinstance(piece, str):
+            pieces.append(piece)
         cancel.set()  # the caller leaves after the first piece: generation stops at the next token
     assert 1 <= len(pieces) <= 3
 
@@ -508,7 +511,7 @@ def test_engine_adapter_eviction_is_never_stale(tiny_model, tmp_path):
 
     eng.add_adapter("a0", str(tmp_path / "a0"))
     long = dict(s, max_new_tokens=40)
-    alone = "".join(eng.stream("a0", "Capital of Peru?", long))
+    alone = "".join(p for p in eng.stream("a0", "Capital of Peru?", long) if isinstance(p, str))
     pieces, took = [], []
 
     def evict():
@@ -521,7 +524,8 @@ def test_engine_adapter_eviction_is_never_stale(tiny_model, tmp_path):
             threading.Thread(target=evict).start()
             time.sleep(0.05)
             assert took and took[0] < 0.05  # returned while the stream still held the engine
-        pieces.append(piece)
+        if isinstance(piece, str):
+            pieces.append(piece)
     assert "".join(pieces) == alone and eng.loaded == []
 
 

@@ -36,18 +36,30 @@ from oikyo_ray.serve.http_errors import (
     invalid_fields,
     raise_for_error,
 )
-from oikyo_ray.serve.prompts import chat_prompt, check_prompt_length, check_prompt_size, completion_prompts, text_size
+from oikyo_ray.serve.prompts import (
+    chat_prompt,
+    check_prompt_ids,
+    check_prompt_length,
+    check_prompt_size,
+    completion_prompts,
+    text_size,
+)
 from oikyo_ray.serve.protocol import (
     ChatRequest,
     CompletionRequest,
     GenerationRequest,
+    NamedToolChoice,
     chat_chunk,
     chat_response,
     completion_chunk,
     completion_response,
+    error_body,
     new_id,
     sse,
+    usage_chunk,
 )
+from oikyo_ray.serve.tool_calls import ToolCallStream
+from oikyo_ray.serve.tool_calls import prefix as tool_call_prefix
 
 Req = TypeVar("Req", CompletionRequest, ChatRequest)
 
@@ -168,11 +180,19 @@ async def completions(
 ) -> Any:
     check_request(svc.cfg, req)
     request.state.model = req.model
+    cfg = svc.cfg
     prompts = completion_prompts(req)
-    if not 1 <= len(prompts) <= svc.cfg.max_prompts_per_request:
-        raise InvalidRequest(f"prompt: between 1 and {svc.cfg.max_prompts_per_request} prompts", param="prompt")
+    if not 1 <= len(prompts) * req.n <= cfg.max_prompts_per_request:
+        raise InvalidRequest(f"prompt: between 1 and {cfg.max_prompts_per_request} prompts x n", param="prompt")
+    if req.max_tokens == 0 and not req.echo:
+        raise InvalidRequest("max_tokens: 0 only with echo (to score the prompt)", param="max_tokens")
+    if req.stream and (req.echo or req.logprobs is not None):
+        raise InvalidRequest("logprobs and echo are answered whole: use stream=false", param="stream")
     for p in prompts:
-        check_prompt_size(len(p.encode("utf-8")), svc.cfg.max_prompt_tokens, svc.cfg.max_prompt_bytes_per_token)
+        if isinstance(p, list):
+            check_prompt_ids(p, cfg.max_prompt_tokens)
+        else:
+            check_prompt_size(len(p.encode("utf-8")), cfg.max_prompt_tokens, cfg.max_prompt_bytes_per_token)
     return await _answer(svc, req, prompts, chat=False)
 
 
@@ -185,9 +205,13 @@ async def chat_completions(
     cfg = svc.cfg
     if len(req.messages) > cfg.max_messages_per_request:
         raise InvalidRequest(f"messages: more than {cfg.max_messages_per_request} messages", param="messages")
+    if req.n > cfg.max_prompts_per_request:
+        raise InvalidRequest(f"n: at most {cfg.max_prompts_per_request} choices", param="n")
+    check_tool_choice(req)
     check_prompt_size(text_size(req), cfg.max_prompt_tokens, cfg.max_prompt_bytes_per_token)
     # the template renders off the event loop: a big conversation must not stall other requests
     prompt = await run_in_threadpool(chat_prompt, svc.tokenizer, req)
+    prompt += _start(req)  # tool_choice required or named: the answer starts inside a call
     check_prompt_size(len(prompt.encode("utf-8")), cfg.max_prompt_tokens, cfg.max_prompt_bytes_per_token)
     return await _answer(svc, req, [prompt], chat=True)
 
@@ -201,54 +225,129 @@ def check_request(cfg: ServeConfig, req: GenerationRequest) -> None:
         raise InvalidRequest(f"stop: at most {cfg.max_stop_sequences} stop strings", param="stop")
     if any(not 1 <= len(s) <= cfg.max_stop_chars for s in stops):
         raise InvalidRequest(f"stop: each stop string must have 1 to {cfg.max_stop_chars} characters", param="stop")
+    if req.stream and req.n > 1:
+        raise InvalidRequest("n > 1 is answered whole: use stream=false", param="n")
     if req.model != cfg.base_model_name:
         validate_name(req.model)
 
 
-async def _answer(svc: Service, req: GenerationRequest, prompts: list[str], chat: bool) -> Any:
+def check_tool_choice(req: ChatRequest) -> None:
+    choice = req.tool_choice
+    if (choice == "required" or isinstance(choice, NamedToolChoice)) and not req.tools:
+        raise InvalidRequest("tool_choice: needs tools", param="tool_choice")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in req.tool_names():
+        raise InvalidRequest(f"tool_choice: {choice.function.name!r} is not one of the tools", param="tool_choice")
+
+
+def _start(req: GenerationRequest) -> str:
+    """What the answer was started with (a tool-call prefix), to read its calls back whole."""
+    if not isinstance(req, ChatRequest):
+        return ""
+    choice = req.tool_choice
+    return tool_call_prefix(choice.as_dict() if isinstance(choice, NamedToolChoice) else choice)
+
+
+async def _answer(svc: Service, req: GenerationRequest, prompts: list, chat: bool) -> Any:
+    counts = []
     for p in prompts:
         # tokenising runs off the event loop (bounded by check_prompt_size, but still CPU work);
         # concurrent calls share the fast tokenizer, safe as none changes its truncation or padding
-        await run_in_threadpool(check_prompt_length, svc.tokenizer, p, svc.cfg.max_prompt_tokens)
+        if isinstance(p, str):
+            counts.append(await run_in_threadpool(check_prompt_length, svc.tokenizer, p, svc.cfg.max_prompt_tokens))
+        else:
+            counts.append(len(p))
     adapter = "" if req.model == svc.cfg.base_model_name else req.model
     if req.stream:
         if len(prompts) != 1:
             raise InvalidRequest("stream=true takes a single prompt")
-        return await _stream(svc, req, adapter, prompts[0], chat)
+        return await _stream(svc, req, adapter, prompts[0], counts[0], chat)
+    # choices in OpenAI's order: every choice of the first prompt, then of the next; a timeout
+    # cancels every one still running (wait_for cancels the gather)
     outs = await asyncio.wait_for(
-        asyncio.gather(*[svc.backend.generate(adapter, p, req.sampling()) for p in prompts]),
+        asyncio.gather(*[svc.backend.generate(adapter, p, req.sampling(j)) for p in prompts for j in range(req.n)]),
         timeout=svc.cfg.request_timeout_s,
     )
     for o in outs:
         raise_for_error(o)
     svc.metrics.tokens(req.model, outs)
-    return chat_response(req.model, outs[0]) if chat else completion_response(req.model, outs)
+    if not chat:
+        return completion_response(req.model, outs)
+    names = req.tool_names() if isinstance(req, ChatRequest) else set()
+    return chat_response(req.model, outs, names, _start(req))
 
 
-async def _stream(svc: Service, req: GenerationRequest, adapter: str, prompt: str, chat: bool) -> StreamingResponse:
+async def _stream(
+    svc: Service, req: GenerationRequest, adapter: str, prompt, prompt_tokens: int, chat: bool
+) -> StreamingResponse:
     pieces = svc.backend.stream(adapter, prompt, req.sampling()).__aiter__()
     # wait for the first piece: an unknown adapter or a full queue answers as JSON, not as SSE
     first = await anext(pieces, None)
-    if isinstance(first, dict):
+    if isinstance(first, dict) and "error" in first:
         raise APIError.from_dict(first)
-    return StreamingResponse(_events(svc, req.model, first, pieces, chat), media_type="text/event-stream")
+    events = _events(svc, req, first, pieces, chat, prompt_tokens)
+    return StreamingResponse(events, media_type="text/event-stream")
 
 
-async def _events(svc: Service, model: str, first: str | None, rest: AsyncIterator, chat: bool) -> AsyncIterator[str]:
-    make = chat_chunk if chat else completion_chunk
-    rid = new_id("chatcmpl" if chat else "cmpl")
+async def _events(
+    svc: Service, req: GenerationRequest, first, rest: AsyncIterator, chat: bool, prompt_tokens: int
+) -> AsyncIterator[str]:
+    """The stream's events: text (chat: content and tool-call deltas), then the finish reason, the
+    usage when asked for, [DONE]. A generation error midway ends it with an error event."""
+    model, rid = req.model, new_id("chatcmpl" if chat else "cmpl")
+    names = req.tool_names() if isinstance(req, ChatRequest) else set()
+    calls = ToolCallStream(names, _start(req)) if names else None
+    sent_calls, text, final = 0, "", {}
+
+    def chunks(content: str, found: list[dict]) -> list[str]:
+        nonlocal sent_calls
+        if not chat:
+            return [sse(completion_chunk(rid, model, content))] if content else []
+        out = [sse(chat_chunk(rid, model, {"content": content}))] if content else []
+        for call in found:
+            out.append(sse(chat_chunk(rid, model, {"tool_calls": [{"index": sent_calls, **call}]})))
+            sent_calls += 1
+        return out
+
     if chat:
-        yield sse(make(rid, model, None, role=True))
-    n = 0
-    if first is not None:
-        n += 1
-        yield sse(make(rid, model, first))
-        async for piece in rest:
-            n += 1
-            yield sse(make(rid, model, piece))
-    yield sse(make(rid, model, None, finish="stop"))
+        yield sse(chat_chunk(rid, model, {"role": "assistant", "content": ""}))
+    pending = [first] if first is not None else []
+    async for piece in _chain(pending, rest):
+        if isinstance(piece, dict):
+            if "error" in piece:  # the engine failed midway: say so, and end the stream
+                err = piece["error"]
+                yield sse(error_body(err["message"], err["type"]))
+                yield "data: [DONE]\n\n"
+                return
+            final = piece  # the engine's last word: finish reason and token count
+            continue
+        text += piece
+        for event in chunks(*(calls.feed(piece) if calls else (piece, []))):
+            yield event
+    if calls:
+        for event in chunks(*calls.finish()):
+            yield event
+    completion_tokens = final.get("completion_tokens")
+    if completion_tokens is None:
+        completion_tokens = await run_in_threadpool(_count_tokens, svc.tokenizer, text)
+    finish = "tool_calls" if sent_calls else final.get("finish_reason", "stop")
+    make = chat_chunk if chat else completion_chunk
+    yield sse(make(rid, model, {} if chat else None, finish=finish))  # type: ignore[arg-type]
+    counts = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+    if req.include_usage():
+        yield sse(usage_chunk(rid, model, chat, counts))
     yield "data: [DONE]\n\n"
-    svc.metrics.tokens(model, [{"prompt_tokens": 0, "completion_tokens": n}])
+    svc.metrics.tokens(model, [counts])
+
+
+async def _chain(first: list, rest: AsyncIterator) -> AsyncIterator:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
+
+
+def _count_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
 
 
 def create_app(svc: Service) -> FastAPI:

@@ -31,9 +31,10 @@ class _Cancelled(StoppingCriteria):
     """Stops `generate` at its next token once the event is set (client gone, stop string hit)."""
 
     def __init__(self, event: threading.Event):
-        self.event = event
+        self.event, self.length = event, 0
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        self.length = input_ids.shape[1]  # prompt + tokens generated so far
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
@@ -166,18 +167,20 @@ class Engine:
 
     def stream(
         self, adapter: str | None, prompt: str, sampling: dict, cancel: threading.Event | None = None
-    ) -> Iterator[str]:
-        """Yield text pieces as they are generated (one request; holds the model meanwhile).
-        Setting `cancel`, closing this iterator, or a stop string ends generation at its next
-        token; a generation error is raised here (never left blocking the stream)."""
+    ) -> Iterator[str | dict]:
+        """Yield text pieces as they are generated (one request; holds the model meanwhile), then
+        {"finish_reason", "completion_tokens"}. Setting `cancel`, closing this iterator, or a stop
+        string ends generation at its next token; a generation error is raised here (never left
+        blocking the stream)."""
         cancel = cancel or threading.Event()
+        watch = _Cancelled(cancel)
         stops = list(sampling.get("stop") or [])
         kwargs = {
             "max_new_tokens": sampling["max_new_tokens"],
             "do_sample": sampling["temperature"] > 0,
             "eos_token_id": stop_token_ids(self.tokenizer),
             "pad_token_id": self.tokenizer.pad_token_id,
-            "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)]),
+            "stopping_criteria": StoppingCriteriaList([watch]),
         }
         if sampling["temperature"] > 0:
             kwargs.update(temperature=sampling["temperature"], top_p=sampling["top_p"])
@@ -193,8 +196,8 @@ class Engine:
                 torch.manual_seed(sampling["seed"])
             worker = threading.Thread(target=self._generate_into, args=(enc, streamer, kwargs, failed), daemon=True)
             worker.start()
+            text, cut = "", None
             try:
-                text = ""
                 for piece in _pieces(streamer, self.token_timeout_s):
                     text += piece
                     cut = min((text.index(s) for s in stops if s and s in text), default=None)
@@ -208,6 +211,12 @@ class Engine:
                 worker.join(timeout=self.token_timeout_s)
         if failed:
             raise failed[0]
+        generated = max(0, watch.length - enc["input_ids"].shape[1])
+        at_limit = generated >= sampling["max_new_tokens"]
+        yield {
+            "finish_reason": "length" if at_limit and cut is None else "stop",
+            "completion_tokens": generated if at_limit or cut is not None else max(0, generated - 1),  # not the EOS
+        }
 
     def _generate_into(self, enc, streamer, kwargs, failed: list) -> None:
         try:

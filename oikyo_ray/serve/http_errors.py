@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,12 +74,23 @@ def invalid_fields(errors: Sequence[Any]) -> InvalidRequest:
     first = errors[0]
     if first["type"] == "json_invalid":
         return InvalidRequest("request body is not valid JSON")
-    loc = [str(p) for p in first["loc"]]
+    loc = [str(p) for p in first["loc"] if not _union_tag(p)]
     where = ".".join(loc[1:] if loc[:1] == ["body"] else loc)
     if not where:  # no body, or one that is not JSON (FastAPI parses only application/json)
         msg = f"the request body must be a JSON object sent as Content-Type: application/json ({first['msg']})"
         return InvalidRequest(msg)
     return InvalidRequest(f"{where}: {first['msg']}", param=where)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _union_tag(part: Any) -> bool:
+    """pydantic names the union member in an error's location (`prompt.0.str`, `tool_choice.
+    literal['none','auto']`, `NamedToolChoice`); a client knows fields, not our types."""
+    if isinstance(part, int):
+        return False
+    return not re.fullmatch(r"[a-z_][a-z0-9_]*", part) or part in _TYPE_NAMES
 
 
 def _adapter_error(e: AdapterError) -> APIError:

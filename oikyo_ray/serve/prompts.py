@@ -21,8 +21,13 @@ def chat_prompt(tokenizer, req: ChatRequest) -> str:
     return render_prompt(tokenizer, messages, meta.get("tools"))
 
 
-def completion_prompts(req: CompletionRequest) -> list[str]:
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     return list(req.prompt)
+
+
+def check_prompt_ids(ids: list[int], max_tokens: int) -> None:
+    if len(ids) > max_tokens:
+        raise InvalidRequest(f"prompt has {len(ids)} tokens > limit {max_tokens}", param="prompt")
 
 
 def text_size(req: ChatRequest) -> int:
@@ -46,7 +51,9 @@ def check_prompt_size(size: int, max_tokens: int, bytes_per_token: int) -> None:
         )
 
 
-def check_prompt_length(tokenizer, prompt: str, limit: int) -> None:
+def check_prompt_length(tokenizer, prompt: str, limit: int) -> int:
+    """The prompt's token count, refused over `limit`."""
     n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if n > limit:
         raise InvalidRequest(f"prompt has {n} tokens > limit {limit}")
+    return n

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from oikyo_ray.data.formats import tool_name
+from oikyo_ray.serve.tool_calls import split as split_tool_calls
 
 # Sampling divides the logits by the temperature (in float32): a temperature near 0 multiplies
 # them towards inf (inf - inf is NaN in softmax), so below MIN_TEMPERATURE only 0 (greedy) is
@@ -15,15 +18,31 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**63 - 1  # a signed 64-bit seed, as OpenAI documents it and torch.manual_seed takes
+MAX_N = 8  # choices per prompt
+MAX_LOGPROBS = 5  # completions' top-k (OpenAI's own limit); chat's top_logprobs goes to 20
+MAX_TOP_LOGPROBS = 20
 
 
 def _listed(v: Any) -> Any:
     return [v] if isinstance(v, str) else v
 
 
+def _prompts(v: Any) -> Any:
+    """OpenAI's prompt forms: a string, strings, token ids, or lists of token ids."""
+    if isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(t, int) for t in v)):
+        return [v]
+    return v
+
+
 # a string or a list of strings, held as a list: an error then names `stop.1`, not pydantic's
 # union member (`stop.list[str].1`)
 OneOrMany = Annotated[list[str], BeforeValidator(_listed)]
+Prompts = Annotated[list[str | list[Annotated[int, Field(ge=0, lt=2**31)]]], BeforeValidator(_prompts)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
 
 
 class GenerationRequest(BaseModel):
@@ -35,13 +54,14 @@ class GenerationRequest(BaseModel):
     # allow_inf_nan=False: a float field refuses inf and NaN by name
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     model: str = Field(max_length=256)
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0)  # 0 only with completions' echo: score the prompt
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: OneOrMany | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool = False
-    n: int | None = 1
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
     # OpenAI's ranges; checked so a client learns of a bad value, but the engine does not apply them
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -53,30 +73,41 @@ class GenerationRequest(BaseModel):
             raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
         return v
 
-    @field_validator("n")
+    @field_validator("n", mode="before")
     @classmethod
-    def _one_choice(cls, v: int | None) -> int | None:
-        if v not in (None, 1):
-            raise ValueError("only n=1 is supported (one choice per prompt)")
-        return v
+    def _n(cls, v: Any) -> Any:
+        return 1 if v is None else v
 
     def stops(self) -> list[str]:
         return list(self.stop or [])
 
-    def sampling(self) -> dict:
-        """The engine's decoding settings for this request."""
-        return {
+    def top_logprobs_k(self) -> int | None:
+        """How many alternatives per token to return logprobs for; None: no logprobs."""
+        return None
+
+    def sampling(self, choice: int = 0) -> dict:
+        """The engine's decoding settings for this request's `choice`-th choice (with a seed, each
+        choice samples with its own, so n choices differ and repeat exactly)."""
+        out: dict = {
             "max_new_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
-            "seed": self.seed,
+            "seed": None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1),
             "stop": self.stops(),
         }
+        if self.top_logprobs_k() is not None:
+            out["logprobs"] = self.top_logprobs_k()
+        return out
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: OneOrMany
+    prompt: Prompts
     best_of: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
 
     @field_validator("best_of")
     @classmethod
@@ -84,6 +115,28 @@ class CompletionRequest(GenerationRequest):
         if v not in (None, 1):
             raise ValueError("only best_of=1 is supported (no server-side candidates)")
         return v
+
+    def top_logprobs_k(self) -> int | None:
+        return self.logprobs
+
+    def sampling(self, choice: int = 0) -> dict:
+        out = super().sampling(choice)
+        if self.echo:
+            out["echo"] = True
+        return out
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+    def as_dict(self) -> dict:
+        return {"type": "function", "function": {"name": self.function.name}}
 
 
 class ChatMessage(BaseModel):
@@ -101,11 +154,23 @@ class ChatMessage(BaseModel):
 class ChatRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None  # function schemas, shown to the model by the template
-    # accepted for compatibility; not enforced: the template offers every tool and the model decides
-    tool_choice: str | dict[str, Any] | None = None
+    # "auto" (default with tools), "none" (tools not offered), "required", or one named function:
+    # the last two start the answer inside a call (`tool_calls.prefix`)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def top_logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def tool_names(self) -> set[str]:
+        """Names of the offered tools whose calls are read back (none for tool_choice "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return set()
+        return {n for t in self.tools if (n := tool_name(t))}
 
 
-def _usage(outs: list[dict]) -> dict:
+def usage(outs: list[dict]) -> dict:
     p = sum(o["prompt_tokens"] for o in outs)
     c = sum(o["completion_tokens"] for o in outs)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
@@ -121,28 +186,56 @@ def completion_response(model: str, outs: list[dict]) -> dict:
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "usage": _usage(outs),
+        "usage": usage(outs),
         "choices": [
-            {"index": i, "text": o["text"], "finish_reason": o["finish_reason"], "logprobs": None}
+            {"index": i, "text": o["text"], "finish_reason": o["finish_reason"], "logprobs": o.get("logprobs")}
             for i, o in enumerate(outs)
         ],
     }
 
 
-def chat_response(model: str, out: dict) -> dict:
+def chat_logprobs(lp: dict | None) -> dict | None:
+    """Completions-shaped logprobs (`serve/logprobs.py`) in chat's shape."""
+    if lp is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {
+        "content": [
+            {**entry(t, p), "top_logprobs": [entry(k, v) for k, v in (top or {}).items()]}
+            for t, p, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"])
+        ]
+    }
+
+
+def chat_message(out: dict, names: frozenset[str] | set[str], start: str = "") -> tuple[dict, str]:
+    """(message, finish_reason) of one answer: its tool calls read back when tools were offered."""
+    if not names:
+        return {"role": "assistant", "content": out["text"]}, out["finish_reason"]
+    content, calls = split_tool_calls(start + out["text"], names)
+    if not calls:
+        return {"role": "assistant", "content": out["text"] if not start else content}, out["finish_reason"]
+    return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+
+
+def chat_response(
+    model: str, outs: list[dict], names: frozenset[str] | set[str] = frozenset(), start: str = ""
+) -> dict:
+    choices = []
+    for i, o in enumerate(outs):
+        message, finish = chat_message(o, names, start)
+        choices.append(
+            {"index": i, "message": message, "finish_reason": finish, "logprobs": chat_logprobs(o.get("logprobs"))}
+        )
     return {
         "id": new_id("chatcmpl"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "usage": _usage([out]),
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": out["text"]},
-                "finish_reason": out["finish_reason"],
-            }
-        ],
+        "usage": usage(outs),
+        "choices": choices,
     }
 
 
@@ -150,7 +243,7 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def completion_chunk(rid: str, model: str, text: str | None, finish: str | None = None, role: bool = False) -> dict:
+def completion_chunk(rid: str, model: str, text: str | None, finish: str | None = None) -> dict:
     return {
         "id": rid,
         "object": "text_completion",
@@ -160,14 +253,25 @@ def completion_chunk(rid: str, model: str, text: str | None, finish: str | None 
     }
 
 
-def chat_chunk(rid: str, model: str, text: str | None, finish: str | None = None, role: bool = False) -> dict:
-    delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+def chat_chunk(rid: str, model: str, delta: dict, finish: str | None = None) -> dict:
     return {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def usage_chunk(rid: str, model: str, chat: bool, counts: dict) -> dict:
+    """The last chunk of a stream asked for `stream_options.include_usage`: no choices, the usage."""
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": usage([counts]),
     }
 
 

@@ -30,7 +30,7 @@ def prefix(tool_choice) -> str:
     return ""
 
 
-def _calls(block: str, names: set[str]) -> list[dict] | None:
+def _calls(block: str, names: frozenset[str] | set[str]) -> list[dict] | None:
     """OpenAI tool calls from one block's JSON, or None when it is not a valid call of a tool."""
     try:
         value = json.loads(block)
@@ -52,7 +52,7 @@ def _calls(block: str, names: set[str]) -> list[dict] | None:
     return out
 
 
-def split(text: str, names: set[str]) -> tuple[str | None, list[dict]]:
+def split(text: str, names: frozenset[str] | set[str]) -> tuple[str | None, list[dict]]:
     """(content, tool_calls) of a whole answer; content is None when only calls remain."""
     calls: list[dict] = []
 
@@ -73,7 +73,7 @@ class ToolCallStream:
     Text that might be the start of `<tool_call>` is held until it is clear; a block is held until
     it closes (or the stream ends), then sent as calls, or as content if it is not a valid call."""
 
-    def __init__(self, names: set[str], start: str = ""):
+    def __init__(self, names: frozenset[str] | set[str], start: str = ""):
         self.names, self._buf, self._in_block = names, start, False
 
     def feed(self, piece: str) -> tuple[str, list[dict]]:
