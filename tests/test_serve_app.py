@@ -275,8 +275,18 @@ def test_metrics_exported_per_adapter(server, ray_session):
             if not s.name.endswith("_created")
         }
 
-    counts = _eventually(lambda: (got := requests()).get(("alpha", "200")) and got.get(("?", "401")) and got)
+    for i in range(3):  # made-up model names: one bounded label, not a series each
+        httpx.post(f"{server}/v1/completions", headers=H, timeout=30, json={"model": f"made-up-{i}", "prompt": "hi"})
+    counts = _eventually(
+        lambda: (
+            (got := requests()).get(("alpha", "200"))
+            and got.get(("_unknown", "401"))
+            and got.get(("_unknown", "404"))
+            and got
+        )
+    )
     assert counts, requests()
+    assert not any(m.startswith("made-up") for m, _ in counts)
     for family in (
         "ray_oikyo_request_latency_ms",
         "ray_oikyo_tokens",
@@ -409,3 +419,132 @@ def test_request_over_the_timeout_gets_504(server, cache_dir, tmp_path):
         assert r.json()["error"]["message"] == "request timed out"
     finally:
         serve.delete("slowapp")
+
+
+# ---- hostile traffic over real HTTP: each bad request fails alone, the next normal one succeeds ----
+
+
+def _normal(url):
+    assert _complete(url, "alpha", "Capital of Peru?") == "Lima"
+
+
+@pytest.mark.parametrize(
+    "content, status",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, 400),  # nested too deep (was a RecursionError 500)
+        (b"{oops", 400),
+        (b'{"model": "alpha", "prompt": "\xff\xfe"}', 400),  # not UTF-8
+        (b'{"model": "alpha", "prompt": "hi", "seed": 1' + b"0" * 400 + b"}", 400),  # a huge number
+        (b" " * (2 << 20), 413),  # over serve.max_body_bytes
+        (json.dumps({"model": "alpha", "prompt": "hi", "temperature": 1e-30}).encode(), 400),  # overflows sampling
+        (json.dumps({"model": "alpha", "prompt": ["hi"] * 5000}).encode(), 400),  # fan-out bounded
+        (json.dumps({"model": "alpha", "prompt": "word " * 200_000}).encode(), 400),  # refused before tokenising
+    ],
+    ids=["nested", "not-json", "not-utf8", "huge-number", "too-big", "bad-temperature", "many-prompts", "huge-prompt"],
+)
+def test_hostile_bodies_fail_alone(server, content, status):
+    r = httpx.post(
+        f"{server}/v1/completions",
+        headers={**H, "Content-Type": "application/json"},
+        content=content,
+        timeout=60,
+    )
+    assert r.status_code == status, r.text[:300]
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    _normal(server)
+
+
+def test_a_poisoned_request_in_a_concurrent_batch_fails_alone(server):
+    async def main():
+        async with httpx.AsyncClient(timeout=120, headers=H) as c:
+            bodies = [
+                {"model": "alpha", "prompt": _prompt("Capital of Peru?"), "max_tokens": 6, "temperature": 0}
+                for _ in range(8)
+            ]
+            bodies[3]["temperature"] = 1e-30
+            return await asyncio.gather(*[c.post(f"{server}/v1/completions", json=b) for b in bodies])
+
+    rs = asyncio.run(main())
+    assert [r.status_code for r in rs] == [200, 200, 200, 400, 200, 200, 200, 200]
+    assert all(r.json()["choices"][0]["text"] == "Lima" for i, r in enumerate(rs) if i != 3)
+
+
+def test_dropped_streams_free_the_engine(server):
+    """Clients that leave long streams: their generations stop, the next request is served."""
+    body = {"model": "beta", "prompt": _prompt("Tell me a story."), "max_tokens": 400, "temperature": 1.0, "seed": 1}
+    for _ in range(4):
+        with httpx.stream(
+            "POST", f"{server}/v1/completions", headers=H, json={**body, "stream": True}, timeout=60
+        ) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break  # leave after the first event
+    t0 = time.monotonic()
+    _normal(server)
+    assert time.monotonic() - t0 < 60
+
+
+def test_lm_eval_harness_against_the_endpoint(server, tiny_model, adapter_root, tmp_path, monkeypatch):
+    """lm-evaluation-harness's local-completions model: a multiple-choice (loglikelihood) task and a
+    generate_until task; its loglikelihoods equal the adapter's, computed here in process."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    docs = [
+        {"question": "Capital of Peru?", "choices": [" Lima", " Paris", " Rome"], "answer": 0},
+        {"question": "Capital of France?", "choices": [" Lima", " Paris", " Rome"], "answer": 1},
+    ]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "gen.jsonl").write_text(json.dumps({"question": _prompt("Capital of Peru?"), "answer": "Lima"}) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "mc.yaml").write_text(
+        f"task: oikyo_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'mc.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n"
+    )
+    (tasks / "gen.yaml").write_text(
+        f"task: oikyo_gen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'gen.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
+        "generation_kwargs:\n  until: ['<|im_end|>']\n  max_gen_toks: 6\n  do_sample: false\n  temperature: 0\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    monkeypatch.setenv("OPENAI_API_KEY", TOKEN)
+    out = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            "base_url": f"{server}/v1/completions",
+            "model": "alpha",
+            "tokenizer": str(tiny_model),
+            "tokenizer_backend": "huggingface",
+            "tokenized_requests": True,
+            "num_concurrent": 1,
+            "max_retries": 1,
+        },
+        tasks=["oikyo_mc", "oikyo_gen"],
+        task_manager=TaskManager(include_path=str(tasks)),
+        log_samples=True,
+    )
+    assert out["results"]["oikyo_gen"]["exact_match,none"] == 1.0  # generate_until: "Lima"
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), adapter_root / "alpha").eval()
+    checked = 0
+    for sample in out["samples"]["oikyo_mc"]:
+        for (context, continuation), resp in zip(sample["arguments"], sample["resps"]):
+            # as lm-eval splits a pair for a causal model: the whole text encoded, then cut after the context
+            spaces = len(context) - len(context.rstrip())
+            context, continuation = context[: len(context) - spaces], context[len(context) - spaces :] + continuation
+            whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+            ctx = tok(context, add_special_tokens=False)["input_ids"]
+            cont = whole[len(ctx) :]
+            ctx = whole[: len(ctx)]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].float(), -1)
+            want = sum(float(logp[len(ctx) + i - 1, t]) for i, t in enumerate(cont))
+            assert abs(resp[0][0] - want) < 1e-4, (context, continuation, resp, want)
+            checked += 1
+    assert checked == 6

@@ -21,8 +21,8 @@ def generate(
 ) -> list[dict]:
     """Complete each prompt (text, or token ids as OpenAI's completions API allows); returns
     [{"text", "prompt_tokens", "completion_tokens", "finish_reason", "token_ids"}], `token_ids`
-    being the completion's. Extra keyword arguments go to `model.generate` (e.g. peft's per-row
-    `adapter_names`)."""
+    being the tokens the model emitted, its stop token included (logprobs score it, as OpenAI's
+    do). Extra keyword arguments go to `model.generate` (e.g. peft's per-row `adapter_names`)."""
     if seed is not None:
         torch.manual_seed(seed)
     tokenizer.padding_side = "left"  # decoder-only: pad on the left so answers start aligned
@@ -55,7 +55,7 @@ def generate(
                 "prompt_tokens": int(enc["attention_mask"][i].sum()),
                 "completion_tokens": len(ids),
                 "finish_reason": finish,
-                "token_ids": ids,
+                "token_ids": row if cut is None else row[: cut + 1],
             }
         )
     return results
