@@ -191,3 +191,58 @@ def test_readme_has_the_multinode_recipe():
             for tok in ln.split(" -- ", 1)[1].split():
                 if tok.endswith((".py", ".yaml")):
                     assert (ROOT / tok).is_file(), f"{tok} does not exist"
+
+
+# ------------------------------------------------------------------------------ security groups
+
+
+def ssh_exposure_problems(cfg: dict) -> list[str]:
+    """AWS: every node type must name its own SecurityGroupIds (else `ray up` creates a group that
+    opens 22 to 0.0.0.0/0, and adds that rule to a provider.security_group too), and no rule in
+    the file may open 22 to the world."""
+    if cfg["provider"]["type"] != "aws":
+        return []
+    out = []
+    if cfg["provider"].get("security_group") is not None:
+        out.append("provider.security_group: the launcher adds 22 from 0.0.0.0/0 to it; use SecurityGroupIds")
+    for name, nt in cfg["available_node_types"].items():
+        if not nt.get("node_config", {}).get("SecurityGroupIds"):
+            out.append(f"{name}: no node_config.SecurityGroupIds (the launcher's default opens SSH to 0.0.0.0/0)")
+
+    def walk(node):
+        if isinstance(node, dict):
+            lo, hi = node.get("FromPort"), node.get("ToPort")
+            if lo is not None and (lo == -1 or lo <= 22 <= (hi if hi is not None else lo)):
+                cidrs = [r.get("CidrIp") for r in node.get("IpRanges", [])]
+                cidrs += [r.get("CidrIpv6") for r in node.get("Ipv6Ranges", [])]
+                if {"0.0.0.0/0", "::/0"} & set(cidrs):
+                    out.append(f"a rule opens SSH (22) to the world: {node}")
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(cfg)
+    return out
+
+
+def test_aws_security_group_keeps_ssh_closed():
+    cfg = _load(CLUSTER / "aws-gpu.yaml")
+    assert ssh_exposure_problems(cfg) == []
+    readme = (CLUSTER / "README.md").read_text()
+    assert "SecurityGroupIds" in readme and "0.0.0.0/0" in readme
+
+
+def test_ssh_check_catches_open_security_group():
+    cfg = _load(CLUSTER / "aws-gpu.yaml")
+    broken = copy.deepcopy(cfg)
+    del broken["available_node_types"]["worker.gpu"]["node_config"]["SecurityGroupIds"]
+    assert any("worker.gpu" in p for p in ssh_exposure_problems(broken))
+    broken = copy.deepcopy(cfg)
+    broken["provider"]["security_group"] = {
+        "GroupName": "x",
+        "IpPermissions": [{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]}],
+    }
+    problems = ssh_exposure_problems(broken)
+    assert any("provider.security_group" in p for p in problems) and any("to the world" in p for p in problems)

@@ -420,7 +420,7 @@ def test_networkpolicy_keeps_control_plane_in_cluster():
     for np in policies:
         spec = np["spec"]
         assert spec["podSelector"]["matchLabels"].get("ray.io/is-ray-node") == "yes"
-        assert "Ingress" in spec["policyTypes"]
+        assert "Ingress" in spec["policyTypes"] or spec.get("egress"), f"{np['metadata']['name']}: no rules"
         for rule in spec.get("ingress", []):
             peers = rule.get("from")
             assert peers, f"{np['metadata']['name']}: a rule without `from` admits every source"
@@ -534,3 +534,310 @@ def test_readme_commands_name_real_files():
     text = (K8S / "README.md").read_text()
     for path in sorted(set(re.findall(r"\bk8s/[\w.-]+\.ya?ml\b|\bjobs/[\w./-]+\.(?:py|yaml)\b", text))):
         assert (ROOT / path).is_file(), f"k8s/README.md names {path}, which does not exist"
+
+
+# ------------------------------------------------------------------ Pod Security Standard "restricted"
+
+
+def _image_user() -> tuple[int, int]:
+    """The numeric `USER uid:gid` the Dockerfile ends with (the user every pod must run as)."""
+    users = re.findall(r"^USER\s+(\S+)\s*$", (K8S / "Dockerfile").read_text(), re.M)
+    assert users, "k8s/Dockerfile sets no USER"
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit() and gid.isdigit(), f"USER {users[-1]}: use numeric uid:gid (runAsNonRoot needs it)"
+    return int(uid), int(gid)
+
+
+def test_image_runs_as_non_root_user():
+    uid, _ = _image_user()
+    assert uid != 0
+
+
+def pod_templates(node, where: str = "", needs_api: bool = False):
+    """Every pod spec (a dict with `containers`) anywhere in a manifest, with whether it needs the
+    Kubernetes API: the head of a cluster with the in-tree autoscaler, whose sidecar calls it."""
+    if isinstance(node, dict):
+        if isinstance(node.get("containers"), list):
+            yield where, node, needs_api
+            return
+        for k, v in node.items():
+            head_api = k == "headGroupSpec" and bool(node.get("enableInTreeAutoscaling"))
+            yield from pod_templates(v, f"{where}.{k}", needs_api or head_api)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from pod_templates(v, f"{where}[{i}]", needs_api)
+
+
+POD_TEMPLATES = [(f"{i}{w}", ps, api) for i, d in DOCS for w, ps, api in pod_templates(d)]
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+}
+
+
+def restricted_problems(pod: dict, needs_api: bool) -> list[str]:
+    uid, gid = _image_user()
+    out = []
+    psc = pod.get("securityContext") or {}
+    if psc.get("runAsNonRoot") is not True:
+        out.append("pod: runAsNonRoot must be true")
+    if psc.get("runAsUser") != uid:
+        out.append(f"pod: runAsUser must be {uid} (the image's user)")
+    if psc.get("runAsGroup", gid) != gid:
+        out.append(f"pod: runAsGroup must be {gid}")
+    if needs_api:
+        if pod.get("automountServiceAccountToken") is False:
+            out.append("autoscaling head: the autoscaler sidecar needs its ServiceAccount token")
+    elif pod.get("automountServiceAccountToken") is not False:
+        out.append("automountServiceAccountToken must be false (the pod does not use the API)")
+    emptydirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = c.get("securityContext") or {}
+        name = c.get("name")
+        for k, want in RESTRICTED_CONTAINER.items():
+            if sc.get(k) is not want:
+                out.append(f"{name}: {k} must be {want}")
+        if sc.get("privileged"):
+            out.append(f"{name}: privileged")
+        if sc.get("runAsUser", uid) in (0, None) or sc.get("runAsUser", uid) != uid:
+            out.append(f"{name}: runAsUser must be {uid}")
+        if "ALL" not in (sc.get("capabilities") or {}).get("drop", []):
+            out.append(f"{name}: capabilities must drop ALL")
+        if (sc.get("capabilities") or {}).get("add"):
+            out.append(f"{name}: adds capabilities")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp != "RuntimeDefault":
+            out.append(f"{name}: seccompProfile must be RuntimeDefault")
+        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+        wanted = ["/tmp", "/home/ray/.cache"] + (["/tmp/ray"] if name in ("ray-head", "ray-worker") else [])
+        for path in wanted:  # readOnlyRootFilesystem: where Ray, pip and torch write
+            if mounts.get(path) not in emptydirs:
+                out.append(f"{name}: {path} must be a writable emptyDir")
+    return out
+
+
+def test_every_manifest_pod_template_is_found():
+    per_doc = {i: len(list(pod_templates(d))) for i, d in DOCS}
+    assert len(POD_TEMPLATES) == sum(per_doc.values())
+    for i, d in RAY_DOCS:  # head + worker groups (+ the RayJob's submitter pod)
+        expected = sum(1 + len(cs.get("workerGroupSpecs", [])) for cs in _cluster_specs(d))
+        expected += "submitterPodTemplate" in d["spec"]
+        assert per_doc.get(i) == expected, i
+    assert "submitterPodTemplate" in _one("RayJob", "oikyo-finetune-demo")["spec"]
+
+
+@pytest.mark.parametrize("where,pod,needs_api", POD_TEMPLATES, ids=[w for w, _, _ in POD_TEMPLATES])
+def test_pod_template_meets_restricted_pss(where, pod, needs_api):
+    assert restricted_problems(pod, needs_api) == []
+
+
+def _head_pod(doc):
+    return doc["spec"]["headGroupSpec"]["template"]["spec"]
+
+
+def _worker_pod(doc):
+    return doc["spec"]["workerGroupSpecs"][0]["template"]["spec"]
+
+
+RESTRICTED_BREAKS = {  # mutation of raycluster.yaml's pods -> a word the problem must mention
+    "root": (lambda d: _worker_pod(d)["securityContext"].pop("runAsNonRoot"), "runAsNonRoot"),
+    "uid0": (lambda d: _worker_pod(d)["securityContext"].update(runAsUser=0), "runAsUser"),
+    "escalation": (
+        lambda d: _worker_pod(d)["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True),
+        "allowPrivilegeEscalation",
+    ),
+    "caps": (lambda d: _head_pod(d)["containers"][0]["securityContext"].pop("capabilities"), "drop ALL"),
+    "rw-root": (
+        lambda d: _head_pod(d)["containers"][0]["securityContext"].update(readOnlyRootFilesystem=False),
+        "readOnlyRootFilesystem",
+    ),
+    "seccomp": (
+        lambda d: (
+            _worker_pod(d)["securityContext"].pop("seccompProfile"),
+            _worker_pod(d)["containers"][0]["securityContext"].pop("seccompProfile"),
+        ),
+        "seccompProfile",
+    ),
+    "no-tmp-ray": (
+        lambda d: _worker_pod(d).update(volumes=[v for v in _worker_pod(d)["volumes"] if v["name"] != "ray-logs"]),
+        "/tmp/ray",
+    ),
+    "worker-token": (lambda d: _worker_pod(d).pop("automountServiceAccountToken"), "automountServiceAccountToken"),
+    "head-no-token": (lambda d: _head_pod(d).update(automountServiceAccountToken=False), "autoscaler"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESTRICTED_BREAKS))
+def test_restricted_check_catches_mistakes(case):
+    doc = copy.deepcopy(_one("RayCluster", "oikyo"))
+    mutate, word = RESTRICTED_BREAKS[case]
+    mutate(doc)
+    problems = [p for _, ps, api in pod_templates(doc) for p in restricted_problems(ps, api)]
+    assert any(word in p for p in problems), problems
+
+
+def test_head_without_autoscaler_does_not_mount_token():
+    doc = copy.deepcopy(_one("RayCluster", "oikyo"))
+    doc["spec"]["enableInTreeAutoscaling"] = False
+    problems = [p for _, ps, api in pod_templates(doc) for p in restricted_problems(ps, api)]
+    assert any("automountServiceAccountToken must be false" in p for p in problems)
+
+
+@pytest.mark.parametrize("doc", [d for _, d in RAY_DOCS], ids=[i for i, _ in RAY_DOCS])
+def test_autoscaler_sidecar_is_locked_down(doc):
+    for cs in _cluster_specs(doc):
+        if not cs.get("enableInTreeAutoscaling"):
+            continue
+        sc = cs.get("autoscalerOptions", {}).get("securityContext") or {}
+        for k, want in RESTRICTED_CONTAINER.items():
+            assert sc.get(k) is want, f"autoscalerOptions.securityContext.{k} must be {want}"
+        assert "ALL" in sc.get("capabilities", {}).get("drop", [])
+        assert sc.get("seccompProfile", {}).get("type") == "RuntimeDefault"
+        head_emptydirs = {v["name"] for v in cs["headGroupSpec"]["template"]["spec"]["volumes"] if "emptyDir" in v}
+        mounts = {m["mountPath"]: m["name"] for m in cs["autoscalerOptions"].get("volumeMounts", [])}
+        assert mounts.get("/tmp") in head_emptydirs, "read-only root: the autoscaler needs a writable /tmp"
+
+
+def test_namespace_enforces_restricted_pss():
+    namespaces = _docs("Namespace")
+    for ns in namespaces:
+        assert ns["metadata"].get("labels", {}).get("pod-security.kubernetes.io/enforce") == "restricted"
+    if not namespaces:
+        readme = (K8S / "README.md").read_text()
+        assert "pod-security.kubernetes.io/enforce=restricted" in readme
+
+
+# --------------------------------------------------------------------------------- egress policies
+
+METADATA_ADDRESSES = ["169.254.169.254", "fd00:ec2::254"]
+SERVE_CLIENT_LABEL = "oikyo.io/serve-client"
+
+
+def egress_problems(policies: list[dict]) -> list[str]:
+    import ipaddress
+
+    out = []
+    egress = [np for np in policies if "Egress" in np["spec"].get("policyTypes", [])]
+    ray = [np for np in egress if np["spec"]["podSelector"].get("matchLabels", {}).get("ray.io/is-ray-node") == "yes"]
+    if not ray:
+        return ["no Egress policy selects the Ray pods"]
+    ports = set()
+    for np in egress:
+        for rule in np["spec"].get("egress", []):
+            if not rule.get("to"):
+                out.append(f"{np['metadata']['name']}: an egress rule without `to` allows every address")
+            ports |= {p["port"] for p in rule.get("ports", [])} or {"*"}
+            for peer in rule.get("to", []):
+                block = peer.get("ipBlock")
+                if not block:
+                    continue
+                net = ipaddress.ip_network(block["cidr"])
+                excepted = [ipaddress.ip_network(e) for e in block.get("except", [])]
+                for addr in map(ipaddress.ip_address, METADATA_ADDRESSES):
+                    if addr.version == net.version and addr in net and not any(addr in e for e in excepted):
+                        out.append(f"{np['metadata']['name']}: {block['cidr']} reaches the metadata address {addr}")
+    for need in (53, 443):
+        if need not in ports and "*" not in ports:
+            out.append(f"egress to port {need} is not allowed")
+    return out
+
+
+def test_egress_keeps_pods_off_the_metadata_service():
+    assert egress_problems(_docs("NetworkPolicy")) == []
+
+
+def test_egress_check_catches_mistakes():
+    policies = copy.deepcopy(_docs("NetworkPolicy"))
+    (egress,) = [np for np in policies if "Egress" in np["spec"]["policyTypes"]]
+    for rule in egress["spec"]["egress"]:
+        for peer in rule.get("to", []):
+            peer.get("ipBlock", {}).pop("except", None)
+    problems = egress_problems(policies)
+    assert any("169.254.169.254" in p for p in problems) and any("fd00:ec2::254" in p for p in problems)
+    egress["spec"]["egress"].append({})
+    assert any("without `to`" in p for p in egress_problems(policies))
+    assert egress_problems([np for np in policies if np is not egress]) == ["no Egress policy selects the Ray pods"]
+
+
+def serve_port_problems(policies: list[dict]) -> list[str]:
+    out = []
+    for np in policies:
+        for rule in np["spec"].get("ingress", []):
+            if 8000 not in {p["port"] for p in rule.get("ports", [])}:
+                continue
+            for peer in rule["from"]:
+                ns = peer.get("namespaceSelector")
+                if ns is not None and ns.get("matchLabels", {}).get(SERVE_CLIENT_LABEL) != "true":
+                    out.append(f"{np['metadata']['name']}: 8000 open to namespaces without {SERVE_CLIENT_LABEL}")
+                if "ipBlock" in peer:
+                    out.append(f"{np['metadata']['name']}: 8000 open to an ipBlock")
+    return out
+
+
+def test_serve_port_open_only_to_labelled_namespaces():
+    assert serve_port_problems(_docs("NetworkPolicy")) == []
+    assert SERVE_CLIENT_LABEL in (K8S / "README.md").read_text(), "document the namespace label"
+
+
+def test_serve_port_check_catches_open_namespace():
+    policies = copy.deepcopy(_docs("NetworkPolicy"))
+    for np in policies:
+        for rule in np["spec"].get("ingress", []):
+            for peer in rule["from"]:
+                if "namespaceSelector" in peer and 8000 in {p["port"] for p in rule.get("ports", [])}:
+                    peer["namespaceSelector"] = {}
+    assert serve_port_problems(policies)
+
+
+# ----------------------------------------------------------------------- Serve deployment names
+
+
+def _app_deployments(import_path: str) -> set[str]:
+    """Import the application builder of `import_path` and collect the names of the module's
+    Serve deployments (@serve.deployment(name=...)). Importing starts no Ray cluster."""
+    import importlib
+
+    serve = pytest.importorskip("ray.serve")
+    module_name, _, attr = import_path.partition(":")
+    module = importlib.import_module(module_name)
+    assert callable(getattr(module, attr, None)), f"{import_path} does not resolve"
+    return {v.name for v in vars(module).values() if isinstance(v, serve.Deployment)}
+
+
+def _serve_configs() -> list[tuple[str, dict]]:
+    configs = [(f"k8s:{d['metadata']['name']}", _serve_config(d)) for d in _docs("RayService")]
+    for p in sorted((ROOT / "serve").glob("*.yaml")):
+        cfg = yaml.safe_load(p.read_text())
+        if isinstance(cfg, dict) and "applications" in cfg:
+            configs.append((f"serve/{p.name}", cfg))
+    return configs
+
+
+def deployment_problems(cfg: dict) -> list[str]:
+    out = []
+    for app in cfg["applications"]:
+        real = _app_deployments(app["import_path"])
+        for dep in app.get("deployments", []):
+            if dep["name"] not in real:
+                out.append(f"{app['name']}: deployment {dep['name']!r} is not one of {sorted(real)}")
+    return out
+
+
+def test_serve_configs_name_real_deployments():
+    configs = _serve_configs()
+    assert any(n.startswith("serve/") for n, _ in configs) and any(n.startswith("k8s:") for n, _ in configs)
+    for name, cfg in configs:
+        assert deployment_problems(cfg) == [], name
+    assert _app_deployments("oikyo_ray.serve.ray_serve:build_app") >= {"Model", "OpenAIIngress"}
+    rayservice = _serve_config(_one("RayService", "oikyo-serve"))
+    assert {d["name"] for d in rayservice["applications"][0]["deployments"]} == {"Model", "OpenAIIngress"}
+
+
+def test_deployment_check_catches_unknown_name():
+    cfg = copy.deepcopy(_serve_config(_one("RayService", "oikyo-serve")))
+    cfg["applications"][0]["deployments"][0]["name"] = "OpenAIServer"
+    assert any("OpenAIServer" in p for p in deployment_problems(cfg))
+    cfg["applications"][0]["import_path"] = "oikyo_ray.serve.ray_serve:no_such_builder"
+    with pytest.raises(AssertionError, match="does not resolve"):
+        deployment_problems(cfg)
