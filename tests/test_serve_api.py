@@ -28,6 +28,7 @@ class FakeBackend:
         self.fail: Exception | None = None
         self.reply: dict | None = None
         self.delay = 0.0
+        self.stalled = False
         self.samplings: list[dict] = []
         self.pieces: list = ["Li", "ma", {"finish_reason": "length", "completion_tokens": 2}]  # as the engine ends
 
@@ -38,6 +39,11 @@ class FakeBackend:
         if self.fail:
             raise self.fail
         return self.reply or OUT
+
+    async def health(self):
+        if self.fail:
+            raise self.fail
+        return {"ok": not self.stalled}
 
     async def stream(self, adapter, prompt, sampling):
         self.prompts.append((adapter, prompt))
@@ -613,3 +619,15 @@ def test_streamed_tool_calls_usage_and_errors(api):
     chunks = _events(client, "/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}})
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["usage"]["completion_tokens"] == len(svc.tokenizer("Lima", add_special_tokens=False)["input_ids"])
+
+
+def test_healthz_reflects_the_model_replicas(api):
+    client, svc = api
+    assert client.get("/healthz").status_code == 200  # no token needed: probes and load balancers
+    svc.backend.stalled = True
+    r = client.get("/healthz")
+    assert r.status_code == 503 and r.json() == {"status": "unavailable"}
+    svc.backend.stalled, svc.backend.fail = False, RuntimeError("no replica")
+    assert client.get("/healthz").status_code == 503
+    svc.backend.fail = None
+    assert client.get("/healthz").status_code == 200

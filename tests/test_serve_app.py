@@ -548,3 +548,8 @@ def test_lm_eval_harness_against_the_endpoint(server, tiny_model, adapter_root, 
             assert abs(resp[0][0] - want) < 1e-4, (context, continuation, resp, want)
             checked += 1
     assert checked == 6
+
+
+def test_healthz_asks_a_model_replica(server):
+    r = httpx.get(f"{server}/healthz", timeout=30)
+    assert r.status_code == 200 and r.json() == {"status": "ok"}

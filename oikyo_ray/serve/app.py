@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import ValidationError
@@ -71,6 +71,10 @@ class Backend(Protocol):
     async def generate(self, adapter: str, prompt: str, sampling: dict) -> dict: ...
 
     def stream(self, adapter: str, prompt: str, sampling: dict) -> AsyncIterator[str | dict]: ...
+
+    async def health(self) -> dict:
+        """{"ok": bool, ...}: whether a model replica is serving (not stalled)."""
+        ...
 
 
 class Metrics(Protocol):
@@ -146,8 +150,15 @@ generation = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], rout
 
 
 @public.get("/healthz")
-async def healthz() -> dict:
-    return {"status": "ok"}
+async def healthz(svc: ServiceDep) -> Response:
+    """200 while a model replica answers and is not stalled, else 503 (for load balancers and
+    probes: this proxy alone being up says nothing about the models)."""
+    try:
+        state = await asyncio.wait_for(svc.backend.health(), timeout=10)
+    except Exception:  # noqa: BLE001 - no replica answered: not healthy, whatever the reason
+        state = {"ok": False}
+    ok = bool(state.get("ok"))
+    return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
 
 @v1.get("/models")

@@ -117,6 +117,9 @@ class ModelServer:
         async for piece in self.replica.stream(serve.get_multiplexed_model_id() or None, prompt, sampling):
             yield piece
 
+    def health(self) -> dict:
+        return {"ok": not self.replica.stalled(self.stall_s), "pending": self.replica.pending}
+
     def check_health(self) -> None:
         if self.replica.stalled(self.stall_s):
             raise RuntimeError(f"engine made no progress for {self.stall_s:.0f}s with requests waiting")
@@ -140,6 +143,10 @@ class ModelClient:
         with _busy_answers_503():
             async for piece in gen:
                 yield piece
+
+    async def health(self) -> dict:
+        """A model replica's own view (one replica, picked by Serve): stalled or serving."""
+        return await self.handle.health.remote()
 
 
 @contextmanager
