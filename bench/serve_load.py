@@ -202,6 +202,22 @@ async def load(url: str, models: list[str], requests: int, concurrency: int) -> 
     }
 
 
+def serve_tiny(work: Path, model_path: str, adapter_root: Path, overrides: list[str]) -> tuple[str, int]:
+    """Start Ray (2 CPUs) and oikyo's app on a free loopback port with TOKEN; (base URL, port)."""
+    from oikyo_ray.cluster import init_ray
+    from oikyo_ray.config import load_config
+    from oikyo_ray.serve.ray_serve import start
+
+    (work / "token").write_text(TOKEN)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_ray(num_cpus=2)
+    base = [f"model.name_or_path={model_path}", f"serve.port={port}", f"serve.token_file={work / 'token'}"]
+    cfg = load_config(None, [*base, f"serve.adapter_root={adapter_root}", *overrides])
+    return start(cfg, model_path), port
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64)
@@ -211,10 +227,7 @@ def main() -> None:
 
     from ray import serve
 
-    from oikyo_ray.cluster import init_ray
-    from oikyo_ray.config import load_config
     from oikyo_ray.model.tiny import ensure_tiny_model
-    from oikyo_ray.serve.ray_serve import start
 
     work = Path(tempfile.mkdtemp(prefix="oikyo-bench-"))
     model_path = str(ensure_tiny_model(work / "cache"))
@@ -222,24 +235,12 @@ def main() -> None:
     names = make_adapters(model_path, root, 8)
     eng = direct_engine(model_path, root / "a0")
 
-    (work / "token").write_text(TOKEN)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    init_ray(num_cpus=2)
-    cfg = load_config(
-        None,
-        [
-            f"model.name_or_path={model_path}",
-            f"serve.port={port}",
-            f"serve.token_file={work / 'token'}",
-            f"serve.adapter_root={root}",
-            "serve.max_adapters_per_replica=8",
-            "serve.max_batch_size=8",
-            "serve.batch_wait_timeout_s=0.005",
-        ],
+    url, port = serve_tiny(
+        work,
+        model_path,
+        root,
+        ["serve.max_adapters_per_replica=8", "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.005"],
     )
-    url = start(cfg, model_path)
     asyncio.run(load(url, names, 16, 8))  # warm-up: loads every adapter once
     # rounds interleave every measurement, so a slow spell of the machine hits all of them alike
     direct, served, singles, mixes = [], [], [], []

@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench._common import percentile, write_result
-from bench.serve_load import TOKEN, make_adapters
+from bench.serve_load import TOKEN, make_adapters, serve_tiny
 
 VALID = {"model": "a0", "prompt": "What is the capital of Peru?", "max_tokens": 8, "temperature": 0}
 
@@ -136,29 +135,12 @@ def main() -> None:
 
     from ray import serve
 
-    from oikyo_ray.cluster import init_ray
-    from oikyo_ray.config import load_config
     from oikyo_ray.model.tiny import ensure_tiny_model
-    from oikyo_ray.serve.ray_serve import start
 
     work = Path(tempfile.mkdtemp(prefix="oikyo-soak-"))
     model_path = str(ensure_tiny_model(work / "cache"))
     make_adapters(model_path, work / "adapters", 1)
-    (work / "token").write_text(TOKEN)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    init_ray(num_cpus=2)
-    cfg = load_config(
-        None,
-        [
-            f"model.name_or_path={model_path}",
-            f"serve.port={port}",
-            f"serve.token_file={work / 'token'}",
-            f"serve.adapter_root={work / 'adapters'}",
-        ],
-    )
-    url = start(cfg, model_path)
+    url, _ = serve_tiny(work, model_path, work / "adapters", [])
     asyncio.run(phase(url, 5, 4, 0.0, 0))  # warm-up: loads the adapter
     mem_before = replica_memory_mb()
     clean = asyncio.run(phase(url, args.seconds, args.concurrency, 0.0, 1))
