@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working dir holds oikyo_ray
 
-from oikyo_ray.cli import main  # noqa: E402
+from oikyo_ray.cli import program  # noqa: E402
 
 
 def parse(argv):
@@ -24,4 +24,4 @@ def parse(argv):
 
 if __name__ == "__main__":
     args = parse(sys.argv[1:])
-    sys.exit(main(["finetune", args.config, *args.overrides]))
+    program(["finetune", args.config, *args.overrides])

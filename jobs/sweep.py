@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working dir holds oikyo_ray
 
-from oikyo_ray.cli import main  # noqa: E402
+from oikyo_ray.cli import program  # noqa: E402
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -20,4 +20,4 @@ if __name__ == "__main__":
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     a = p.parse_args()
-    sys.exit(main(["sweep", a.config, *a.overrides, *(["--resume"] if a.resume else [])]))
+    program(["sweep", a.config, *a.overrides, *(["--resume"] if a.resume else [])])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from contextlib import nullcontext
+from typing import NoReturn
 
 from oikyo_ray.errors import OikyoError
 
@@ -166,5 +167,17 @@ def main(argv: list[str] | None = None) -> int:
             return e.exit_code
 
 
+def program(argv: list[str] | None = None) -> NoReturn:
+    """The `oikyo` command (and jobs/*.py): `main` in a process that ends with it. The output
+    filter is installed for the whole process, not just around `main`: Ray prints lines while the
+    process shuts down (raylet warnings, log flushes), after `main` has returned."""
+    from oikyo_ray.console import install
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--verbose" not in argv[:1]:
+        install()  # never undone: the process ends with it
+    sys.exit(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

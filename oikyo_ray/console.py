@@ -1,7 +1,8 @@
 """What the `oikyo` CLI prints: its own lines and real warnings, without known third-party noise,
 and progress bars for long steps (Ray-free).
 
-    with quiet_third_party():    around the CLI's work (entered before ray/torch are imported)
+    install()                    once, first thing in the `oikyo` program (before ray/torch are imported)
+    with quiet_third_party():    the same around an in-process CLI call
     with progress(total, "train") as bar: bar.update(n, loss=...)
 
 Noise is removed with the switches the libraries offer where they offer one (environment
@@ -18,7 +19,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from functools import partial
 
@@ -146,15 +147,11 @@ def _show_unless_known(show, message, category, filename, lineno, file=None, lin
         show(message, category, filename, lineno, file, line)
 
 
-@contextmanager
-def quiet_third_party() -> Iterator[None]:
-    """Set the libraries' own switches and filter stdout and stderr while the block runs. Enter it
-    before ray, torch or transformers are imported: some loggers bind their stream at import.
-
-    The streams are put back on exit, and a wrapper a library still holds then writes to the
-    current `sys.stdout`/`sys.stderr`: the CLI also runs in-process (tests, notebooks), where a
-    wrapper stuck on the stream it first wrapped (a test's capture, closed since) would break every
-    later write, such as a Ray Data thread logging its shutdown."""
+def install() -> Callable[[], None]:
+    """Set the libraries' own switches and filter stdout and stderr; returns what undoes it. Call
+    it before ray, torch or transformers are imported: some loggers bind their stream at import.
+    A program calls it once and never undoes it (`cli.program`): Ray prints lines while the
+    process shuts down, after the CLI's work is done."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' load/save bars
     for category, message, _ in WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
@@ -165,17 +162,33 @@ def quiet_third_party() -> Iterator[None]:
     saved = {name: getattr(sys, name) for name in ("stdout", "stderr")}
     installed = {}
     for name, stream in saved.items():
-        if not isinstance(stream, FilteredStream):  # a nested CLI call keeps the outer filter
+        if not isinstance(stream, FilteredStream):  # a nested call keeps the outer filter
             installed[name] = FilteredStream(stream)
             setattr(sys, name, installed[name])
-    try:
-        yield
-    finally:
+
+    def undo() -> None:
         warnings.showwarning = shown
         for name, stream in saved.items():
             setattr(sys, name, stream)
         for name, wrapper in installed.items():
             wrapper.release(name)
+
+    return undo
+
+
+@contextmanager
+def quiet_third_party() -> Iterator[None]:
+    """`install` for the duration of a block (the CLI called in-process: tests, notebooks).
+
+    The streams are put back on exit, and a wrapper a library still holds then writes to the
+    current `sys.stdout`/`sys.stderr`: a wrapper stuck on the stream it first wrapped (a test's
+    capture, closed since) would break every later write, such as a Ray Data thread logging its
+    shutdown."""
+    undo = install()
+    try:
+        yield
+    finally:
+        undo()
 
 
 class _Bar:

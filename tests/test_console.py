@@ -123,3 +123,18 @@ def test_progress_bar_counts_and_shows_postfix(capsys):
         bar.moveto(5)  # a restarted worker repeats steps: the bar never goes back
     err = capsys.readouterr().err
     assert "train" in err and "7/10" in err and "loss=1" in err
+
+
+def test_the_program_filters_what_is_printed_while_it_exits():
+    """Ray prints raylet warnings and log flushes at interpreter exit, after `main` returned: the
+    `oikyo` program (and jobs/*.py) keeps the filter on until the process ends."""
+    code = (
+        "import atexit, sys\n"
+        "from oikyo_ray.cli import program\n"
+        f"atexit.register(lambda: print({SEEN[-1]!r}, file=sys.stderr))\n"
+        "atexit.register(lambda: print('[oikyo] real line at exit', file=sys.stderr))\n"
+        "program(['config'])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "PYTHON worker processes" not in r.stderr and "[oikyo] real line at exit" in r.stderr
