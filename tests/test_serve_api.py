@@ -204,6 +204,25 @@ def test_invalid_chat_messages_get_400_naming_the_field(api, messages, tools, wo
 
 
 @pytest.mark.parametrize(
+    "body, words",
+    [
+        ({"max_tokens": 0}, "max_tokens: at least 1"),
+        ({"max_tokens": 0, "logprobs": True}, "max_tokens: at least 1"),
+        ({"top_logprobs": 3}, "top_logprobs: needs logprobs"),
+        ({"n": 9}, "n: Input should be less than or equal to 8"),
+    ],
+)
+def test_bad_chat_sampling_gets_400_naming_the_field(api, body, words):
+    client, svc = api
+    r = _chat(client, **body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and err["param"] == words.split(":")[0]
+    assert svc.backend.prompts == []
+    _ok(client)
+
+
+@pytest.mark.parametrize(
     "content, content_type, words",
     [
         ("{not json", "application/json", "request body is not valid JSON"),

@@ -581,3 +581,42 @@ def test_tool_calls_are_read_back_from_the_models_text():
     assert (
         split(prefix("required") + '{"name": "search", "arguments": {}}', names)[1][0]["function"]["name"] == "search"
     )
+
+
+def test_penalties_follow_openais_rule_in_batches_and_streams(tiny_model):
+    import torch
+
+    from oikyo_ray.eval.generate import OpenAIPenalties, generate
+    from oikyo_ray.serve.engine import Engine
+
+    scores, pen = torch.zeros(1, 5), OpenAIPenalties(presence=0.5, frequency=0.25)
+    assert pen(torch.tensor([[4, 4]]), scores).tolist() == [[0.0] * 5]  # the first call sees the prompt
+    # prompt [4, 4] is not counted: 1 was generated three times, 3 once
+    assert pen(torch.tensor([[4, 4, 1, 1, 1, 3]]), scores).tolist() == [[0.0, -1.25, 0.0, -0.75, 0.0]]
+
+    eng = Engine(load_config(None).model, str(tiny_model))
+    ids = eng.tokenizer("Capital of Peru?", add_special_tokens=False)["input_ids"]
+
+    def by_hand(presence: float, frequency: float, steps: int) -> list[int]:
+        seq, out = list(ids), []
+        with torch.no_grad():
+            for _ in range(steps):
+                logits = eng.model(input_ids=torch.tensor([seq])).logits[0, -1].clone()
+                for t in set(out):
+                    logits[t] -= frequency * out.count(t) + presence
+                out.append(int(logits.argmax()))
+                seq.append(out[-1])
+        return out
+
+    plain = generate(eng.model, eng.tokenizer, [ids], max_new_tokens=12)[0]["token_ids"]
+    assert len(set(plain)) < len(plain)  # the greedy answer repeats tokens: penalties must change it
+    s = {"max_new_tokens": 12, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []}
+    for presence, frequency in ((2.0, 0.0), (0.0, 1.5), (-1.0, 0.5)):
+        want = by_hand(presence, frequency, 12)
+        res = generate(eng.model, eng.tokenizer, [ids], 12, presence_penalty=presence, frequency_penalty=frequency)
+        assert res[0]["token_ids"] == want[: len(res[0]["token_ids"])]
+        pen = dict(s, presence_penalty=presence, frequency_penalty=frequency)
+        batched = eng.generate_many([{"adapter": None, "prompt": "Capital of Peru?", "sampling": pen}])[0]["text"]
+        streamed = "".join(p for p in eng.stream(None, "Capital of Peru?", pen) if isinstance(p, str))
+        assert streamed == batched == res[0]["text"]
+    assert by_hand(2.0, 0.0, 12) != plain

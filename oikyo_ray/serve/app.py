@@ -214,6 +214,8 @@ async def chat_completions(
     check_request(svc.cfg, req)
     request.state.model = req.model
     cfg = svc.cfg
+    if req.max_tokens == 0:
+        raise InvalidRequest("max_tokens: at least 1 (a chat answer has no prompt to score)", param="max_tokens")
     if len(req.messages) > cfg.max_messages_per_request:
         raise InvalidRequest(f"messages: more than {cfg.max_messages_per_request} messages", param="messages")
     if req.n > cfg.max_prompts_per_request:

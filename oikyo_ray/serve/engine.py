@@ -17,7 +17,7 @@ from peft import PeftModel
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from oikyo_ray.config import ModelConfig
-from oikyo_ray.eval.generate import generate
+from oikyo_ray.eval.generate import generate, penalty_processors
 from oikyo_ray.model.chat_template import stop_token_ids
 from oikyo_ray.model.load import load_model, load_tokenizer
 from oikyo_ray.serve.adapters import check_adapter_dir
@@ -181,6 +181,7 @@ class Engine:
             "eos_token_id": stop_token_ids(self.tokenizer),
             "pad_token_id": self.tokenizer.pad_token_id,
             "stopping_criteria": StoppingCriteriaList([watch]),
+            "logits_processor": penalty_processors(sampling.get("presence_penalty"), sampling.get("frequency_penalty")),
         }
         if sampling["temperature"] > 0:
             kwargs.update(temperature=sampling["temperature"], top_p=sampling["top_p"])

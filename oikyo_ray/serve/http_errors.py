@@ -79,7 +79,9 @@ def invalid_fields(errors: Sequence[Any]) -> InvalidRequest:
     if not where:  # no body, or one that is not JSON (FastAPI parses only application/json)
         msg = f"the request body must be a JSON object sent as Content-Type: application/json ({first['msg']})"
         return InvalidRequest(msg)
-    return InvalidRequest(f"{where}: {first['msg']}", param=where)
+    # our own validators' words, without pydantic's "Value error, " in front
+    msg = str(first["ctx"]["error"]) if first["type"] == "value_error" and "ctx" in first else first["msg"]
+    return InvalidRequest(f"{where}: {msg}", param=where)
 
 
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none"}

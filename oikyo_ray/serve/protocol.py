@@ -7,7 +7,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from oikyo_ray.data.formats import tool_name
 from oikyo_ray.serve.tool_calls import split as split_tool_calls
@@ -62,7 +62,7 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)
-    # OpenAI's ranges; checked so a client learns of a bad value, but the engine does not apply them
+    # OpenAI's ranges and meaning (`eval.generate.OpenAIPenalties`)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
 
@@ -95,6 +95,9 @@ class GenerationRequest(BaseModel):
             "seed": None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1),
             "stop": self.stops(),
         }
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):  # only when set: requests without them batch together
+                out[name] = getattr(self, name)
         if self.top_logprobs_k() is not None:
             out["logprobs"] = self.top_logprobs_k()
         return out
@@ -159,6 +162,13 @@ class ChatRequest(GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true (as OpenAI's API requires)")
+        return v
 
     def top_logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
