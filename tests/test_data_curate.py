@@ -104,7 +104,7 @@ def test_shared_glaive_keeps_tools_and_marks_calls(shared):
         src = raw[r["row"] - 1]
         msgs, meta = json.loads(r["messages"]), json.loads(r["meta"])
         tools = json.loads(src["tools"]) if src["tools"] else []
-        assert meta.get("tools", []) == tools
+        assert meta.get("tools", []) == [{"type": "function", "function": t} for t in tools]  # OpenAI's shape
         with_tools += bool(tools)
         assert [m["content"] for m in msgs] == [t["value"] for t in src["conversations"]]
         for m, t in zip(msgs, src["conversations"]):

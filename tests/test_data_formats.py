@@ -118,7 +118,10 @@ def test_sharegpt_tools_become_calls_results_and_meta():
     msgs, meta = normalise(row)
     assert [m["role"] for m in msgs] == ["user", "assistant", "tool", "assistant"]
     assert msgs[1] == {"role": "assistant", "content": '{"name": "get_weather", "arguments": {}}', "tool_call": True}
-    assert meta == {"tools": TOOLS}
+    # glaive-style bare schemas take OpenAI's shape, the one API clients send: served prompts match
+    openai = [{"function": {"name": "get_weather", "parameters": {}}, "type": "function"}]
+    assert meta == {"tools": openai}
+    assert normalise({**row, "tools": openai})[1] == normalise({**row, "tools": [{"function": TOOLS[0]}]})[1] == meta
     assert normalise({**row, "tools": ""})[1] == {} and normalise({**row, "tools": "[]"})[1] == {}
 
 

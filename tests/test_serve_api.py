@@ -650,3 +650,21 @@ def test_healthz_reflects_the_model_replicas(api):
     assert client.get("/healthz").status_code == 503
     svc.backend.fail = None
     assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "prompt, words",
+    [
+        ([3, 10**6], "token id 1000000 (position 1) is not in the vocabulary"),
+        ([[3, 4], [5, 2**31 - 1]], "token id 2147483647 (position 1) is not in the vocabulary"),
+        ("OOV", "is not in the vocabulary (ids 0.."),
+    ],
+)
+def test_token_ids_outside_the_vocabulary_get_400(api, tokenizer, prompt, words):
+    client, svc = api
+    prompt = [len(tokenizer)] if prompt == "OOV" else prompt  # the first id past the tokenizer's last
+    r = client.post("/v1/completions", headers=H, json={"model": "base", "prompt": prompt, "stream": False})
+    assert r.status_code == 400, r.text
+    assert words in r.json()["error"]["message"] and r.json()["error"]["param"] == "prompt"
+    assert svc.backend.prompts == []
+    _ok(client)

@@ -3,8 +3,10 @@ mixed-adapter batches, streaming, the openai client, errors, backpressure, recov
 
 import asyncio
 import json
+import os
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -53,6 +55,7 @@ def adapter_root(tiny_model, cache_dir, tmp_path_factory):
         LoopHooks(),
     )
     alpha.save_pretrained(root / "alpha")
+    _train_tool_caller(cfg, tok, tiny_model, root / "toolcaller", tmp_path_factory.mktemp("glaive"))
     torch.manual_seed(1)
     beta = get_peft_model(
         load_model(cfg.model, str(tiny_model)), LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)
@@ -65,6 +68,36 @@ def adapter_root(tiny_model, cache_dir, tmp_path_factory):
     (root / "pickled" / "adapter_config.json").write_text((root / "beta" / "adapter_config.json").read_text())
     (root / "pickled" / "adapter_model.bin").write_bytes(b"not really a pickle")
     return root
+
+
+# two conversations of the shared glaive tool-call file (user asks, assistant calls, tool answers,
+# assistant replies), learned by heart, so greedy decoding must give back their exact calls
+GLAIVE_ROWS = (11, 77)
+
+
+def _glaive_rows() -> list[dict]:
+    rows = json.loads((Path(os.environ["OIKYO_SHARED_DIR"]) / "datasets/glaive_toolcall_en_demo.json").read_text())
+    return [{**rows[i], "conversations": rows[i]["conversations"][:4]} for i in GLAIVE_ROWS]
+
+
+def _train_tool_caller(cfg, tok, tiny_model, out: Path, tmp: Path) -> None:
+    """A LoRA trained by oikyo's data stage and loop on shared tool-call rows (sharegpt + tools)."""
+    from oikyo_ray.data.curate import curate_file
+    from oikyo_ray.model.load import load_model
+    from oikyo_ray.model.methods import apply_method
+    from oikyo_ray.train.loop import LoopHooks, collate, shuffled_batches, train_loop
+
+    path = tmp / "glaive.json"
+    path.write_text(json.dumps(_glaive_rows()))
+    data = cfg.data.model_copy(update={"max_length": 1024})  # the tools block alone is long in the tiny vocab
+    recs = [r for r in curate_file(str(path), path.read_bytes(), data, tok) if r["status"] == "ok"]
+    assert len(recs) == len(GLAIVE_ROWS)
+    torch.manual_seed(0)
+    model = apply_method(load_model(cfg.model, str(tiny_model)), cfg.method)
+    train = cfg.train.model_copy(update={"lr": 1e-2})
+    epochs = lambda e: (collate(b, tok.pad_token_id) for b in shuffled_batches(recs, len(recs), e))  # noqa: E731
+    train_loop(model, epochs, train, 150, LoopHooks())
+    model.save_pretrained(out)
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +231,71 @@ def test_openai_client_chat_and_stream(server):
     stream = client.chat.completions.create(model="alpha", messages=msgs, max_tokens=6, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream) == "Lima"
     assert {m.id for m in client.models.list()} >= {"base", "alpha"}
+
+
+def _streamed_message(stream) -> tuple[str, dict, str]:
+    """(content, {index: {"name", "arguments"}}, finish_reason) put together from chunks' deltas."""
+    content, calls, finish = "", {}, None
+    for chunk in stream:
+        choice = chunk.choices[0]
+        content += choice.delta.content or ""
+        for d in choice.delta.tool_calls or []:
+            call = calls.setdefault(d.index, {"name": "", "arguments": "", "id": None})
+            call["id"] = call["id"] or d.id
+            call["name"] += (d.function.name or "") if d.function else ""
+            call["arguments"] += (d.function.arguments or "") if d.function else ""
+        finish = choice.finish_reason or finish
+    return content, calls, finish
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_client_tool_call_round_trip(server, stream):
+    """Tools in, tool_calls out, the tool's result in, the answer out, as an agent loop does it."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=TOKEN)
+    for row in _glaive_rows():
+        turns = row["conversations"]
+        tools = [{"type": "function", "function": t} for t in json.loads(row["tools"])]
+        want_call, result, want_answer = json.loads(turns[1]["value"]), turns[2]["value"], turns[3]["value"]
+        msgs: list[dict] = [{"role": "user", "content": turns[0]["value"]}]
+        kw = {"model": "toolcaller", "tools": tools, "max_tokens": 200, "temperature": 0}
+        if stream:
+            content, calls, finish = _streamed_message(client.chat.completions.create(messages=msgs, stream=True, **kw))
+            assert list(calls) == [0] and calls[0]["id"]
+            call = calls[0]
+        else:
+            out = client.chat.completions.create(messages=msgs, **kw)
+            finish, content = out.choices[0].finish_reason, out.choices[0].message.content
+            assert len(out.choices[0].message.tool_calls) == 1
+            c = out.choices[0].message.tool_calls[0]
+            call = {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+        assert finish == "tool_calls" and not content
+        assert call["name"] == want_call["name"] and json.loads(call["arguments"]) == want_call["arguments"]
+        msgs.append(
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": call["id"],
+                        "type": "function",
+                        "function": {"name": call["name"], "arguments": call["arguments"]},
+                    }
+                ],
+            }
+        )
+        msgs.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+        if stream:
+            content, calls, finish = _streamed_message(client.chat.completions.create(messages=msgs, stream=True, **kw))
+        else:
+            out = client.chat.completions.create(messages=msgs, **kw)
+            content, calls, finish = (
+                out.choices[0].message.content,
+                out.choices[0].message.tool_calls,
+                out.choices[0].finish_reason,
+            )
+        assert (content, finish) == (want_answer, "stop") and not calls
 
 
 @pytest.mark.parametrize(

@@ -620,3 +620,15 @@ def test_penalties_follow_openais_rule_in_batches_and_streams(tiny_model):
         streamed = "".join(p for p in eng.stream(None, "Capital of Peru?", pen) if isinstance(p, str))
         assert streamed == batched == res[0]["text"]
     assert by_hand(2.0, 0.0, 12) != plain
+
+
+def test_engine_streams_token_id_prompts(tiny_model):
+    from oikyo_ray.serve.engine import Engine
+
+    eng = Engine(load_config(None).model, str(tiny_model))
+    ids = eng.tokenizer("Capital of Peru?", add_special_tokens=False)["input_ids"]
+    s = {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []}
+    whole = eng.generate_many([{"adapter": None, "prompt": ids, "sampling": s}])[0]
+    pieces = list(eng.stream(None, ids, s))
+    assert "".join(pieces[:-1]) == whole["text"] and whole["text"]
+    assert pieces[-1] == {"finish_reason": whole["finish_reason"], "completion_tokens": whole["completion_tokens"]}

@@ -245,9 +245,13 @@ def _tools(value: Any) -> list:
     for j, t in enumerate(value):
         if tool_name(t) is None:
             raise RowError(f"tools[{j}] has no function name", kind="tools")
-    # one key order (sorted, as stored in the row's meta): training, eval and serving then render
-    # the same schema as the same text, whatever order the file or the client wrote its keys in
-    return json.loads(json.dumps(value, sort_keys=True))
+    # one shape (OpenAI's {"type": "function", "function": schema}, which files like glaive's leave
+    # out and API clients always send) and one key order (sorted): training, eval and serving then
+    # render the same tool as the same text, whatever the file or the client wrote
+    wrapped = [
+        {"type": "function", "function": t["function"] if isinstance(t.get("function"), dict) else t} for t in value
+    ]
+    return json.loads(json.dumps(wrapped, sort_keys=True))
 
 
 def tool_name(tool: Any) -> str | None:

@@ -201,7 +201,7 @@ async def completions(
         raise InvalidRequest("logprobs and echo are answered whole: use stream=false", param="stream")
     for p in prompts:
         if isinstance(p, list):
-            check_prompt_ids(p, cfg.max_prompt_tokens)
+            check_prompt_ids(p, cfg.max_prompt_tokens, len(svc.tokenizer))
         else:
             check_prompt_size(len(p.encode("utf-8")), cfg.max_prompt_tokens, cfg.max_prompt_bytes_per_token)
     return await _answer(svc, req, prompts, chat=False)

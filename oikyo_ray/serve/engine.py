@@ -166,7 +166,7 @@ class Engine:
         return res
 
     def stream(
-        self, adapter: str | None, prompt: str, sampling: dict, cancel: threading.Event | None = None
+        self, adapter: str | None, prompt: str | list[int], sampling: dict, cancel: threading.Event | None = None
     ) -> Iterator[str | dict]:
         """Yield text pieces as they are generated (one request; holds the model meanwhile), then
         {"finish_reason", "completion_tokens"}. Setting `cancel`, closing this iterator, or a stop
@@ -185,7 +185,11 @@ class Engine:
         }
         if sampling["temperature"] > 0:
             kwargs.update(temperature=sampling["temperature"], top_p=sampling["top_p"])
-        enc = self.tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(self.model.device)
+        if isinstance(prompt, list):  # completions may send token ids
+            ids = torch.tensor([prompt], device=self.model.device)
+            enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        else:
+            enc = self.tokenizer([prompt], return_tensors="pt", add_special_tokens=False).to(self.model.device)
         streamer = TextIteratorStreamer(
             self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=self.token_timeout_s
         )

@@ -25,9 +25,17 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
     return list(req.prompt)
 
 
-def check_prompt_ids(ids: list[int], max_tokens: int) -> None:
+def check_prompt_ids(ids: list[int], max_tokens: int, vocab_size: int) -> None:
+    """A token-id prompt: within the length limit, and every id one the tokenizer knows (an id past
+    the embedding table would fail the whole batch's forward pass)."""
     if len(ids) > max_tokens:
         raise InvalidRequest(f"prompt has {len(ids)} tokens > limit {max_tokens}", param="prompt")
+    bad = next((i for i, t in enumerate(ids) if t >= vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(
+            f"prompt: token id {ids[bad]} (position {bad}) is not in the vocabulary (ids 0..{vocab_size - 1})",
+            param="prompt",
+        )
 
 
 def text_size(req: ChatRequest) -> int:
