@@ -64,10 +64,22 @@ def adapter_root(tiny_model, cache_dir, tmp_path_factory):
     outside = tmp_path_factory.mktemp("outside")
     beta.save_pretrained(outside / "gamma")
     (root / "escape").symlink_to(outside / "gamma")
+    _nan_copy(root / "beta", root / "broken")
     (root / "pickled").mkdir()
     (root / "pickled" / "adapter_config.json").write_text((root / "beta" / "adapter_config.json").read_text())
     (root / "pickled" / "adapter_model.bin").write_bytes(b"not really a pickle")
     return root
+
+
+def _nan_copy(src: Path, dst: Path) -> None:
+    """An adapter whose weights are NaN: sampling from it raises inside `generate` ("probability
+    tensor contains either inf, nan or element < 0"), the error that once wedged a replica."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    weights = load_file(src / "adapter_model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()}, dst / "adapter_model.safetensors")
 
 
 # two conversations of the shared glaive tool-call file (user asks, assistant calls, tool answers,
@@ -565,6 +577,38 @@ def test_a_poisoned_request_in_a_concurrent_batch_fails_alone(server):
     rs = asyncio.run(main())
     assert [r.status_code for r in rs] == [200, 200, 200, 400, 200, 200, 200, 200]
     assert all(r.json()["choices"][0]["text"] == "Lima" for i, r in enumerate(rs) if i != 3)
+
+
+def test_generation_errors_fail_alone_and_never_wedge_the_replica(server):
+    """Streams and batches whose generation raises (a NaN adapter, sampled): each ends with an
+    error, nothing waits out a timeout, and normal requests (also in the same batch) are served."""
+    body = {"model": "broken", "prompt": _prompt("Tell me a story."), "max_tokens": 50, "temperature": 1.0}
+    t0 = time.monotonic()
+    for _ in range(3):
+        with httpx.stream(
+            "POST", f"{server}/v1/completions", headers=H, json={**body, "stream": True}, timeout=60
+        ) as r:
+            text = r.read().decode()
+        if r.status_code == 200:  # failed after the stream began: an error event, then the end
+            assert '"error"' in text and "internal error" in text and text.rstrip().endswith("data: [DONE]"), text
+        else:
+            assert r.status_code == 500 and r.json()["error"]["message"].startswith("internal error"), text
+        assert "Traceback" not in text and "probability tensor" not in text
+    assert time.monotonic() - t0 < 60  # answered at once, not after the stall or request timeouts
+
+    async def batch():
+        async with httpx.AsyncClient(timeout=120, headers=H) as c:
+            good = {"model": "alpha", "prompt": _prompt("Capital of Peru?"), "max_tokens": 6, "temperature": 0}
+            bodies = [good] * 3 + [body] + [good] * 3
+            return await asyncio.gather(*[c.post(f"{server}/v1/completions", json=b) for b in bodies])
+
+    rs = asyncio.run(batch())
+    assert [r.status_code for r in rs] == [200, 200, 200, 500, 200, 200, 200]
+    assert all(r.json()["choices"][0]["text"] == "Lima" for i, r in enumerate(rs) if i != 3)
+    t0 = time.monotonic()
+    _normal(server)
+    assert time.monotonic() - t0 < 30
+    assert httpx.get(f"{server}/healthz", timeout=30).status_code == 200
 
 
 def test_dropped_streams_free_the_engine(server):
