@@ -8,6 +8,7 @@ Run as:
     oikyo serve CONFIG.yaml [key=value ...]     # OpenAI-compatible server until Ctrl-C
     oikyo eval RUN_DIR [key=value ...] [--fail-on-regression]   # base vs fine-tuned report
     oikyo runs list|show|compare|export ...     # the runs registry
+    oikyo registry list|show|register|alias ... # named models: versions and aliases
     oikyo config CONFIG.yaml [key=value ...]    # print the resolved config (or --fields)
 """
 
@@ -143,11 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_config)
 
     from oikyo_ray.eval.cli import add_eval_commands
+    from oikyo_ray.registry.cli import add_registry_commands
     from oikyo_ray.runs.cli import add_runs_commands
 
     add_eval_commands(sub)
-
     add_runs_commands(sub)
+    add_registry_commands(sub)
     return p
 
 

@@ -25,3 +25,11 @@ class DataError(OikyoError):
 
 class ModelError(OikyoError):
     """A model or tokenizer cannot be found or loaded."""
+
+
+class RegistryError(OikyoError):
+    """A registry name, reference, run or log entry is wrong."""
+
+
+class RegistryConflict(RegistryError):
+    """Another writer changed what this change depended on; nothing was written."""

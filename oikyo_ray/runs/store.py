@@ -85,14 +85,23 @@ def read_text(uri: str) -> str | None:
             return None
 
 
-def list_dirs(uri: str) -> list[str]:
-    """Names of the sub-directories of uri ([] when it does not exist, but its bucket must)."""
+def _names(uri: str, kind: pafs.FileType) -> list[str]:
     fs, path = filesystem(uri)
     with _errors(uri):
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         if not infos:
             _require_bucket(fs, uri, path)
-        return [PurePosixPath(i.path).name for i in infos if i.type == pafs.FileType.Directory]
+        return [PurePosixPath(i.path).name for i in infos if i.type == kind]
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the sub-directories of uri ([] when it does not exist, but its bucket must)."""
+    return _names(uri, pafs.FileType.Directory)
+
+
+def list_files(uri: str) -> list[str]:
+    """Names of the files directly in uri ([] when it does not exist, but its bucket must)."""
+    return _names(uri, pafs.FileType.File)
 
 
 def delete_dir(uri: str) -> None:
