@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -24,6 +25,19 @@ S3_SECRET = "oikyo-test-SECRET-7f3a91"  # a known string: tests assert it is wri
 # that Tune stopped are released late. Two spare logical CPUs keep sweeps and Serve apps from
 # starving on that bookkeeping; the real compute still runs on the 2 cores.
 LOGICAL_CPUS = 4
+
+
+def os_tool(name: str) -> str:
+    """The path of an OS package's program a test needs. Absent: the test skips saying what to
+    install, except under .ci/run (OIKYO_CI=1), which installs it, so there its absence fails."""
+    path = shutil.which(name)
+    if path:
+        return path
+    if os.environ.get("OIKYO_CI") == "1":
+        pytest.fail(
+            f"{name} is missing although .ci/run installs it (apt-get install prometheus prometheus-alertmanager)"
+        )
+    pytest.skip(f"{name} is not installed: apt-get install prometheus prometheus-alertmanager")
 
 
 @pytest.fixture(scope="session")

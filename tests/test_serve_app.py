@@ -2,9 +2,13 @@
 mixed-adapter batches, streaming, the openai client, errors, backpressure, recovery, metrics."""
 
 import asyncio
+import http.server
 import json
 import os
+import re
 import socket
+import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -397,6 +401,11 @@ def test_metrics_exported_per_adapter(server, ray_session):
     )
     assert counts, requests()
     assert not any(m.startswith("made-up") for m, _ in counts)
+    httpx.post(f"{server}/v1/completions", headers=H, timeout=30, json={"model": "pickled", "prompt": "hi"})
+    failed = _eventually(
+        lambda: {s.labels["model"] for s in _samples(ray_session["metrics"], "ray_oikyo_adapter_load_failures")}
+    )
+    assert "pickled" in failed and not any(m.startswith("made-up") for m in failed)  # unknown names never counted
     for family in (
         "ray_oikyo_request_latency_ms",
         "ray_oikyo_tokens",
@@ -695,3 +704,122 @@ def test_lm_eval_harness_against_the_endpoint(server, tiny_model, adapter_root, 
 def test_healthz_asks_a_model_replica(server):
     r = httpx.get(f"{server}/healthz", timeout=30)
     assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+# ---- monitoring: the shipped alert rules end to end (Serve -> Prometheus -> Alertmanager -> webhook)
+
+
+def _fast_rules(text: str) -> str:
+    """The shipped rules with windows and `for` durations a test can wait out (same expressions)."""
+    text = re.sub(r"\[(5|10|15)m\]", "[30s]", text)
+    return re.sub(r"for: \d+m", "for: 0s", text)
+
+
+class _Webhook(http.server.BaseHTTPRequestHandler):
+    received: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Webhook.received.append(json.loads(body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):  # quiet
+        pass
+
+
+def _start(cmd: list[str], ready_url: str, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(ready_url, timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, log.read_text()[-2000:]
+        time.sleep(0.5)
+    proc.kill()
+    raise AssertionError(f"{cmd[0]} not ready: {log.read_text()[-2000:]}")
+
+
+def test_an_alert_fires_end_to_end(server, ray_session, tmp_path):
+    from tests.conftest import ROOT, _free_port, os_tool
+
+    prometheus, alertmanager = os_tool("prometheus"), os_tool("prometheus-alertmanager")
+    hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Webhook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    am_port, prom_port = _free_port(), _free_port()
+    (tmp_path / "am.yml").write_text(
+        "route: {receiver: hook, group_by: [alertname], group_wait: 1s, group_interval: 1s, repeat_interval: 1h}\n"
+        f"receivers: [{{name: hook, webhook_configs: [{{url: 'http://127.0.0.1:{hook.server_port}/'}}]}}]\n"
+    )
+    rules = tmp_path / "rules.yml"
+    rules.write_text(_fast_rules((ROOT / "monitoring/prometheus/oikyo-rules.yml").read_text()))
+    metrics = ray_session["metrics"].removeprefix("http://").removesuffix("/metrics")
+    (tmp_path / "prom.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: ['{rules}']\n"
+        f"alerting: {{alertmanagers: [{{static_configs: [{{targets: ['127.0.0.1:{am_port}']}}]}}]}}\n"
+        f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['{metrics}']}}]}}]\n"
+    )
+    procs = []
+    try:
+        procs.append(
+            _start(
+                [
+                    alertmanager,
+                    f"--config.file={tmp_path / 'am.yml'}",
+                    f"--storage.path={tmp_path / 'am'}",
+                    f"--web.listen-address=127.0.0.1:{am_port}",
+                    "--cluster.listen-address=",
+                ],
+                f"http://127.0.0.1:{am_port}/-/ready",
+                tmp_path / "am.log",
+            )
+        )
+        procs.append(
+            _start(
+                [
+                    prometheus,
+                    f"--config.file={tmp_path / 'prom.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}",
+                ],
+                f"http://127.0.0.1:{prom_port}/-/ready",
+                tmp_path / "prom.log",
+            )
+        )
+        api = f"http://127.0.0.1:{prom_port}/api/v1"
+        _normal(server)
+        bad = {"model": "broken", "prompt": _prompt("Tell me a story."), "max_tokens": 20, "temperature": 1.0}
+        deadline = time.time() + 180
+        fired = []
+        while time.time() < deadline and not fired:
+            for _ in range(5):  # errors keep coming, as in an incident, until the alert arrives
+                assert httpx.post(f"{server}/v1/completions", headers=H, json=bad, timeout=60).status_code == 500
+            time.sleep(2)
+            fired = [
+                a
+                for msg in _Webhook.received
+                for a in msg["alerts"]
+                if a["labels"]["alertname"] == "OikyoHighErrorRate" and a["status"] == "firing"
+            ]
+        assert fired, (httpx.get(f"{api}/alerts", timeout=10).json(), (tmp_path / "am.log").read_text()[-2000:])
+        assert fired[0]["labels"]["application"] == "oikyo" and fired[0]["labels"]["severity"] == "page"
+        assert "of requests fail with 5xx" in fired[0]["annotations"]["summary"]
+
+        # every dashboard query parses and evaluates on the real data; the request panels have series
+        dash = json.loads((ROOT / "monitoring/grafana/oikyo-serving.json").read_text())
+        for panel in dash["panels"]:
+            for target in panel["targets"]:
+                q = target["expr"].replace("$application", ".*").replace("$__rate_interval", "1m")
+                r = httpx.get(f"{api}/query", params={"query": q}, timeout=30).json()
+                assert r["status"] == "success", (panel["title"], r)
+                if panel["title"].startswith(("Requests/s", "5xx share", "Tokens/s")):
+                    assert r["data"]["result"], panel["title"]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+        hook.shutdown()

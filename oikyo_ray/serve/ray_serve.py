@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from oikyo_ray.config import OikyoConfig, load_config
 from oikyo_ray.errors import ConfigError
 from oikyo_ray.model.load import load_tokenizer, resolve_model_path
+from oikyo_ray.serve.adapters import AdapterNotFound, BadAdapterName
 from oikyo_ray.serve.app import Service, create_app
 from oikyo_ray.serve.auth import load_token
 from oikyo_ray.serve.demo_call import ask, ephemeral_token
@@ -97,8 +98,20 @@ class ModelServer:
         self.engine = engine = Engine(cfg.model, model_path)
         engine.token_timeout_s = self.stall_s = sc.stall_timeout_s
 
+        failures = metrics.Counter(
+            "oikyo_adapter_load_failures",
+            description="Adapters that exist but failed to load (unknown names are not counted).",
+            tag_keys=("model",),
+        )
+
         async def load(name: str):  # a plain function: Serve keeps its LRU cache on it
-            return await load_adapter(engine, name, sc, cfg.model.cache_dir)
+            try:
+                return await load_adapter(engine, name, sc, cfg.model.cache_dir)
+            except (AdapterNotFound, BadAdapterName):
+                raise  # the client's mistake, and unbounded names: not a label
+            except Exception:
+                failures.inc(tags={"model": name})
+                raise
 
         acquire = serve.multiplexed(max_num_models_per_replica=sc.max_adapters_per_replica)(load)
         self.replica = ModelReplica(
