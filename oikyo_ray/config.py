@@ -422,6 +422,12 @@ class ServeConfig(_Section):
         None, description="Local dir or s3:// prefix; `model: NAME` loads NAME/ from here on first use."
     )
     base_model_name: str = Field("base", description="The `model` name that selects the bare base.")
+    routes: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Served model name -> {adapter (or the base's name): weight}: requests for the name are "
+        "split between those by weight (a canary, an A/B test); one user (the request's `user`, else the "
+        "X-Oikyo-User header) always gets the same one. The answer's `model` and X-Oikyo-Model header name it.",
+    )
     max_adapters_per_replica: int = Field(8, ge=1, description="Adapters kept loaded per replica (LRU).")
     max_batch_size: int = Field(8, ge=1, description="Requests (any adapters) generated in one batch.")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill up.")
@@ -460,6 +466,20 @@ class ServeConfig(_Section):
     max_messages_per_request: int = Field(256, ge=1, description="Most messages in one chat request.")
     max_stop_sequences: int = Field(4, ge=0, description="Most stop strings in one request (OpenAI allows 4).")
     max_stop_chars: int = Field(256, ge=1, description="Longest accepted stop string, in characters.")
+
+    @model_validator(mode="after")
+    def _routes_split_between_adapters(self) -> ServeConfig:
+        for name, weights in self.routes.items():
+            if name == self.base_model_name or name in self.adapters:
+                raise ValueError(f"routes.{name}: the name is already the base's or an adapter's; pick another")
+            if not weights:
+                raise ValueError(f"routes.{name}: give at least one adapter and its weight")
+            for target, w in weights.items():
+                if not (w > 0 and w < float("inf")):
+                    raise ValueError(f"routes.{name}.{target}: weight must be a positive number, got {w}")
+                if target in self.routes:
+                    raise ValueError(f"routes.{name}.{target}: routes cannot point at routes")
+        return self
 
     @model_validator(mode="after")
     def _auth_off_only_on_loopback(self) -> ServeConfig:

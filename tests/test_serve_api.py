@@ -4,8 +4,10 @@ messages with tools, streaming, per-status metrics."""
 
 import asyncio
 import json
+import re
 
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 
 from oikyo_ray.config import load_config
@@ -668,3 +670,70 @@ def test_token_ids_outside_the_vocabulary_get_400(api, tokenizer, prompt, words)
     assert words in r.json()["error"]["message"] and r.json()["error"]["param"] == "prompt"
     assert svc.backend.prompts == []
     _ok(client)
+
+
+def _routed(tokenizer, weights):
+    cfg = load_config(None, ["serve.adapters={}"]).serve.model_copy(update={"routes": {"bot": weights}})
+    return Service(cfg, tokenizer, TOKEN, FakeBackend(), FakeMetrics())
+
+
+def test_a_canary_splits_traffic_by_weight_and_keeps_each_user_on_one_variant(tokenizer):
+    svc = _routed(tokenizer, {"bot-v3": 80, "bot-v4": 20})
+    first: dict[str, str] = {}
+    with TestClient(create_app(svc)) as client:
+
+        def ask(user: str, i: int) -> str:
+            # the user key from OpenAI's `user` field, or from the header for clients that cannot set it
+            body, headers = {"model": "bot", "prompt": "hi"}, dict(H)
+            if i % 2:
+                body["user"] = user
+            else:
+                headers["X-Oikyo-User"] = user
+            r = client.post("/v1/completions", headers=headers, json=body)
+            assert r.status_code == 200, r.text
+            assert r.headers["X-Oikyo-Model"] == r.json()["model"]  # the variant that answered, both ways
+            return r.json()["model"]
+
+        for i in range(1000):
+            first[f"user-{i}"] = ask(f"user-{i}", i)
+        for i in range(0, 1000, 7):  # again, the other way of sending the key: same variant
+            assert ask(f"user-{i}", i + 1) == first[f"user-{i}"]
+        chat = _chat(client, model="bot", user="user-7")
+        assert chat.headers["X-Oikyo-Model"] == first["user-7"]  # one user, one variant, every endpoint
+        models = {m["id"] for m in client.get("/v1/models", headers=H).json()["data"]}
+    canary = sum(v == "bot-v4" for v in first.values()) / 1000
+    assert abs(canary - 0.20) <= 0.05, canary
+    assert {a for a, _ in svc.backend.prompts} == {"bot-v3", "bot-v4"}  # the engine ran the variants
+    assert {m for m, _ in svc.metrics.requests} == {"bot-v3", "bot-v4"}  # counted per variant
+    assert "bot" in models
+
+
+def test_moving_weight_moves_only_the_users_in_the_changed_slice(tokenizer):
+    def variant_of(weights, user):
+        with TestClient(create_app(_routed(tokenizer, weights))) as client:
+            r = client.post("/v1/completions", headers=H, json={"model": "bot", "prompt": "hi", "user": user})
+            return r.json()["model"]
+
+    users = [f"u{i}" for i in range(60)]
+    before = {u: variant_of({"a": 90, "b": 10}, u) for u in users}
+    after = {u: variant_of({"a": 70, "b": 30}, u) for u in users}
+    assert all(after[u] == "b" for u in users if before[u] == "b")  # canary users stay on it
+    assert any(before[u] == "a" and after[u] == "b" for u in users)
+
+
+@pytest.mark.parametrize(
+    "routes, words",
+    [
+        ({"base": {"a": 1}}, "routes.base: the name is already the base's"),
+        ({"bot": {}}, "routes.bot: give at least one adapter"),
+        ({"bot": {"a": 0}}, "routes.bot.a: weight must be a positive number"),
+        ({"bot": {"a": -1, "b": 1}}, "routes.bot.a: weight must be a positive number"),
+        ({"bot": {"a": float("inf")}}, "routes.bot.a: weight must be a positive number"),
+        ({"bot": {"two": 1}, "two": {"a": 1}}, "routes.bot.two: routes cannot point at routes"),
+    ],
+)
+def test_bad_routes_are_refused_before_serving(routes, words):
+    from oikyo_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(None, [f"serve.routes={yaml.safe_dump(routes, default_flow_style=True).strip()}"])

@@ -60,6 +60,7 @@ from oikyo_ray.serve.protocol import (
 )
 from oikyo_ray.serve.tool_calls import ToolCallStream
 from oikyo_ray.serve.tool_calls import prefix as tool_call_prefix
+from oikyo_ray.serve.variants import pick
 
 Req = TypeVar("Req", CompletionRequest, ChatRequest)
 
@@ -127,6 +128,8 @@ class MeteredRoute(APIRoute):
             except Exception as e:
                 record(api_error(e).status)
                 raise  # the exception handlers answer
+            if variant := getattr(request.state, "variant", None):
+                response.headers["X-Oikyo-Model"] = variant
             if isinstance(response, StreamingResponse):
                 response.body_iterator = _then(response.body_iterator, lambda: record(response.status_code))
             else:
@@ -164,7 +167,8 @@ async def healthz(svc: ServiceDep) -> Response:
 @v1.get("/models")
 async def models(svc: ServiceDep) -> dict:
     sc = svc.cfg
-    names = [sc.base_model_name, *sorted(set(sc.adapters) | set(await asyncio.to_thread(list_root, sc.adapter_root)))]
+    served = set(sc.adapters) | set(sc.routes) | set(await asyncio.to_thread(list_root, sc.adapter_root))
+    names = [sc.base_model_name, *sorted(served)]
     return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "oikyo"} for m in names]}
 
 
@@ -189,6 +193,7 @@ def body_of(model: type[Req]) -> Callable[..., Awaitable[Req]]:
 async def completions(
     req: Annotated[CompletionRequest, Depends(body_of(CompletionRequest))], request: Request, svc: ServiceDep
 ) -> Any:
+    route(svc.cfg, req, request)
     check_request(svc.cfg, req)
     request.state.model = req.model
     cfg = svc.cfg
@@ -211,6 +216,7 @@ async def completions(
 async def chat_completions(
     req: Annotated[ChatRequest, Depends(body_of(ChatRequest))], request: Request, svc: ServiceDep
 ) -> Any:
+    route(svc.cfg, req, request)
     check_request(svc.cfg, req)
     request.state.model = req.model
     cfg = svc.cfg
@@ -227,6 +233,14 @@ async def chat_completions(
     prompt += _start(req)  # tool_choice required or named: the answer starts inside a call
     check_prompt_size(len(prompt.encode("utf-8")), cfg.max_prompt_tokens, cfg.max_prompt_bytes_per_token)
     return await _answer(svc, req, [prompt], chat=True)
+
+
+def route(cfg: ServeConfig, req: GenerationRequest, request: Request) -> None:
+    """A routed name (`serve.routes`) becomes the variant that answers: the request is served,
+    answered and counted as that adapter's, and the X-Oikyo-Model header names it."""
+    if req.model in cfg.routes:
+        user = req.user or request.headers.get("x-oikyo-user")
+        req.model = request.state.variant = pick(req.model, cfg.routes[req.model], user)
 
 
 def check_request(cfg: ServeConfig, req: GenerationRequest) -> None:

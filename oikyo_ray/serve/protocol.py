@@ -62,6 +62,7 @@ class GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_N)
+    user: str | None = Field(None, max_length=256)  # OpenAI's end-user id: keeps a user on one variant
     # OpenAI's ranges and meaning (`eval.generate.OpenAIPenalties`)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)

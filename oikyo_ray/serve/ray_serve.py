@@ -85,6 +85,11 @@ class BatchMetrics:
         self.engine.observe(seconds * 1000)
 
 
+def _variants(sc) -> set[str]:
+    """The adapters routed names split between: labels known from the start."""
+    return {name for weights in sc.routes.values() for name in weights}
+
+
 # ---- deployments --------------------------------------------------------------------------------
 
 
@@ -184,7 +189,7 @@ class OpenAIIngress:
             load_tokenizer(cfg.model, model_path),
             load_token(cfg.serve),
             ModelClient(model),
-            RequestMetrics(ModelLabels({cfg.serve.base_model_name, *cfg.serve.adapters})),
+            RequestMetrics(ModelLabels({cfg.serve.base_model_name, *cfg.serve.adapters, *_variants(cfg.serve)})),
         )
 
     def __serve_build_asgi_app__(self):  # Serve calls this after __init__, in the replica
