@@ -55,6 +55,11 @@ class DataConfig(_Section):
         f"'{DEMO_DATA}' is the small instruction set shipped with oikyo.",
         min_length=1,
     )
+    licenses: dict[str, str] = Field(
+        default_factory=dict,
+        description="Entry of data.paths -> licence id of its files (e.g. cc-by-4.0), checked against policy; "
+        "a <file>.license sidecar (its first line) wins over this.",
+    )
     format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = Field(
         "auto", description="Row format; 'auto' detects it per row from the keys present."
     )
@@ -488,6 +493,20 @@ class ServeConfig(_Section):
         return self
 
 
+class PolicyConfig(_Section):
+    allowed_licenses: list[str] | None = Field(
+        None,
+        description="Licence ids the data and the base model may have (lower-case, as the Hub writes them, "
+        "e.g. apache-2.0, mit, cc-by-4.0); null: any.",
+    )
+    commercial_use: bool = Field(
+        False, description="The model is for commercial use: refuse non-commercial licences (cc-by-nc-*, ...)."
+    )
+    unknown_license: Literal["warn", "refuse"] = Field(
+        "warn", description="What to do with a data file or base model whose licence is not known."
+    )
+
+
 class RunSection(_Section):
     root: str = Field(
         "runs",
@@ -561,6 +580,9 @@ class OikyoConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving.")
     run: RunSection = Field(default_factory=RunSection, description="Run directory and naming.")
+    policy: PolicyConfig = Field(
+        default_factory=PolicyConfig, description="Usage rights: which licences data and base model may have."
+    )
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Hyperparameter sweep (oikyo sweep).")
 
     def config_hash(self) -> str:

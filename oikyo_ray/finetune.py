@@ -12,6 +12,7 @@ from pathlib import Path
 # Importing this module imports ray: callers (the CLI) set the auth mode first (cluster.default_auth_mode).
 from oikyo_ray.cluster import init_ray
 from oikyo_ray.config import OikyoConfig, load_config
+from oikyo_ray.data.licenses import check_licenses
 from oikyo_ray.data.paths import expand_paths
 from oikyo_ray.data.prepared import load_split_rows
 from oikyo_ray.data.ray_data import prepare
@@ -53,6 +54,7 @@ def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False) -> Path:
     load_tokenizer(cfg.model, model_path)
     done(f"({model_path})")
     expand_paths(cfg.data.paths)
+    found_licenses = check_licenses(cfg, model_path, warn=log)  # policy: refused before Ray starts
     run_dir = _resume_dir(cfg) if resume else create_run_dir(cfg)
     where = store.join(cfg.run.root, run_dir.name)
     staged = f" (staged in {run_dir})" if store.is_remote(cfg.run.root) else ""
@@ -66,7 +68,7 @@ def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False) -> Path:
             done = _step(log, "data: read, normalise, validate, split, tokenise (Ray Data)")
             manifest = prepare(cfg, model_path, run_dir / "data")
             done(json.dumps(manifest["counts"]))
-            write_lineage(run_dir, cfg, manifest, model_path)
+            write_lineage(run_dir, cfg, manifest, model_path, licenses=found_licenses)
             publish()
 
         done = _step(log, "train (Ray Train)")

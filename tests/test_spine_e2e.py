@@ -55,6 +55,8 @@ def test_run_directory_contents(demo_run):
     manifest = json.loads((run / "data/manifest.json").read_text())
     assert lineage["data_content_hash"] == manifest["content_hash"] and len(manifest["content_hash"]) == 64
     assert lineage["seed"] == 42 and lineage["versions"]["ray"] and lineage["versions"]["torch"]
+    assert lineage["licenses"]["model"]["license"] == "apache-2.0"  # the demo ships under oikyo's licence
+    assert all(v["license"] for v in lineage["licenses"]["data"].values())
     c = manifest["counts"]
     assert c["read"] == 384 and c["accepted"] + c["rejected"] == c["read"]
     assert c["train"] + c["val"] + c["test"] == c["accepted"] and c["test"] > 10
@@ -222,6 +224,7 @@ def test_runs_show_and_export(demo_run, tmp_path, capsys):
     assert (m / "model.safetensors").is_file() and (m / "tokenizer.json").is_file()
     card = (m / "README.md").read_text()
     assert json.loads((run / "lineage.json").read_text())["data_content_hash"] in card and "| exact_match |" in card
+    assert "- base model licence: apache-2.0 (shipped with oikyo)" in card
 
     # plain transformers/peft load both and agree with each other
     tok = AutoTokenizer.from_pretrained(m)

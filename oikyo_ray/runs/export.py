@@ -29,6 +29,16 @@ def _final_dir(run: Path) -> Path:
     )
 
 
+def _license_lines(found: dict | None) -> list[str]:
+    """The licences the run was checked against (`data/licenses.py`), as lineage recorded them."""
+    if not found:
+        return ["- licences: not recorded"]
+    model = found["model"]
+    lines = [f"- base model licence: {model['license'] or 'unknown'} ({model['from']})"]
+    lines += [f"- `{f}`: {v['license'] or 'unknown'} ({v['from']})" for f, v in sorted(found["data"].items())]
+    return lines
+
+
 def model_card(run: Path, cfg: OikyoConfig, merged: bool) -> str:
     lineage = json.loads((run / "lineage.json").read_text()) if (run / "lineage.json").exists() else {}
     report = json.loads((run / "eval/report.json").read_text()) if (run / "eval/report.json").exists() else None
@@ -43,6 +53,7 @@ def model_card(run: Path, cfg: OikyoConfig, merged: bool) -> str:
         f"- sources: {', '.join(cfg.data.paths)}",
         f"- content hash: `{lineage.get('data_content_hash', 'unknown')}`",
         f"- rows: {json.dumps(lineage.get('data_counts', {}))}",
+        *_license_lines(lineage.get("licenses")),
         "",
         "## Training",
         "",

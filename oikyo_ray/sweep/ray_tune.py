@@ -22,6 +22,7 @@ from ray.tune.search.optuna import OptunaSearch  # imports without optuna; it is
 
 from oikyo_ray.cluster import init_ray
 from oikyo_ray.config import OikyoConfig, SearchDim, dump_yaml
+from oikyo_ray.data.licenses import check_licenses
 from oikyo_ray.data.paths import expand_paths
 from oikyo_ray.data.prepared import load_split_rows
 from oikyo_ray.data.ray_data import prepare
@@ -122,6 +123,7 @@ def run_sweep(cfg: OikyoConfig, resume: bool = False, log=print) -> Path:
     model_path = resolve_model_path(cfg.model)
     load_tokenizer(cfg.model, model_path)
     expand_paths(cfg.data.paths)
+    check_licenses(cfg, model_path, warn=log)  # policy: refused before Ray starts
     name = cfg.run.name or f"sweep-{cfg.config_hash()[:8]}"
     where = store.join(cfg.run.root, name)
     if not resume and run_exists(cfg, name):
