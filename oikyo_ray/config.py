@@ -60,8 +60,11 @@ class DataConfig(_Section):
         description="Entry of data.paths -> licence id of its files (e.g. cc-by-4.0), checked against policy; "
         "a <file>.license sidecar (its first line) wins over this.",
     )
-    format: Literal["auto", "alpaca", "sharegpt", "messages", "text"] = Field(
-        "auto", description="Row format; 'auto' detects it per row from the keys present."
+    format: Literal["auto", "alpaca", "sharegpt", "messages", "trl", "text"] = Field(
+        "auto",
+        description="Row format; 'auto' detects it per row from the keys present. trl: TRL's "
+        "prompt/chosen/rejected and prompt/completion/label rows (or chosen/rejected conversations "
+        "sharing their prompt turns).",
     )
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="Share of rows in validation.")
     test_fraction: float = Field(0.1, ge=0.0, lt=0.5, description="Share of rows held out for test.")
@@ -209,6 +212,14 @@ class LoraConfig(_Section):
     )
 
 
+Objective = Literal["sft", "dpo", "ipo", "orpo", "simpo", "kto"]
+PAIRWISE = ("dpo", "ipo", "orpo", "simpo")  # trained on (prompt, chosen, rejected) pairs
+PREFERENCE = (*PAIRWISE, "kto")  # every objective that is not plain next-token loss
+REFERENCE_OBJECTIVES = ("dpo", "ipo", "kto")  # need a reference model's log-probs
+# usual values: DPO, IPO and KTO papers and TRL (0.1); ORPO's lambda (0.1); SimPO paper (2.0)
+BETA_DEFAULTS = {"dpo": 0.1, "ipo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
+
+
 class MethodConfig(_Section):
     type: Literal["lora", "dora", "qlora", "full"] = Field(
         "lora",
@@ -219,6 +230,58 @@ class MethodConfig(_Section):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter settings (lora, dora, qlora).")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="qlora: 4-bit data type of the base.")
     double_quant: bool = Field(True, description="qlora: also quantise the quantisation constants.")
+    objective: Objective = Field(
+        "sft",
+        description="What training optimises (train/preference.py): sft = next-token loss on the answers; "
+        "on preference pairs (chosen + rejected): dpo, ipo (reference: the base with adapters off), "
+        "orpo, simpo (reference-free); on rows labelled desirable/undesirable (or pairs, split in two): "
+        "kto. GRPO is not implemented yet.",
+    )
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="Preference strength: dpo/kto beta (weight of the reference KL), ipo tau, orpo "
+        "lambda (weight of the odds-ratio term), simpo beta (reward scale); null = the objective's "
+        f"usual value {BETA_DEFAULTS}.",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="dpo, simpo: assumed share of flipped preference labels (conservative DPO); 0 = off.",
+    )
+    simpo_gamma: float = Field(0.5, ge=0.0, description="simpo: target reward margin gamma.")
+    kto_desirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="kto: weight of desirable rows' losses; keep desirable_weight x desirable rows / "
+        "(undesirable_weight x undesirable rows) in [1, 4/3] (KTO paper).",
+    )
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable rows' losses.")
+
+    @model_validator(mode="after")
+    def _objective_fields(self) -> MethodConfig:
+        uses = {"beta": PREFERENCE, "label_smoothing": ("dpo", "simpo"), "simpo_gamma": ("simpo",)}
+        uses |= {"kto_desirable_weight": ("kto",), "kto_undesirable_weight": ("kto",)}
+        for name, objectives in uses.items():
+            # compared with the default, not `model_fields_set`: a dumped and re-validated config
+            # (Ray Train workers) sets every field
+            if getattr(self, name) != MethodConfig.model_fields[name].default and self.objective not in objectives:
+                raise ValueError(
+                    f"method.{name} applies to method.objective {' or '.join(objectives)}, not {self.objective!r}"
+                )
+        if self.objective in REFERENCE_OBJECTIVES and self.type == "full":
+            raise ValueError(
+                f"method.objective={self.objective} with method.type=full needs a reference model: "
+                "precomputed reference log-probs are not implemented yet; use method.type lora/dora/qlora "
+                "(the reference is the base with adapters disabled) or objective orpo/simpo"
+            )
+        return self
+
+    @property
+    def preference_beta(self) -> float:
+        """`beta`, or the objective's usual value."""
+        return self.beta if self.beta is not None else BETA_DEFAULTS.get(self.objective, 0.0)
 
 
 class TrainConfig(_Section):
@@ -434,7 +497,15 @@ class ServeConfig(_Section):
         "X-Oikyo-User header) always gets the same one. The answer's `model` and X-Oikyo-Model header name it.",
     )
     max_adapters_per_replica: int = Field(8, ge=1, description="Adapters kept loaded per replica (LRU).")
-    max_batch_size: int = Field(8, ge=1, description="Requests (any adapters) generated in one batch.")
+    engine: Literal["static", "continuous"] = Field(
+        "static",
+        description="static: requests that arrive together are generated together to the end (micro-batches); "
+        "continuous: requests join and leave the running batch between decoding steps, so a short answer "
+        "never waits for a long one (logprobs/echo requests still run statically).",
+    )
+    max_batch_size: int = Field(
+        8, ge=1, description="Requests (any adapters) generated in one batch; continuous: rows in the running batch."
+    )
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="How long a batch waits to fill up.")
     min_replicas: int = Field(1, ge=0, description="Autoscaling floor of model replicas.")
     max_replicas: int = Field(1, ge=1, description="Autoscaling ceiling of model replicas.")
@@ -584,6 +655,28 @@ class OikyoConfig(_Section):
         default_factory=PolicyConfig, description="Usage rights: which licences data and base model may have."
     )
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Hyperparameter sweep (oikyo sweep).")
+
+    @model_validator(mode="after")
+    def _objective_fits(self) -> OikyoConfig:
+        objective = self.method.objective
+        if objective == "sft":
+            return self
+        if self.data.packing:
+            raise ValueError(
+                f"data.packing packs single sequences; method.objective={objective} trains on a prompt "
+                "with its responses: set data.packing=false"
+            )
+        if self.data.train_on_prompt:
+            raise ValueError(
+                f"data.train_on_prompt: method.objective={objective} scores the responses only; "
+                "set data.train_on_prompt=false"
+            )
+        if objective == "kto" and self.data.reject_undesired:
+            raise ValueError(
+                "data.reject_undesired drops the undesirable rows that method.objective=kto learns from; "
+                "set data.reject_undesired=false"
+            )
+        return self
 
     def config_hash(self) -> str:
         """Stable hash of every setting except where the run is written."""

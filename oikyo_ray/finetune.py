@@ -23,6 +23,7 @@ from oikyo_ray.model.load import load_tokenizer, resolve_model_path
 from oikyo_ray.runs import store
 from oikyo_ray.runs.rundir import create_run_dir, existing_run_dir, publishing, write_lineage
 from oikyo_ray.serve.ray_serve import serve_and_ask
+from oikyo_ray.train.checks import check_before_ray
 from oikyo_ray.train.ray_train import fit
 
 
@@ -49,6 +50,7 @@ def _resume_dir(cfg: OikyoConfig) -> Path:
 
 def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False) -> Path:
     # Everything a user can get wrong is checked here, before Ray starts and before a run dir exists.
+    check_before_ray(cfg)
     done = _step(log, "base model")
     model_path = resolve_model_path(cfg.model)
     load_tokenizer(cfg.model, model_path)

@@ -35,7 +35,7 @@ from oikyo_ray.data.pieces import read_piece
 from oikyo_ray.data.quality import row_filters, row_keys
 from oikyo_ray.data.readers import BAD, iter_rows
 from oikyo_ray.data.split import assign_split, content_hash
-from oikyo_ray.data.tokenize import encode_messages
+from oikyo_ray.data.tokenize import NoRoom, encode_messages, encode_preference
 from oikyo_ray.data.validate import validate_messages
 from oikyo_ray.errors import DataError
 from oikyo_ray.model.chat_template import ensure_chat_template
@@ -62,8 +62,14 @@ SCHEMA = pa.schema(
         ("messages", pa.string()),
         ("meta", pa.string()),
         ("meta_tags", pa.string()),
+        ("no_room", pa.bool_()),  # a preference row whose prompt leaves no room for the answers
         ("input_ids", pa.list_(pa.int64())),
         ("labels", pa.list_(pa.int64())),
+        # preference rows (a `rejected` answer or a KTO `label`): the prompt once, then each response
+        ("prompt_ids", pa.list_(pa.int64())),
+        ("chosen_ids", pa.list_(pa.int64())),
+        ("rejected_ids", pa.list_(pa.int64())),
+        ("desirable", pa.int8()),  # KTO label: 1 desirable, 0 undesirable, -1 none
         ("num_tokens", pa.int64()),
         ("full_tokens", pa.int64()),
         ("digest", KEY),
@@ -85,6 +91,7 @@ SUMMARY_COLUMNS = [
     "filter",
     "split",
     "meta_tags",
+    "no_room",
     "num_tokens",
     "full_tokens",
     "digest",
@@ -96,8 +103,20 @@ SUMMARY_COLUMNS = [
     "prompt_sig",
 ]
 # columns of the written splits
-OUTPUT_COLUMNS = ["hash", "messages", "meta", "input_ids", "labels", "num_tokens"]
-TOKEN_COLUMNS = ("input_ids", "labels")
+OUTPUT_COLUMNS = [
+    "hash",
+    "messages",
+    "meta",
+    "input_ids",
+    "labels",
+    "prompt_ids",
+    "chosen_ids",
+    "rejected_ids",
+    "desirable",
+    "num_tokens",
+]
+TOKEN_COLUMNS = ("input_ids", "labels", "prompt_ids", "chosen_ids", "rejected_ids")
+NO_LABEL = -1  # `desirable` of a row without a KTO label
 
 
 @lru_cache(maxsize=4)
@@ -116,8 +135,13 @@ _DEFAULTS = {
     "messages": "",
     "meta": "{}",
     "meta_tags": "",
+    "no_room": False,
     "input_ids": (),
     "labels": (),
+    "prompt_ids": (),
+    "chosen_ids": (),
+    "rejected_ids": (),
+    "desirable": NO_LABEL,
     "num_tokens": 0,
     "full_tokens": 0,
     "digest": b"",
@@ -152,6 +176,7 @@ def curate_row(raw, data: DataConfig, tokenizer, norm=None) -> dict:
         raise RowError(f"the chat template refused the conversation: {e}", kind="template") from None
     except ValueError as e:
         raise RowError(str(e), kind="tokenize") from None
+    pref, fits = _preference_columns(msgs, meta, data, tokenizer)
     # compact int64 arrays: a row's ids as Python ints would cost 36 bytes each until written
     ids, labels = array("q", enc["input_ids"]), array("q", enc["labels"])
     meta_json = json.dumps(meta, ensure_ascii=False, sort_keys=True)
@@ -160,19 +185,50 @@ def curate_row(raw, data: DataConfig, tokenizer, norm=None) -> dict:
     digest = hashlib.blake2b(f"{h}\0{split}\0{meta_json}\0".encode(), digest_size=16)
     digest.update(ids)  # ids and labels are equally long int64 arrays: no separator needed
     digest.update(labels)
+    digest.update(array("q", [len(pref[c]) for c in PREF_IDS] + [pref["desirable"]]))  # where each part ends
+    for c in PREF_IDS:
+        digest.update(pref[c])
     return {
         "split": split,
         "hash": h,
         "messages": json.dumps(msgs, ensure_ascii=False),
         "meta": meta_json,
         "meta_tags": meta_tags(meta),
+        "no_room": not fits,
         "input_ids": ids,
         "labels": labels,
         "num_tokens": len(ids),
         "full_tokens": enc["full_length"],
+        **pref,
         "digest": digest.digest(),
         **row_keys(msgs, meta, data),
     }
+
+
+PREF_IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def _preference_columns(msgs: list[dict], meta: dict, data: DataConfig, tokenizer) -> tuple[dict, bool]:
+    """(preference columns, whether they fit) of a row: tokenised prompt and responses for a pair
+    or a KTO row (whatever the objective: one prepared dataset serves SFT and preference runs),
+    empty otherwise. A prompt that leaves no room for the answers within data.max_length keeps
+    the row (SFT may still learn its earlier turns) with empty columns and `no_room` set:
+    preference training skips it, and the manifest counts it per file."""
+    label = meta.get("label")
+    out: dict = {c: array("q") for c in PREF_IDS}
+    out["desirable"] = NO_LABEL if label is None else int(label)
+    if "rejected" not in meta and label is None:
+        return out, True
+    try:
+        enc = encode_preference(tokenizer, msgs, meta.get("rejected"), data.max_length, tools=meta.get("tools"))
+    except NoRoom:
+        return out, False
+    except TemplateError as e:
+        raise RowError(f"the chat template refused the conversation: {e}", kind="template") from None
+    except ValueError as e:
+        raise RowError(str(e), kind="tokenize") from None
+    out.update({c: array("q", enc[c]) for c in PREF_IDS})
+    return out, True
 
 
 def iter_records(

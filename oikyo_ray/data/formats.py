@@ -1,4 +1,4 @@
-"""Normalise a raw row (alpaca, sharegpt, OpenAI messages, raw text) into one `messages` schema.
+"""Normalise a raw row (alpaca, sharegpt, OpenAI messages, TRL, raw text) into one `messages` schema.
 
     normalise(row, data_cfg) -> (messages, meta)
 
@@ -49,6 +49,8 @@ def detect_format(row: dict) -> str:
         return "sharegpt"
     if "instruction" in row and ("output" in row or "chosen" in row):
         return "alpaca"
+    if ("prompt" in row and ("chosen" in row or "completion" in row)) or ("chosen" in row and "text" not in row):
+        return "trl"
     if "text" in row:
         return "text"
     raise RowError(f"unknown row format (keys: {sorted(row)[:8]}); set data.format or data.columns")
@@ -160,6 +162,30 @@ class _Norm:
             msgs.insert(0, {"role": "system", "content": _text(row["system"], "system")})
         return msgs
 
+    def trl(self, row: dict) -> list[dict]:
+        """TRL's preference rows: `prompt` (text or messages) with `chosen`/`rejected`, or with a
+        `completion` (and a KTO `label`); the answers are text or one assistant message."""
+        prompt = row.get("prompt")
+        if isinstance(prompt, str):
+            msgs = [{"role": "user", "content": prompt}]
+        else:
+            raw = _list(prompt, "prompt", f"{{{self.k_role}, {self.k_content}}} messages")
+            msgs = [self.message(m, f"prompt[{i}]") for i, m in enumerate(raw)]
+        if "completion" in row:
+            msgs.append(self.pref_turn(row["completion"], "completion", "trl"))
+        return msgs
+
+    def implicit_prompt(self, row: dict) -> dict:
+        """A TRL pair without `prompt`: `chosen` and `rejected` are whole conversations that share
+        every turn but the last; the shared turns become the prompt."""
+        chosen = _list(row.get("chosen"), "chosen", "messages")
+        rejected = _list(row.get("rejected"), "rejected", "messages")
+        if not chosen or not rejected:
+            raise RowError("chosen and rejected must each end with an assistant answer", kind="empty_turn")
+        if chosen[:-1] != rejected[:-1]:
+            raise RowError("chosen and rejected conversations differ before their last turn (no shared prompt)")
+        return {**row, "prompt": chosen[:-1], "chosen": chosen[-1], "rejected": rejected[-1]}
+
     def text(self, row: dict) -> list[dict]:
         # raw text for continued pre-training: one assistant turn, trained on in full
         return [{"role": "assistant", "content": _text(row.get("text"), "text")}]
@@ -185,6 +211,8 @@ class _Norm:
                 if src in row:
                     row[canon] = row.pop(src)
         fmt = detect_format(row) if fmt == "auto" else fmt
+        if fmt == "trl" and "prompt" not in row and "chosen" in row:
+            row = self.implicit_prompt(row)
         msgs = getattr(self, fmt)(row)
         meta: dict = {}
         if "chosen" in row or "rejected" in row:

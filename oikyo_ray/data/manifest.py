@@ -1,7 +1,8 @@
 """What a prepared dataset records about itself (Ray-free): hashes, counts, histogram, cache key.
 
     manifest.json = {
-      "format_version", "inputs": [{path, sha256, bytes, read, accepted, rejected}],
+      "format_version", "inputs": [{path, sha256, bytes, read, accepted, rejected, preference, labelled,
+                                    no_room}],
       "outputs": {relative path: sha256}, "content_hash", "data_config", "data_config_hash",
       "tokenizer", "tokenizer_fingerprint", "cache": {key, hit, dir},
       "counts": {read, accepted, rejected, train, val, test}, "filters": {filter: rejected rows},
@@ -25,7 +26,7 @@ from oikyo_ray.data.columns import codes, keys
 from oikyo_ray.data.prepared import split_files
 
 FORMAT_VERSION = 2
-CURATION_VERSION = "5"  # bump when curation changes what is kept or why a row goes: invalidates cached datasets
+CURATION_VERSION = "6"  # bump when curation changes what is kept or why a row goes: invalidates cached datasets
 SPLITS = ("train", "val", "test")
 PACKED = "train_packed"  # the train split packed into blocks (data.packing)
 HIST_BINS = 16
@@ -133,10 +134,15 @@ def build(
     (every row) and `kept` are Arrow tables of the curated summary columns."""
     read_by_file = _counts(summary["source"])
     rejected_by_file = Counter(r["source"] for r in rejects)
+    pairs_by_file, labelled_by_file, no_room_by_file = _preference_by_file(kept)
     for i in inputs:
         i["read"] = read_by_file[i["path"]]
         i["rejected"] = rejected_by_file[i["path"]]
         i["accepted"] = i["read"] - i["rejected"]
+        # what preference objectives can use of the file (train/checks.check_objective_data)
+        i["preference"] = pairs_by_file[i["path"]]
+        i["labelled"] = labelled_by_file[i["path"]]
+        i["no_room"] = no_room_by_file[i["path"]]
     names, split_idx = codes(kept["split"])
     tokens = kept["num_tokens"].to_numpy()
     per_split = {s: tokens[split_idx == names.index(s)] if s in names else tokens[:0] for s in SPLITS}
@@ -174,6 +180,20 @@ def build(
             "histogram": histogram(per_split, data.max_length),
         },
     }
+
+
+def _preference_by_file(kept) -> tuple[Counter, Counter, Counter]:
+    """Kept rows per source file that are preference pairs, that carry a KTO label, and of
+    those, whose prompt leaves no room for the answers (preference training skips them)."""
+    files, file_at = codes(kept["source"])
+    tags, tag_at = codes(kept["meta_tags"])
+    per_file = lambda rows: Counter(dict(zip(files, np.bincount(file_at[rows], minlength=len(files)).tolist())))
+    tagged = lambda test: np.array([test(t.split(",")) for t in tags] or [False])[tag_at]
+    return (
+        per_file(tagged(lambda t: "preference" in t)),
+        per_file(tagged(lambda t: any(x.startswith("label:") for x in t))),
+        per_file(kept["no_room"].to_numpy(zero_copy_only=False)),
+    )
 
 
 def meta_tags(meta: dict) -> str:

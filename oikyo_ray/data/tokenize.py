@@ -15,6 +15,10 @@ from oikyo_ray.model.prompt import render
 IGNORE = -100
 
 
+class NoRoom(ValueError):
+    """A preference row's prompt leaves no room for its answers within data.max_length."""
+
+
 def encode_messages(
     tokenizer, msgs: list[dict], max_length: int, train_on_prompt: bool = False, tools: list | None = None
 ) -> dict:
@@ -59,6 +63,38 @@ def encode_messages(
             f"tokens (whole conversation {full})"
         )
     return {"input_ids": ids, "labels": labels, "full_length": full}
+
+
+def encode_preference(
+    tokenizer, msgs: list[dict], rejected: dict | None, max_length: int, tools: list | None = None
+) -> dict:
+    """{"prompt_ids", "chosen_ids", "rejected_ids"} of a preference row: the turns before the final
+    answer (with the assistant header) tokenised once as the prompt, as at inference, then each
+    response: the final assistant turn `msgs[-1]` (chosen, or a KTO completion) and `rejected`
+    (a pair's other answer; None gives no rejected ids). Every response token is learned, the
+    prompt none. Responses are right-truncated so prompt + response fits max_length; a prompt
+    that leaves no room raises NoRoom (a ValueError)."""
+    if not msgs or msgs[-1]["role"] != "assistant":
+        raise ValueError("a preference row must end with the assistant's answer")
+    head = msgs[:-1]
+    prompt = render(tokenizer, head, tools, add_generation_prompt=True)
+    answers = [msgs[-1]] + ([rejected] if rejected is not None else [])
+    texts = [prompt]
+    for answer in answers:
+        full = render(tokenizer, [*head, answer], tools)
+        if not full.startswith(prompt):
+            raise ValueError("chat template is not prefix-stable; cannot mask prompts")
+        texts.append(full[len(prompt) :])
+    prompt_ids, *responses = _encode_pieces(tokenizer, texts)
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        raise NoRoom(f"no answer tokens within data.max_length={max_length}: the prompt is {len(prompt_ids)} tokens")
+    responses = [r[:room] for r in responses]
+    return {
+        "prompt_ids": prompt_ids,
+        "chosen_ids": responses[0],
+        "rejected_ids": responses[1] if rejected is not None else [],
+    }
 
 
 def _encode_pieces(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from oikyo_ray.config import OikyoConfig
+from oikyo_ray.config import PAIRWISE, OikyoConfig
 from oikyo_ray.errors import OikyoError
 from oikyo_ray.model.methods import check_method
 from oikyo_ray.train.steps import rows_per_worker, train_units
+
+TRAINED_OBJECTIVES = ("sft",)  # objectives ray_train.fit runs (config.Objective lists all)
 
 
 def check_before_ray(cfg: OikyoConfig) -> None:
     """What the config alone gets wrong."""
     check_method(cfg.method)
+    if cfg.method.objective not in TRAINED_OBJECTIVES:
+        raise OikyoError(
+            f"method.objective={cfg.method.objective} runs in the Ray-free loop (train/objective.py) but not "
+            "on Ray Train yet",
+            hint=f"use method.objective {' or '.join(TRAINED_OBJECTIVES)}",
+        )
     if cfg.checkpoint.score and cfg.data.val_fraction == 0:
         raise OikyoError("checkpoint.score=val_loss needs a validation split", hint="set data.val_fraction > 0")
     if cfg.train.early_stopping_patience and cfg.data.val_fraction == 0:
@@ -26,6 +34,36 @@ def check_train_split(cfg: OikyoConfig, manifest: dict) -> None:
             f"{train_units(cfg, manifest)} training {unit} across {workers} workers is less than one optimizer "
             f"step of train.batch_size={tc.batch_size} x train.grad_accum={tc.grad_accum} per worker",
             hint="add data, lower train.batch_size, train.grad_accum or scaling.num_workers",
+        )
+
+
+def check_objective_data(cfg: OikyoConfig, manifest: dict) -> None:
+    """Every kept row fits method.objective: pairwise objectives need a `rejected` answer on every
+    row, kto a `label` (or a pair, trained as one desirable and one undesirable completion); the
+    error names the files that do not fit (counts from the manifest's inputs)."""
+    objective = cfg.method.objective
+    if objective == "sft":
+        return
+    bad, usable = [], 0
+    need = "preference pairs (chosen + rejected)" if objective in PAIRWISE else "rows with a desirable label"
+    for i in manifest["inputs"]:
+        kept, pairs, labelled = i["accepted"], i.get("preference", 0), i.get("labelled", 0)
+        if objective in PAIRWISE and pairs < kept:
+            bad.append(f"{i['path']}: {kept - pairs} of {kept} kept rows have no 'rejected' answer")
+        elif objective == "kto" and kept not in (pairs, labelled):
+            bad.append(f"{i['path']}: {kept - labelled} of {kept} kept rows have no 'label' (and are not pairs)")
+        usable += kept - i.get("no_room", 0)
+    if bad:
+        raise OikyoError(
+            f"method.objective={objective} trains on {need}, which these files of data.paths do not hold:\n  "
+            + "\n  ".join(bad),
+            hint="point data.paths at preference data, or use method.objective=sft",
+        )
+    if usable <= 0:
+        raise OikyoError(
+            f"method.objective={objective}: no kept row leaves room for its answers within "
+            f"data.max_length={cfg.data.max_length} (the prompts are longer)",
+            hint="raise data.max_length",
         )
 
 

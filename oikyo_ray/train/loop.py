@@ -77,16 +77,22 @@ def loss_on(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.
     return out.loss, (batch["labels"][:, 1:] != IGNORE).sum()
 
 
+StepLoss = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (model, batch) -> (mean loss, what it averaged)
+
+
 @torch.no_grad()
 def eval_loss(
-    model, batches: Iterable[dict], all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    model,
+    batches: Iterable[dict],
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    step_loss: StepLoss = loss_on,
 ) -> float:
-    """Token-weighted mean loss over `batches`, summed across workers by `all_reduce`."""
+    """Token- (or pair-) weighted mean loss over `batches`, summed across workers by `all_reduce`."""
     was_training = model.training
     model.eval()
     acc = torch.zeros(2, dtype=torch.float64)
     for b in batches:
-        loss, count = loss_on(model, b)
+        loss, count = step_loss(model, b)
         n = int(count)
         acc += torch.tensor([float(loss) * n, n], dtype=torch.float64)
     if all_reduce is not None:
@@ -136,6 +142,7 @@ def train_loop(
     eval_model=None,
     engine=None,
     state: TrainState | None = None,
+    step_loss: StepLoss | None = None,
 ) -> dict:
     """Run optimiser steps up to `steps` over `train_epochs(epoch)` batches; return the last metrics.
 
@@ -143,7 +150,9 @@ def train_loop(
     resumes a checkpointed run: its epoch's first `state.micro` batches are skipped, so a run
     resumed from step k with the same data, seed and restored optimizer ends where an
     uninterrupted run would. Early stopping on val_loss (train.early_stopping_*) ends it sooner.
+    `step_loss(model, batch)` is the objective (objective.step_loss); default: next-token loss.
     """
+    step_loss = step_loss or loss_on
     engine = engine or TorchEngine(model, cfg, steps, wrap=False)
     eval_model = eval_model or engine.eval_model
     state = state or TrainState()
@@ -156,7 +165,7 @@ def train_loop(
         for batch in itertools.islice(train_epochs(state.epoch), skip, None):
             last = (skip + micro + 1) % cfg.grad_accum == 0
             with engine.no_sync(last), engine.autocast():
-                loss, _ = loss_on(engine.model, batch)
+                loss, _ = step_loss(engine.model, batch)
             grad_norm = engine.micro_step(loss, last)
             losses.append(loss.detach())  # stays on the device: no wait for it here
             tokens += int(batch["num_tokens"].sum())  # a host tensor (ray_train.py keeps it there)
@@ -175,7 +184,7 @@ def train_loop(
             evaluated: dict = {}
             if do_eval and hooks.val_batches is not None:
                 with engine.autocast():
-                    evaluated["val_loss"] = eval_loss(eval_model, hooks.val_batches(), hooks.all_reduce)
+                    evaluated["val_loss"] = eval_loss(eval_model, hooks.val_batches(), hooks.all_reduce, step_loss)
                 engine.model.train()
                 if _improved(state, evaluated["val_loss"], cfg):
                     state.bad_evals = 0

@@ -33,7 +33,7 @@ from oikyo_ray.data.ray_data import read_split
 from oikyo_ray.errors import OikyoError
 from oikyo_ray.model.load import load_tokenizer
 from oikyo_ray.train.checkpoint import choose_final, drop_training_state, restore, write_checkpoint
-from oikyo_ray.train.checks import check_before_ray, check_train_split, has_val_split
+from oikyo_ray.train.checks import check_before_ray, check_objective_data, check_train_split, has_val_split
 from oikyo_ray.train.engine import build_engine
 from oikyo_ray.train.epochs import cached_epochs
 from oikyo_ray.train.loop import LoopHooks, StepHookFactory, collate, train_loop
@@ -216,6 +216,7 @@ def fit(
     `show_progress`: a progress bar of optimizer steps (loss, steps/s, ETA) on stderr."""
     check_before_ray(cfg)
     check_train_split(cfg, manifest)
+    check_objective_data(cfg, manifest)
     sc, ck = cfg.scaling, cfg.checkpoint
     steps, has_val = run_steps(cfg, manifest), has_val_split(cfg, manifest)
     datasets = {"train": read_split(run_dir / "data", "train", packed=cfg.data.packing)}
