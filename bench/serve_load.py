@@ -1,11 +1,20 @@
-"""Serving benchmark: Serve overhead vs the engine called in-process, and 8 mixed adapters vs 1.
+"""Serving benchmark: Serve overhead vs the engine called in-process, and 8 mixed adapters vs 1;
+with --poisson, the continuous engine vs the static micro-batcher under open-loop arrivals.
 
 Run as: python bench/serve_load.py [--requests 64] [--concurrency 8]
+   or:  python bench/serve_load.py --poisson [--rate 4] [--duration 30] [--rounds 2] [--adapters 1]
 Loopback only, bounded request counts. Writes bench/results/serve_overhead.json and
 bench/results/serve_multi_adapter.json. The overhead result also records this machine's floor in
 the same run: a do-nothing FastAPI echo deployed on Serve (one hop: proxy -> replica) vs the same
 echo app on bare uvicorn, both with the same client, so "Serve costs X ms here" is measured, not
 assumed.
+
+--poisson deploys two apps on one Serve instance, `serve.engine=static` and `continuous`, and
+replays the same seeded schedule against each in interleaved rounds: Poisson arrivals at --rate
+requests/s for --duration s, max_tokens drawn log-uniformly from 8..256 (short ones, <= 32, are
+the requests a micro-batcher makes wait behind long ones). Each round sends the schedule twice
+per engine: plain requests (latency, tokens/s) and streamed ones (time to first token). Writes
+bench/results/serve_continuous.json (or --name).
 """
 
 from __future__ import annotations
@@ -223,7 +232,17 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (this box's speed drifts)")
+    ap.add_argument("--poisson", action="store_true", help="continuous vs static engine, open-loop arrivals")
+    ap.add_argument("--rate", type=float, default=4.0, help="--poisson: mean arrivals per second")
+    ap.add_argument("--duration", type=float, default=30.0, help="--poisson: seconds of arrivals per phase")
+    ap.add_argument("--adapters", type=int, default=1, help="--poisson: adapters the requests cycle over")
+    ap.add_argument("--name", default="serve_continuous", help="--poisson: result file name")
     args = ap.parse_args()
+    if args.poisson:
+        from bench.serve_poisson import compare_engines
+
+        compare_engines(args)
+        return
 
     from ray import serve
 

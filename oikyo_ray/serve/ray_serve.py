@@ -23,6 +23,7 @@ from oikyo_ray.model.load import load_tokenizer, resolve_model_path
 from oikyo_ray.serve.adapters import AdapterNotFound, BadAdapterName
 from oikyo_ray.serve.app import Service, create_app
 from oikyo_ray.serve.auth import load_token
+from oikyo_ray.serve.continuous import ContinuousEngine
 from oikyo_ray.serve.demo_call import ask, ephemeral_token
 from oikyo_ray.serve.engine import Engine
 from oikyo_ray.serve.http_errors import ServerBusy
@@ -100,7 +101,12 @@ class ModelServer:
     def __init__(self, config: dict, model_path: str):
         cfg = OikyoConfig.model_validate(config)
         sc = cfg.serve
-        self.engine = engine = Engine(cfg.model, model_path)
+        if sc.engine == "continuous":
+            engine = ContinuousEngine(cfg.model, model_path, max_running=sc.max_batch_size)
+            engine.request_timeout_s = sc.request_timeout_s  # the ingress answers 504 then: free the row too
+        else:
+            engine = Engine(cfg.model, model_path)
+        self.engine = engine
         engine.token_timeout_s = self.stall_s = sc.stall_timeout_s
 
         failures = metrics.Counter(

@@ -1,5 +1,6 @@
 """What one model replica does (Ray-free): adapters loaded into the engine on first use, and
-requests for any mix of adapters generated together (`MixedBatcher` -> `Engine.generate_many`).
+requests for any mix of adapters generated together (`MixedBatcher` -> `Engine.generate_many`;
+with the continuous engine each request goes straight to its scheduler, `engine.submit`).
 
 The adapter cache is the caller's: it passes `acquire(name)`, which loads an adapter (with
 `load_adapter`) unless it holds it already; Ray Serve's multiplexer is that cache (LRU), and
@@ -57,22 +58,52 @@ class ModelReplica:
         runs in parts (loading the last would evict the first before it ran)."""
         self.engine, self.acquire, self.on_batch = engine, acquire, on_batch
         self.max_adapters = max_adapters
-        self.batcher = MixedBatcher(self._run_batch, max_batch_size, wait_s)
+        # a continuous engine batches per decoding step itself: no micro-batcher in front of it
+        self.batcher = None if hasattr(engine, "submit") else MixedBatcher(self._run_batch, max_batch_size, wait_s)
+        if self.batcher is None and on_batch:
+            engine.scheduler.on_step = on_batch  # called per decoding step
         self.pending = 0  # generations asked for and not answered
         self.last_progress = time.monotonic()  # a batch done or a streamed piece
 
     def stalled(self, after_s: float) -> bool:
         """Work is waiting and the engine has shown no progress for `after_s`: the health check
         fails on this so Serve replaces the replica (a wedged engine never recovers by itself)."""
-        return self.pending > 0 and time.monotonic() - self.last_progress > after_s
+        last = max(self.last_progress, getattr(self.engine, "last_progress", float("-inf")))  # a decoding step
+        return self.pending > 0 and time.monotonic() - last > after_s
 
     async def generate(self, adapter: str | None, prompt: str, sampling: dict) -> dict:
         """{"text", "prompt_tokens", "completion_tokens", "finish_reason"} or an error dict."""
         failed = await self._ready(adapter)
         if failed:
             return failed
+        item = {"adapter": adapter, "prompt": prompt, "sampling": sampling}
         with self._working():
-            return await self.batcher.submit({"adapter": adapter, "prompt": prompt, "sampling": sampling})
+            if self.batcher is None:
+                return await self._submit(item)
+            return await self.batcher.submit(item)
+
+    async def _submit(self, item: dict) -> dict:
+        """One request on the continuous engine; an adapter evicted before the request joined the
+        batch is loaded again (once). Leaving (timeout, client gone) frees its row."""
+        cancel = threading.Event()
+        try:
+            try:
+                return await self._engine_call(item, cancel)
+            except KeyError:
+                if not item["adapter"]:
+                    raise
+                await self.acquire(item["adapter"])
+                return await self._engine_call(item, cancel)
+        except Exception:  # noqa: BLE001 - this request's failure only; logged, answered without its text
+            log.exception("generation failed")
+            return internal_error_dict()
+        finally:
+            cancel.set()
+            self.last_progress = time.monotonic()
+
+    async def _engine_call(self, item: dict, cancel: threading.Event) -> dict:
+        fut = self.engine.submit(item["adapter"], item["prompt"], item["sampling"], cancel=cancel)
+        return await asyncio.wrap_future(fut)
 
     async def stream(self, adapter: str | None, prompt: str, sampling: dict) -> AsyncIterator[str | dict]:
         """Text pieces as they are generated, or one error dict (also after some pieces, when
@@ -84,7 +115,12 @@ class ModelReplica:
         cancel = threading.Event()
         with self._working():
             try:
-                async for piece in _in_thread(lambda: self.engine.stream(adapter, prompt, sampling, cancel)):
+                pieces = (
+                    self.engine.astream(adapter, prompt, sampling, cancel)
+                    if self.batcher is None
+                    else _in_thread(lambda: self.engine.stream(adapter, prompt, sampling, cancel))
+                )
+                async for piece in pieces:
                     self.last_progress = time.monotonic()
                     yield piece
             except Exception:  # noqa: BLE001 - one request's failure, logged; its stream ends with an error
