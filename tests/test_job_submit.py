@@ -75,6 +75,8 @@ def test_job_submit_finetune(ray_session, worker_node, cache_dir, tmp_path):
     s3 = boto3.client("s3", endpoint_url=ray_session["s3"])
     s3.create_bucket(Bucket="jobdata")
     s3.upload_file(str(ASSET), "jobdata", "tasks/demo.jsonl")  # the job reads its data from s3://
+    # its licence from a sidecar beside it on s3 (an unknown licence would print a warning)
+    s3.put_object(Bucket="jobdata", Key="tasks/demo.jsonl.license", Body=b"apache-2.0\n")
     cmd = [
         "ray",
         "job",
@@ -132,6 +134,10 @@ def test_job_submit_finetune(ray_session, worker_node, cache_dir, tmp_path):
     run = root / "job1"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((run / "eval" / "report.json").read_text())["tuned"]["n"] == 8
+    licenses = json.loads((run / "lineage.json").read_text())["licenses"]["data"]
+    assert licenses == {
+        "s3://jobdata/tasks/demo.jsonl": {"license": "apache-2.0", "from": "s3://jobdata/tasks/demo.jsonl.license"}
+    }
     nodes = httpx.get(f"{ray_session['dashboard']}/nodes?view=summary", headers=_auth_headers(), timeout=30).json()
     alive = [n for n in nodes["data"]["summary"] if n["raylet"]["state"] == "ALIVE"]
     assert len(alive) >= 2  # head + worker node
