@@ -9,6 +9,8 @@ Run as:
     oikyo eval RUN_DIR [key=value ...] [--fail-on-regression]   # base vs fine-tuned report
     oikyo runs list|show|compare|export ...     # the runs registry
     oikyo registry list|show|register|alias ... # named models: versions and aliases
+    oikyo deploy RUN --model NAME [--canary PCT] # eval gates + staging load test -> champion/canary
+    oikyo ab report|promote|rollback NAME       # a canary's readout, promotion or rollback
     oikyo config CONFIG.yaml [key=value ...]    # print the resolved config (or --fields)
 """
 
@@ -143,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fields", action="store_true", help="list every field with its default and meaning")
     c.set_defaults(fn=cmd_config)
 
+    from oikyo_ray.deploy.cli import add_deploy_commands
     from oikyo_ray.eval.cli import add_eval_commands
     from oikyo_ray.registry.cli import add_registry_commands
     from oikyo_ray.runs.cli import add_runs_commands
@@ -150,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(sub)
     add_runs_commands(sub)
     add_registry_commands(sub)
+    add_deploy_commands(sub)
     return p
 
 
@@ -161,12 +165,23 @@ def main(argv: list[str] | None = None) -> int:
     # before anything imports ray, torch or transformers
     with nullcontext() if "--verbose" in argv[:1] else quiet_third_party():
         default_auth_mode()  # before anything imports ray
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra and isinstance(getattr(args, "overrides", None), list) and all(_is_override(e) for e in extra):
+            # argparse takes a command's positionals only before its options: `deploy RUN --model M
+            # key=value` leaves the override over; it is one, so it goes with the others
+            args.overrides = [*args.overrides, *extra]
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         try:
             return args.fn(args)
         except OikyoError as e:
             print(f"oikyo: error: {e}", file=sys.stderr)
             return e.exit_code
+
+
+def _is_override(arg: str) -> bool:
+    return "=" in arg and not arg.startswith("-")
 
 
 def program(argv: list[str] | None = None) -> NoReturn:

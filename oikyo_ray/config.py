@@ -496,6 +496,15 @@ class ServeConfig(_Section):
         "split between those by weight (a canary, an A/B test); one user (the request's `user`, else the "
         "X-Oikyo-User header) always gets the same one. The answer's `model` and X-Oikyo-Model header name it.",
     )
+    registry_models: list[str] = Field(
+        default_factory=list,
+        description="Registry models (under run.root) served by name: a request for one is answered by the "
+        "version behind its champion alias, or split between aliases by the traffic weights `oikyo deploy "
+        "--canary` sets, as adapter NAME-vN; alias moves reach the app live, without a restart.",
+    )
+    registry_poll_s: float = Field(
+        5, gt=0, description="How often the app re-reads the registry for alias moves and traffic changes."
+    )
     max_adapters_per_replica: int = Field(8, ge=1, description="Adapters kept loaded per replica (LRU).")
     engine: Literal["static", "continuous"] = Field(
         "static",
@@ -555,6 +564,9 @@ class ServeConfig(_Section):
                     raise ValueError(f"routes.{name}.{target}: weight must be a positive number, got {w}")
                 if target in self.routes:
                     raise ValueError(f"routes.{name}.{target}: routes cannot point at routes")
+        for name in self.registry_models:
+            if name in self.routes or name in self.adapters or name == self.base_model_name:
+                raise ValueError(f"registry_models: {name!r} is already a route's, an adapter's or the base's name")
         return self
 
     @model_validator(mode="after")
@@ -562,6 +574,55 @@ class ServeConfig(_Section):
         if not self.auth and self.host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError("auth may be disabled only when host is 127.0.0.1, localhost or ::1")
         return self
+
+
+class LoadProfile(_Section):
+    """The production-like load of a deploy's staging test: open-loop arrivals (a request is sent at
+    its time whatever is still running, so queueing shows in the latencies)."""
+
+    rate_per_s: float = Field(2.0, gt=0, description="Mean arrivals per second (Poisson).")
+    duration_s: float = Field(10.0, gt=0, description="How long requests keep arriving.")
+    concurrency: int = Field(16, ge=1, description="Most requests in flight; later arrivals wait (and it counts).")
+    prompt_tokens: tuple[int, int] = Field(
+        (16, 64), description="Prompt length range in tokens [low, high], drawn uniformly per request."
+    )
+    max_tokens: tuple[int, int] = Field(
+        (8, 32), description="Response length range in tokens [low, high] (the request's max_tokens)."
+    )
+    warmup_requests: int = Field(2, ge=0, description="Requests sent and not measured first (adapter load).")
+    seed: int = Field(0, description="Seed of the arrival times and lengths: the same load every deploy.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> LoadProfile:
+        for name in ("prompt_tokens", "max_tokens"):
+            low, high = getattr(self, name)
+            if not 1 <= low <= high:
+                raise ValueError(f"{name}: give [low, high] with 1 <= low <= high, got [{low}, {high}]")
+        return self
+
+
+class Budgets(_Section):
+    """What the staging test must meet; a miss refuses the deploy with the figures. None: not checked."""
+
+    p50_ms: float | None = Field(None, gt=0, description="Most median latency, in ms.")
+    p99_ms: float | None = Field(10000, gt=0, description="Most 99th-percentile latency, in ms.")
+    max_error_rate: float = Field(0.0, ge=0, le=1, description="Most share of requests answered with an error.")
+    min_tokens_per_s: float | None = Field(None, gt=0, description="Fewest completion tokens per second.")
+    max_cost_per_1m_tokens: float | None = Field(
+        None, gt=0, description="Most estimated cost per million completion tokens (deploy.price_*)."
+    )
+
+
+class DeployConfig(_Section):
+    load: LoadProfile = Field(default_factory=LoadProfile, description="The staging test's load.")
+    budgets: Budgets = Field(default_factory=Budgets, description="What the staging test must meet.")
+    price_cpu_hour: float = Field(
+        0.05, ge=0, description="Price of one CPU-hour of the serving hardware, for the cost estimate."
+    )
+    price_gpu_hour: float = Field(
+        2.5, ge=0, description="Price of one GPU-hour of the serving hardware, for the cost estimate."
+    )
+    require_eval: bool = Field(True, description="Refuse runs without an eval report (their gates cannot have passed).")
 
 
 class PolicyConfig(_Section):
@@ -655,6 +716,9 @@ class OikyoConfig(_Section):
         default_factory=PolicyConfig, description="Usage rights: which licences data and base model may have."
     )
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Hyperparameter sweep (oikyo sweep).")
+    deploy: DeployConfig = Field(
+        default_factory=DeployConfig, description="Gated deploys (oikyo deploy): staging load, budgets, prices."
+    )
 
     @model_validator(mode="after")
     def _objective_fits(self) -> OikyoConfig:

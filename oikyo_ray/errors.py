@@ -33,3 +33,9 @@ class RegistryError(OikyoError):
 
 class RegistryConflict(RegistryError):
     """Another writer changed what this change depended on; nothing was written."""
+
+
+class DeployRefused(OikyoError):
+    """A deploy's eval gates or staging budgets were not met; nothing was promoted (exit 1)."""
+
+    exit_code = 1

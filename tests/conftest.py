@@ -147,7 +147,8 @@ def ray_session(s3_server):
 
     gcs, dash, metrics = _free_port(), _free_port(), _free_port()
     temp_dir = f"/tmp/oikyo-ray-{os.getpid()}"  # own dir: other Ray clusters on this machine are left alone
-    env = dict(os.environ, RAY_AUTH_MODE="token")
+    # processes report metrics every second, not every 10 s: the monitoring tests wait for them
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_metrics_report_interval_ms="1000")
     env.pop("RAY_ADDRESS", None)
     # `ray start` does not create a token (only ray.init does): make one on a fresh machine
     subprocess.run(["ray", "get-auth-token", "--generate"], check=True, env=env, capture_output=True, timeout=60)

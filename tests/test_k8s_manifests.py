@@ -63,6 +63,11 @@ def _pod_specs(cluster_spec: dict) -> list[dict]:
     return [g["template"]["spec"] for g in groups]
 
 
+def _pod_labels(doc: dict) -> list[dict]:
+    groups = [g for cs in _cluster_specs(doc) for g in (cs["headGroupSpec"], *cs.get("workerGroupSpecs", []))]
+    return [g["template"].get("metadata", {}).get("labels", {}) for g in groups]
+
+
 def _containers(doc: dict) -> list[dict]:
     return [c for cs in _cluster_specs(doc) for ps in _pod_specs(cs) for c in ps["containers"]]
 

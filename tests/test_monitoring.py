@@ -42,7 +42,7 @@ def _series_names(expr: str) -> set[str]:
 def test_rules_are_valid_and_their_unit_tests_pass():
     promtool = os_tool("promtool")
     r = _run(promtool, "check", "rules", str(RULES))
-    assert r.returncode == 0 and "SUCCESS: 7 rules found" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "SUCCESS: 8 rules found" in r.stdout, r.stdout + r.stderr
     r = _run(promtool, "test", "rules", str(RULE_TESTS))
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr
 
@@ -56,8 +56,9 @@ def test_rules_are_valid_and_their_unit_tests_pass():
         ),
         ("for: 10m", "for: 30m"),
         ("[15m]", "[1m]"),
+        ("          ) + 0.01\n", "          ) + 0.5\n"),
     ],
-    ids=["error-threshold", "latency-for", "replica-window"],
+    ids=["error-threshold", "latency-for", "replica-window", "canary-ratio"],
 )
 def test_rule_unit_tests_catch_a_changed_rule(tmp_path, old, new):
     promtool = os_tool("promtool")
@@ -86,3 +87,31 @@ def test_rules_and_dashboard_use_only_exported_metrics():
     assert used and used <= exported, f"not exported by the app: {sorted(used - exported)}"
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"]) and dash["uid"] == "oikyo-serving"
     assert all("$application" in e for e in exprs)  # every panel follows the application picker
+
+
+def test_kubernetes_rules_are_the_shipped_rules():
+    """k8s/monitoring/prometheusrule.yaml is what monitoring/prometheusrule.py writes from the
+    rules file (so it cannot drift), and promtool accepts its groups."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prometheusrule", MON / "prometheusrule.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    committed = ROOT / "k8s" / "monitoring" / "prometheusrule.yaml"
+    assert committed.read_text() == gen.manifest(), "run `python monitoring/prometheusrule.py`"
+    doc = yaml.safe_load(committed.read_text())
+    assert (doc["apiVersion"], doc["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert doc["spec"] == yaml.safe_load(RULES.read_text())
+
+
+def test_podmonitor_scrapes_the_serving_pods():
+    from tests.test_k8s_manifests import _containers, _one, _pod_labels
+
+    pm = yaml.safe_load((ROOT / "k8s" / "monitoring" / "podmonitor.yaml").read_text())
+    service = _one("RayService", "oikyo-serve")
+    want = pm["spec"]["selector"]["matchLabels"]
+    # KubeRay adds ray.io/is-ray-node to every Ray pod; the rest must be on the templates
+    for labels in _pod_labels(service):
+        assert {k: v for k, v in want.items() if k != "ray.io/is-ray-node"}.items() <= labels.items()
+    ports = {p["name"] for c in _containers(service) for p in c.get("ports", [])}
+    assert all(e["port"] in ports for e in pm["spec"]["podMetricsEndpoints"]), ports

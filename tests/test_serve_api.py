@@ -61,7 +61,7 @@ class FakeMetrics:
         self.requests: list[tuple[str, int]] = []
         self.completion_tokens = 0
 
-    def request(self, model, status, seconds):
+    def request(self, model, status, seconds, route="-", role="-"):
         assert seconds >= 0
         self.requests.append((model, status))
 

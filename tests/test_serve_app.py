@@ -7,7 +7,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -728,23 +727,9 @@ class _Webhook(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _start(cmd: list[str], ready_url: str, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(ready_url, timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, log.read_text()[-2000:]
-        time.sleep(0.5)
-    proc.kill()
-    raise AssertionError(f"{cmd[0]} not ready: {log.read_text()[-2000:]}")
-
-
 def test_an_alert_fires_end_to_end(server, ray_session, tmp_path):
     from tests.conftest import ROOT, _free_port, os_tool
+    from tests.prometheus import start_process, start_prometheus
 
     prometheus, alertmanager = os_tool("prometheus"), os_tool("prometheus-alertmanager")
     hook = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Webhook)
@@ -756,17 +741,10 @@ def test_an_alert_fires_end_to_end(server, ray_session, tmp_path):
     )
     rules = tmp_path / "rules.yml"
     rules.write_text(_fast_rules((ROOT / "monitoring/prometheus/oikyo-rules.yml").read_text()))
-    metrics = ray_session["metrics"].removeprefix("http://").removesuffix("/metrics")
-    (tmp_path / "prom.yml").write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        f"rule_files: ['{rules}']\n"
-        f"alerting: {{alertmanagers: [{{static_configs: [{{targets: ['127.0.0.1:{am_port}']}}]}}]}}\n"
-        f"scrape_configs: [{{job_name: ray, static_configs: [{{targets: ['{metrics}']}}]}}]\n"
-    )
     procs = []
     try:
         procs.append(
-            _start(
+            start_process(
                 [
                     alertmanager,
                     f"--config.file={tmp_path / 'am.yml'}",
@@ -778,18 +756,7 @@ def test_an_alert_fires_end_to_end(server, ray_session, tmp_path):
                 tmp_path / "am.log",
             )
         )
-        procs.append(
-            _start(
-                [
-                    prometheus,
-                    f"--config.file={tmp_path / 'prom.yml'}",
-                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{prom_port}",
-                ],
-                f"http://127.0.0.1:{prom_port}/-/ready",
-                tmp_path / "prom.log",
-            )
-        )
+        procs.append(start_prometheus(prometheus, tmp_path, prom_port, ray_session["metrics"], rules, am_port))
         api = f"http://127.0.0.1:{prom_port}/api/v1"
         _normal(server)
         bad = {"model": "broken", "prompt": _prompt("Tell me a story."), "max_tokens": 20, "temperature": 1.0}

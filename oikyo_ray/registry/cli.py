@@ -37,11 +37,24 @@ def cmd_show(args) -> int:
         print(f"\nv{n}  {v['at']}  by {v['by']}  {gates}\n  run: {v['run']}\n  base: {v['base_model']}")
         if v.get("note"):
             print(f"  note: {v['note']}")
-    print("\nhistory:")
+        for test in v["staging"]:
+            verdict = "passed" if test["passed"] else "FAILED: " + "; ".join(test["misses"])
+            print(f"  staging {test['at']}: {verdict}")
+    traffic = ", ".join(f"{a} {w:g}" for a, w in sorted(s.traffic.items()))
+    print(f"\ntraffic: {traffic}\n\nhistory:")
     for e in s.history:
-        what = f"v{e['version']} registered" if e["kind"] == "version" else _move(e)
-        print(f"  {e['at']}  {e['by']}: {what}")
+        print(f"  {e['at']}  {e['by']}: {_what(e)}")
     return 0
+
+
+def _what(e: dict) -> str:
+    if e["kind"] == "version":
+        return f"v{e['version']} registered"
+    if e["kind"] == "traffic":
+        return "traffic " + ", ".join(f"{a} {w:g}" for a, w in sorted(e["weights"].items()))
+    if e["kind"] == "staging":
+        return f"v{e['version']} staging test " + ("passed" if e["passed"] else "failed")
+    return _move(e)
 
 
 def _move(e: dict) -> str:

@@ -27,12 +27,15 @@ def entry_name(n: int) -> str:
     return f"{n:0{WIDTH}d}.json"
 
 
-def read_log(uri: str) -> list[dict]:
-    """Every entry, in order; [] for a log not started. A gap or a non-JSON entry is an error
-    (entries are never deleted or rewritten)."""
+def read_log(uri: str, after: int = 0) -> list[dict]:
+    """Every entry after the first `after`, in order; [] for a log not started. A gap or a
+    non-JSON entry is an error (entries are never deleted or rewritten, so a reader that has the
+    first `after` only needs the rest)."""
     names = sorted(n for n in list_files(uri) if n.endswith(".json"))
     entries = []
     for i, name in enumerate(names, start=1):
+        if i <= after:
+            continue
         if name != entry_name(i):
             raise RegistryError(f"{join(uri, name)}: expected entry {entry_name(i)} here; the log was edited by hand")
         text = read_text(join(uri, name))

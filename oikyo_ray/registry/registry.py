@@ -1,7 +1,8 @@
 """Named models with numbered versions and movable aliases, under `<run.root>/registry/` (Ray-free).
 
     <root>/registry/<model>/log/00000001.json    one change each: a version registered, an alias
-                                                 set or removed
+                                                 set or removed, traffic weights set, a staging
+                                                 test's result recorded
 
 A model's state (versions, aliases) is its log replayed. Nothing is rewritten, so the log is the
 history (who moved `champion` when, from which version) and a rollback is one more alias move.
@@ -17,6 +18,7 @@ import getpass
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from oikyo_ray.errors import RegistryConflict, RegistryError
@@ -26,6 +28,8 @@ from oikyo_ray.runs import store
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 LATEST = "latest"  # a reference, not an alias: the newest version
 RETRIES = 20  # appends lost to writers that changed something else, before giving up
+CHAMPION, CHALLENGER = "champion", "challenger"
+DEFAULT_TRAFFIC = {CHAMPION: 100.0}  # a served model answers with its champion until told otherwise
 
 
 @dataclass
@@ -33,6 +37,7 @@ class ModelState:
     name: str
     versions: dict[int, dict] = field(default_factory=dict)
     aliases: dict[str, int] = field(default_factory=dict)
+    traffic: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_TRAFFIC))  # alias -> weight
     history: list[dict] = field(default_factory=list)  # the log's entries, oldest first
 
     def version(self, ref: str | int) -> dict:
@@ -65,20 +70,41 @@ def list_models(root: str) -> list[str]:
 
 
 def load(root: str, model: str) -> ModelState:
-    state = ModelState(model)
-    for entry in read_log(log_uri(root, model)):
+    return refresh(root, ModelState(model))
+
+
+def refresh(root: str, state: ModelState) -> ModelState:
+    """`state` brought up to date: only the entries it has not seen are read."""
+    for entry in read_log(log_uri(root, state.name), after=len(state.history)):
         _apply(state, entry)
     return state
 
 
 def _apply(state: ModelState, entry: dict) -> None:
     state.history.append(entry)
-    if entry["kind"] == "version":
-        state.versions[entry["version"]] = entry
-    elif entry["kind"] == "alias" and entry["version"] is None:
+    kind = entry["kind"]
+    if kind == "version":
+        state.versions[entry["version"]] = {**entry, "staging": []}
+    elif kind == "alias" and entry["version"] is None:
         state.aliases.pop(entry["alias"], None)
-    elif entry["kind"] == "alias":
+    elif kind == "alias":
         state.aliases[entry["alias"]] = entry["version"]
+    elif kind == "traffic":
+        state.traffic = dict(entry["weights"])
+    elif kind == "staging":
+        state.versions[entry["version"]]["staging"].append(entry)
+
+
+def _commit(root: str, model: str, build: Callable[[ModelState], dict]) -> dict:
+    """Append `build(state)` as the next entry, re-reading and rebuilding when another writer
+    appended first (`build` raises RegistryConflict when what it read no longer holds)."""
+    state = load(root, model)
+    for _ in range(RETRIES):
+        entry = _stamp(build(state))
+        if append_at(log_uri(root, model), len(state.history) + 1, entry):
+            return entry
+        refresh(root, state)
+    raise RegistryConflict(f"model {model!r}: {RETRIES} other writers changed it first; try again")
 
 
 def _stamp(entry: dict) -> dict:
@@ -88,16 +114,14 @@ def _stamp(entry: dict) -> dict:
 def register(root: str, model: str, run: str, note: str | None = None) -> dict:
     """Add the run's adapter as the model's next version; returns the version's entry."""
     summary = run_summary(run)
-    for _ in range(RETRIES):
-        state = load(root, model)
-        number = max(state.versions, default=0) + 1
-        entry = _stamp({"kind": "version", "version": number, **summary, "note": note})
-        if append_at(log_uri(root, model), len(state.history) + 1, entry):
-            return entry
-    raise RegistryConflict(f"model {model!r}: {RETRIES} other writers registered first; try again")
+    return _commit(
+        root,
+        model,
+        lambda state: {"kind": "version", "version": max(state.versions, default=0) + 1, **summary, "note": note},
+    )
 
 
-AS_READ = object()  # set_alias's default `expect`: whatever the alias pointed to when this call read it
+AS_READ = object()  # `expect`'s default: whatever the alias (or traffic) was when this call read it
 
 
 def set_alias(root: str, model: str, alias: str, ref: str | int | None, expect=AS_READ) -> dict:
@@ -110,8 +134,8 @@ def set_alias(root: str, model: str, alias: str, ref: str | int | None, expect=A
     first = load(root, model)
     want = None if ref is None else first.version(ref)["version"]
     believed = first.aliases.get(alias) if expect is AS_READ else expect
-    for _ in range(RETRIES):
-        state = load(root, model)
+
+    def build(state: ModelState) -> dict:
         now = state.aliases.get(alias)
         if now != believed:
             raise RegistryConflict(
@@ -119,10 +143,40 @@ def set_alias(root: str, model: str, alias: str, ref: str | int | None, expect=A
                 f"expected (moved by {_mover(state, alias)}); nothing was written",
                 hint=f"check `oikyo registry show {model}` and move it again if you still mean to",
             )
-        entry = _stamp({"kind": "alias", "alias": alias, "version": want, "previous": now})
-        if append_at(log_uri(root, model), len(state.history) + 1, entry):
-            return entry
-    raise RegistryConflict(f"model {model!r}: {RETRIES} other writers changed it first; try again")
+        return {"kind": "alias", "alias": alias, "version": want, "previous": now}
+
+    return _commit(root, model, build)
+
+
+def set_traffic(root: str, model: str, weights: dict[str, float], expect=AS_READ) -> dict:
+    """Split the model's traffic between aliases by weight (`{"champion": 90, "challenger": 10}`);
+    the serving app re-reads it live. Like `set_alias`, a split changed by someone else since
+    `expect` (as read, by default) is a `RegistryConflict`."""
+    for alias, w in weights.items():
+        check_name(alias, "alias")
+        if not w >= 0:
+            raise RegistryError(f"traffic weight of {alias!r} must be >= 0, got {w}")
+    if not sum(weights.values()) > 0:
+        raise RegistryError(f"traffic weights {weights} must not all be 0")
+    first = load(root, model)
+    believed = first.traffic if expect is AS_READ else expect
+
+    def build(state: ModelState) -> dict:
+        if state.traffic != believed:
+            raise RegistryConflict(
+                f"model {model!r}: traffic is {state.traffic}, not {believed} as this change expected; "
+                "nothing was written",
+                hint=f"check `oikyo registry show {model}` and set it again if you still mean to",
+            )
+        return {"kind": "traffic", "weights": dict(weights), "previous": state.traffic}
+
+    return _commit(root, model, build)
+
+
+def record_staging(root: str, model: str, version: int, result: dict) -> dict:
+    """Keep a staging test's figures and verdict with the version it tested."""
+    load(root, model).version(version)  # names the versions there are when it is not one of them
+    return _commit(root, model, lambda state: {"kind": "staging", "version": version, **result})
 
 
 def _v(n: int | None) -> str:

@@ -75,9 +75,7 @@ def resolve_adapter(name: str, static: dict[str, str], root: str | None, cache_d
         fs, key = filesystem(root.rstrip("/") + "/" + name)
         if fs.get_file_info(key + "/adapter_config.json").type != pafs.FileType.File:
             raise AdapterNotFound(f"{not_found} under {root}", not_found)
-        digest = hashlib.sha256(root.encode()).hexdigest()[:12]
-        local = download_dir(root.rstrip("/") + "/" + name, Path(cache_dir).expanduser() / "adapters" / digest / name)
-        return check_adapter_dir(local, name)
+        return fetch_adapter(root.rstrip("/") + "/" + name, name, cache_dir)
     base = Path(root).expanduser().resolve()
     candidate = (base / name).resolve()  # follows symlinks: a link pointing out is caught below
     if base not in candidate.parents:
@@ -88,6 +86,15 @@ def resolve_adapter(name: str, static: dict[str, str], root: str | None, cache_d
     if not candidate.is_dir():
         raise AdapterNotFound(f"{not_found} under {root}", not_found)
     return check_adapter_dir(candidate, name)
+
+
+def fetch_adapter(uri: str, name: str, cache_dir: str) -> Path:
+    """The checked local directory of the adapter at `uri`; s3:// ones are copied into the cache
+    first, under a digest of the URI (two roots may both hold an adapter of one name)."""
+    if not uri.startswith("s3://"):
+        return check_adapter_dir(uri, name)
+    digest = hashlib.sha256(uri.rsplit("/", 1)[0].encode()).hexdigest()[:12]
+    return check_adapter_dir(download_dir(uri, Path(cache_dir).expanduser() / "adapters" / digest / name), name)
 
 
 def list_root(root: str | None) -> list[str]:

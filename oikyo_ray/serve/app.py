@@ -58,11 +58,13 @@ from oikyo_ray.serve.protocol import (
     sse,
     usage_chunk,
 )
+from oikyo_ray.serve.published import Published
 from oikyo_ray.serve.tool_calls import ToolCallStream
 from oikyo_ray.serve.tool_calls import prefix as tool_call_prefix
 from oikyo_ray.serve.variants import pick
 
 Req = TypeVar("Req", CompletionRequest, ChatRequest)
+NO_LABEL = "-"  # the route or role label of a request for a name that is not routed
 
 
 class Backend(Protocol):
@@ -79,7 +81,9 @@ class Backend(Protocol):
 
 
 class Metrics(Protocol):
-    def request(self, model: str, status: int, seconds: float) -> None: ...
+    def request(self, model: str, status: int, seconds: float, route: str = NO_LABEL, role: str = NO_LABEL) -> None:
+        """`route`: the routed name the request asked for; `role`: the alias its variant serves as."""
+        ...
 
     def tokens(self, model: str, outs: list[dict]) -> None: ...
 
@@ -93,6 +97,7 @@ class Service:
     token: str | None  # the expected bearer token; None when auth is off
     backend: Backend
     metrics: Metrics
+    published: Published | None = None  # registry models' routes (serve.registry_models)
 
 
 def service(request: Request) -> Service:
@@ -120,8 +125,9 @@ class MeteredRoute(APIRoute):
             t0 = time.perf_counter()
 
             def record(status: int) -> None:
-                model = getattr(request.state, "model", "?")
-                request.app.state.service.metrics.request(model, status, time.perf_counter() - t0)
+                model, state = getattr(request.state, "model", "?"), request.state
+                route, role = getattr(state, "route", NO_LABEL), getattr(state, "role", NO_LABEL)
+                request.app.state.service.metrics.request(model, status, time.perf_counter() - t0, route, role)
 
             try:
                 response = await handle(request)
@@ -168,6 +174,7 @@ async def healthz(svc: ServiceDep) -> Response:
 async def models(svc: ServiceDep) -> dict:
     sc = svc.cfg
     served = set(sc.adapters) | set(sc.routes) | set(await asyncio.to_thread(list_root, sc.adapter_root))
+    served |= set(sc.registry_models)
     names = [sc.base_model_name, *sorted(served)]
     return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "oikyo"} for m in names]}
 
@@ -193,7 +200,7 @@ def body_of(model: type[Req]) -> Callable[..., Awaitable[Req]]:
 async def completions(
     req: Annotated[CompletionRequest, Depends(body_of(CompletionRequest))], request: Request, svc: ServiceDep
 ) -> Any:
-    route(svc.cfg, req, request)
+    await route(svc, req, request)
     check_request(svc.cfg, req)
     request.state.model = req.model
     cfg = svc.cfg
@@ -216,7 +223,7 @@ async def completions(
 async def chat_completions(
     req: Annotated[ChatRequest, Depends(body_of(ChatRequest))], request: Request, svc: ServiceDep
 ) -> Any:
-    route(svc.cfg, req, request)
+    await route(svc, req, request)
     check_request(svc.cfg, req)
     request.state.model = req.model
     cfg = svc.cfg
@@ -235,12 +242,19 @@ async def chat_completions(
     return await _answer(svc, req, [prompt], chat=True)
 
 
-def route(cfg: ServeConfig, req: GenerationRequest, request: Request) -> None:
-    """A routed name (`serve.routes`) becomes the variant that answers: the request is served,
-    answered and counted as that adapter's, and the X-Oikyo-Model header names it."""
-    if req.model in cfg.routes:
-        user = req.user or request.headers.get("x-oikyo-user")
-        req.model = request.state.variant = pick(req.model, cfg.routes[req.model], user)
+async def route(svc: Service, req: GenerationRequest, request: Request) -> None:
+    """A routed name (`serve.routes`, or a registry model: `published.py`) becomes the variant
+    that answers: the request is served, answered and counted as that adapter's, under its route
+    and role (the alias it serves as), and the X-Oikyo-Model header names it."""
+    name = req.model
+    weights, roles = svc.cfg.routes.get(name), {}
+    if weights is None and svc.published is not None and (found := await svc.published.route(name)):
+        weights, roles = found.weights, found.roles
+    if weights is None:
+        return
+    user = req.user or request.headers.get("x-oikyo-user")
+    req.model = request.state.variant = pick(name, weights, user)
+    request.state.route, request.state.role = name, roles.get(req.model, NO_LABEL)
 
 
 def check_request(cfg: ServeConfig, req: GenerationRequest) -> None:

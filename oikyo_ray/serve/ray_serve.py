@@ -21,13 +21,14 @@ from oikyo_ray.config import OikyoConfig, load_config
 from oikyo_ray.errors import ConfigError
 from oikyo_ray.model.load import load_tokenizer, resolve_model_path
 from oikyo_ray.serve.adapters import AdapterNotFound, BadAdapterName
-from oikyo_ray.serve.app import Service, create_app
+from oikyo_ray.serve.app import NO_LABEL, Service, create_app
 from oikyo_ray.serve.auth import load_token
 from oikyo_ray.serve.continuous import ContinuousEngine
 from oikyo_ray.serve.demo_call import ask, ephemeral_token
 from oikyo_ray.serve.engine import Engine
 from oikyo_ray.serve.http_errors import ServerBusy
 from oikyo_ray.serve.labels import ModelLabels
+from oikyo_ray.serve.published import Published
 from oikyo_ray.serve.replica import ModelReplica, load_adapter
 
 LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
@@ -39,11 +40,13 @@ COUNTS = [1, 2, 4, 8, 16, 32, 64]
 
 class RequestMetrics:
     """Per-model (adapter) requests by HTTP status, tokens and end-to-end latency; the model label
-    is bounded (`labels.ModelLabels`)."""
+    is bounded (`labels.ModelLabels`). Routed requests also carry the route they asked for and the
+    role (alias) of the variant that answered, which the canary alert and `oikyo ab` compare by;
+    both come from the config and the registry's traffic split, never from clients."""
 
     def __init__(self, labels: ModelLabels) -> None:
         self.label = labels
-        tags = ("model", "status")
+        tags = ("model", "status", "route", "role")
         self.requests = metrics.Counter(
             "oikyo_requests", description="Requests by model and HTTP status.", tag_keys=tags
         )
@@ -54,8 +57,8 @@ class RequestMetrics:
             "oikyo_request_latency_ms", description="End-to-end latency.", boundaries=LATENCY_MS, tag_keys=tags
         )
 
-    def request(self, model: str, status: int, seconds: float) -> None:
-        tags = {"model": self.label(model, status), "status": str(status)}
+    def request(self, model: str, status: int, seconds: float, route: str = NO_LABEL, role: str = NO_LABEL) -> None:
+        tags = {"model": self.label(model, status), "status": str(status), "route": route, "role": role}
         self.requests.inc(1, tags=tags)
         self.latency.observe(seconds * 1000, tags=tags)
 
@@ -117,10 +120,12 @@ class ModelServer:
 
         async def load(name: str):  # a plain function: Serve keeps its LRU cache on it
             try:
-                return await load_adapter(engine, name, sc, cfg.model.cache_dir)
+                return await load_adapter(engine, name, sc, cfg.model.cache_dir, cfg.run.root)
             except (AdapterNotFound, BadAdapterName):
                 raise  # the client's mistake, and unbounded names: not a label
             except Exception:
+                # counted for the AdapterLoadFailures alert, then raised on: Serve's multiplexer
+                # answers this request with it and retries the load on the next one
                 failures.inc(tags={"model": name})
                 raise
 
@@ -196,6 +201,9 @@ class OpenAIIngress:
             load_token(cfg.serve),
             ModelClient(model),
             RequestMetrics(ModelLabels({cfg.serve.base_model_name, *cfg.serve.adapters, *_variants(cfg.serve)})),
+            Published(cfg.run.root, cfg.serve.registry_models, cfg.serve.registry_poll_s)
+            if cfg.serve.registry_models
+            else None,
         )
 
     def __serve_build_asgi_app__(self):  # Serve calls this after __init__, in the replica
@@ -209,6 +217,8 @@ def build(cfg: OikyoConfig, model_path: str):
     """The bound application for `serve.run` (deployment options come from `serve.*`)."""
     sc = cfg.serve
     conf = cfg.model_dump(mode="json")
+    if not cfg.run.root.startswith("s3://"):  # replicas may run elsewhere: the registry's place, absolute
+        conf["run"]["root"] = str(Path(cfg.run.root).expanduser().resolve())
     autoscaling = None
     if sc.max_replicas > 1 or sc.min_replicas != 1:
         autoscaling = {

@@ -16,11 +16,14 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from oikyo_ray.config import ServeConfig
-from oikyo_ray.serve.adapters import AdapterError, resolve_adapter
+from oikyo_ray.errors import RegistryError
+from oikyo_ray.serve.adapters import AdapterError, AdapterNotFound, fetch_adapter, resolve_adapter
 from oikyo_ray.serve.batcher import MixedBatcher
 from oikyo_ray.serve.http_errors import adapter_error_dict, internal_error_dict
+from oikyo_ray.serve.published import adapter_uri, parse_variant
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +41,23 @@ class AdapterLease:
         self.engine.remove_adapter(self.name)
 
 
-async def load_adapter(engine, name: str, cfg: ServeConfig, cache_dir: str) -> AdapterLease:
-    path = await asyncio.to_thread(resolve_adapter, name, cfg.adapters, cfg.adapter_root, cache_dir)
+async def load_adapter(engine, name: str, cfg: ServeConfig, cache_dir: str, registry_root: str = "") -> AdapterLease:
+    """Load adapter `name`: a registry version (`model-vN` of a served registry model), a
+    configured adapter, or one under the adapter root."""
+    path = await asyncio.to_thread(_adapter_path, name, cfg, cache_dir, registry_root)
     await asyncio.to_thread(engine.add_adapter, name, str(path))
     return AdapterLease(engine, name)
+
+
+def _adapter_path(name: str, cfg: ServeConfig, cache_dir: str, registry_root: str) -> Path:
+    found = parse_variant(name, cfg.registry_models)
+    if found is None:
+        return resolve_adapter(name, cfg.adapters, cfg.adapter_root, cache_dir)
+    try:
+        uri = adapter_uri(registry_root, *found)
+    except RegistryError as e:
+        raise AdapterNotFound(str(e), f"model {name!r} not found") from None
+    return fetch_adapter(uri, name, cache_dir)
 
 
 class ModelReplica:
