@@ -193,3 +193,32 @@ def test_dpo_resumed_mid_epoch_ends_with_the_same_weights(tiny_model, tmp_path):
     assert reports[0]["resumed_from"] == 8 and reports[0]["epoch"] == 1
     for k, v in ref.items():
         torch.testing.assert_close(resumed[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_shard_of_pairs_gives_the_same_batches_whatever_order_it_streams_in():
+    from oikyo_ray.train.epochs import cached_epochs
+
+    cfg = load_config(None, ["train.batch_size=2"]).train
+    rows = [dict(zip(PAIRS, vals)) for vals in zip(*PAIRS.values())] * 2
+    rows[2], rows[3] = {**rows[2], "rejected_ids": [20, 5]}, {**rows[3], "chosen_ids": [12]}  # 4 distinct pairs
+    as_batch = lambda rs: [{k: [r[k] for r in rs] for k in PAIRS}]
+    forward = cached_epochs(lambda: as_batch(rows), cfg, 0, lambda b: b, O.collate_pairs)
+    backward = cached_epochs(lambda: as_batch(rows[::-1]), cfg, 0, lambda b: b, O.collate_pairs)
+    for a, b in zip(forward(0), backward(0), strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and len(a["input_ids"]) == 4  # 2 pairs, 2 sequences each
+
+
+def test_steps_count_the_pairs_that_fit(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from oikyo_ray.train.steps import objective_counts
+
+    for split, prompts in (("train", [[1], [], [2], [3]]), ("val", [[4], []]), ("test", [])):
+        (tmp_path / split).mkdir()
+        if prompts:
+            pq.write_table(pa.table({"prompt_ids": prompts}), tmp_path / split / "part-0.parquet")
+    manifest = {"counts": {"train": 4, "val": 2, "test": 0, "accepted": 6}}
+    dpo = objective_counts(cfg_with(tmp_path, "method.objective=dpo"), manifest, tmp_path)
+    assert dpo["counts"] == {"train": 3, "val": 1, "test": 0, "accepted": 6}  # no-room rows have empty ids
+    assert objective_counts(cfg_with(tmp_path), manifest, tmp_path) is manifest

@@ -22,6 +22,8 @@ from oikyo_ray.eval.probes import ProbeScorer, probe_rates
 from oikyo_ray.eval.scoring import MODELS, ItemScore, Scorer, SingleModel, score_in_process, score_items
 from oikyo_ray.model.load import load_tokenizer
 
+PREFERENCE_METRICS = ("preference_accuracy", "preference_margin")  # with preference pairs in the test split
+
 
 def _ppl(loss: float) -> float:
     return math.exp(loss) if loss < 50 else float("inf")
@@ -52,7 +54,11 @@ def summarise(cfg: OikyoConfig, items: list[Item], item_scores: list[ItemScore])
             "n": len(task),
         }
         report["metric_n"] = {k: v["n"] for k, v in got.items()}
-    report["delta"] = {k: report["tuned"][k] - report["base"][k] for k in ["loss", "perplexity", *names]}
+    pairs = [it for it in items if it.kind is ItemKind.PAIR]
+    if pairs:
+        report["preference"] = _preference(pairs, scores, report)
+    shown = ["loss", "perplexity", *names, *(PREFERENCE_METRICS if pairs else ())]
+    report["delta"] = {k: report["tuned"][k] - report["base"][k] for k in shown}
 
     general = [it for it in items if it.kind is ItemKind.GENERAL]
     if general:
@@ -91,6 +97,21 @@ def summarise(cfg: OikyoConfig, items: list[Item], item_scores: list[ItemScore])
         "probe_max_new_tokens": ec.probe_max_new_tokens,
     }
     return report
+
+
+def _preference(pairs: list[Item], scores: dict[str, ItemScore], report: dict) -> dict:
+    """Per model, on the held-out pairs: preference accuracy (share whose chosen answer has the
+    higher summed log-prob) and mean log-prob margin, chosen minus rejected, put beside the other
+    metrics (so gates can name them); and the implicit reward margin of the tuned model, with
+    reward = log p_tuned - log p_base (DPO's, beta 1): its margin minus the base's."""
+    chosen = [it.id for it in pairs if it.id.endswith("-chosen")]
+    for which in MODELS:
+        # summed NLL is minus the summed log-prob: rejected NLL - chosen NLL = the log-prob margin
+        margins = [scores[c[: -len("chosen")] + "rejected"].nll[which] - scores[c].nll[which] for c in chosen]
+        report[which]["preference_accuracy"] = sum(m > 0 for m in margins) / len(margins)
+        report[which]["preference_margin"] = sum(margins) / len(margins)
+    reward = report["tuned"]["preference_margin"] - report["base"]["preference_margin"]
+    return {"pairs": len(chosen), "reward_margin": reward}
 
 
 def _probes(ec, probes: list[Item], scores: dict[str, ItemScore]) -> dict:

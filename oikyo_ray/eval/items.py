@@ -6,6 +6,8 @@ task     a held-out test row: next-token loss on its labelled (answer) tokens, a
          generation from its prompt (all turns but the last, tools passed to the template)
 general  a chunk of the general-text slice: loss on every token (forgetting)
 probe    a safety/robustness prompt: a generation only (see `probes`)
+pair     a held-out preference pair's chosen or rejected answer: its log-prob after the prompt
+         (two items per pair; the report compares them: preference accuracy and margin)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 
 from oikyo_ray.config import OikyoConfig
+from oikyo_ray.data.tokenize import IGNORE
 from oikyo_ray.errors import DataError
 from oikyo_ray.eval.probes import ASSETS, load_probes
 from oikyo_ray.model.prompt import render_prompt
@@ -25,6 +28,7 @@ class ItemKind(str, Enum):
     TASK = "task"
     GENERAL = "general"
     PROBE = "probe"
+    PAIR = "pair"
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,28 @@ def task_items(rows: list[dict], tokenizer, cfg: OikyoConfig) -> list[Item]:
     return items
 
 
+def pair_items(rows: list[dict], cfg: OikyoConfig) -> list[Item]:
+    """Test rows that are preference pairs fitting data.max_length as two loss items each,
+    `pair-<i>-chosen` and `pair-<i>-rejected`: the prompt once (unlabelled), then the answer."""
+    from oikyo_ray.train.objective import PAIR_COLUMNS, has_pair  # noqa: PLC0415 (torch, only when pairs)
+
+    pairs = [r for r in rows if all(k in r for k in PAIR_COLUMNS) and has_pair(r)][: cfg.eval.max_samples]
+    items = []
+    for i, r in enumerate(pairs):
+        prompt = tuple(r["prompt_ids"])
+        for side in ("chosen", "rejected"):
+            answer = tuple(r[f"{side}_ids"])
+            items.append(
+                Item(
+                    f"pair-{i}-{side}",
+                    ItemKind.PAIR,
+                    input_ids=prompt + answer,
+                    labels=(IGNORE,) * len(prompt) + answer,
+                )
+            )
+    return items
+
+
 def general_items(tokenizer, cfg: OikyoConfig) -> list[Item]:
     """The general-text slice cut into chunks of eval.general_chunk_tokens tokens (loss on all)."""
     path = Path(cfg.eval.general_text).expanduser() if cfg.eval.general_text else ASSETS / "general_text.txt"
@@ -107,7 +133,7 @@ def probe_items(tokenizer, cfg: OikyoConfig) -> list[Item]:
 
 
 def build_items(cfg: OikyoConfig, tokenizer, rows: list[dict]) -> list[Item]:
-    items = task_items(rows, tokenizer, cfg)
+    items = task_items(rows, tokenizer, cfg) + pair_items(rows, cfg)
     if cfg.eval.forgetting:
         items += general_items(tokenizer, cfg)
     if cfg.eval.probes:

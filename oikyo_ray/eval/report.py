@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from oikyo_ray.config import OikyoConfig
 from oikyo_ray.errors import DataError
-from oikyo_ray.eval.compare import compare
+from oikyo_ray.eval.compare import PREFERENCE_METRICS, compare
 from oikyo_ray.eval.scoring import Scorer, score_in_process
 
 COLOURS = {"base": "#8c8c8c", "tuned": "#1f77b4"}
@@ -127,7 +127,8 @@ def format_table(report: dict) -> str:
         if g.get("metric"):
             gates.setdefault(g["metric"], []).append(g)
     lines = ["| metric | base | fine-tuned | delta | gate |", "|---|---|---|---|---|"]
-    for k in ["loss", "perplexity", *report.get("metrics", ["exact_match", "token_f1"])]:
+    pairs = [k for k in PREFERENCE_METRICS if k in b]
+    for k in ["loss", "perplexity", *report.get("metrics", ["exact_match", "token_f1"]), *pairs]:
         d = t[k] - b[k] if math.isfinite(t[k]) and math.isfinite(b[k]) else float("nan")
         gate = ", ".join(f"{'pass' if g['passed'] else 'FAIL'} ({g['rule']})" for g in gates.get(k, []))
         n = report.get("metric_n", {}).get(k)
@@ -145,6 +146,11 @@ def format_table(report: dict) -> str:
             f"| probe pass rate: {kind} (n={p['n']}) | {p['base']:.3f} | {p['tuned']:.3f} | "
             f"{p['delta']:+.3f} | {'FAIL' if p['regressed'] else 'pass'} "
             f"(drop <= {report['probes']['threshold']}) |"
+        )
+    if "preference" in report:
+        p = report["preference"]
+        lines.append(
+            f"\npreference metrics on {p['pairs']} held-out pairs; implicit reward margin {p['reward_margin']:+.4f}"
         )
     lines.append(f"\n{b['n']} test rows; gates {'passed' if report.get('passed', True) else 'FAILED'}.")
     return "\n".join(lines)

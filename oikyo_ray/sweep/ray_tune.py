@@ -36,6 +36,7 @@ from oikyo_ray.sweep.budget import max_t
 from oikyo_ray.sweep.report import summarise
 from oikyo_ray.sweep.space import validate_space, with_params
 from oikyo_ray.train.ray_train import fit
+from oikyo_ray.train.steps import objective_counts
 
 TRIAL_CPU = 0.01  # the trial function only waits on its TorchTrainer; workers hold the real CPUs
 
@@ -150,7 +151,8 @@ def _tune(cfg: OikyoConfig, sweep_dir: Path, model_path: str, resume: bool, publ
         log("[oikyo] sweep: preparing data once for every trial")
         prepare(cfg, model_path, sweep_dir / "data")
         publish()
-    manifest = json.loads((sweep_dir / "data" / "manifest.json").read_text())
+    # budgets count what the objective trains on, as each trial's fit does
+    manifest = objective_counts(cfg, json.loads((sweep_dir / "data" / "manifest.json").read_text()), sweep_dir / "data")
 
     trainable = tune.with_resources(_trial, {"cpu": TRIAL_CPU})
     if resume and tune.Tuner.can_restore(str(tune_dir)):

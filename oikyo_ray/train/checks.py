@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from oikyo_ray.config import PAIRWISE, OikyoConfig
+from oikyo_ray.config import PAIRWISE, PREFERENCE, OikyoConfig
 from oikyo_ray.errors import OikyoError
 from oikyo_ray.model.methods import check_method
 from oikyo_ray.train.steps import rows_per_worker, train_units
 
-TRAINED_OBJECTIVES = ("sft",)  # objectives ray_train.fit runs (config.Objective lists all)
+TRAINED_OBJECTIVES = ("sft", *PREFERENCE)  # objectives ray_train.fit runs (config.Objective lists all)
 
 
 def check_before_ray(cfg: OikyoConfig) -> None:

@@ -1,5 +1,6 @@
 """Training on Ray Train (the train stage's only Ray module): a TorchTrainer whose workers run the
-core loop (loop.py) on their dataset shards and report metrics and checkpoints back.
+core loop (loop.py) on their dataset shards and report metrics and checkpoints back. What a step
+minimises is method.objective's (objective.py): the split's columns, batches and step loss.
 
     fit(cfg, run_dir, model_path, manifest) -> path of the final adapter/model directory
 
@@ -38,8 +39,9 @@ from oikyo_ray.train.engine import build_engine
 from oikyo_ray.train.epochs import cached_epochs
 from oikyo_ray.train.loop import LoopHooks, StepHookFactory, collate, train_loop
 from oikyo_ray.train.monitor import TensorBoardLog, following, plot_losses
+from oikyo_ray.train.objective import batch_collate, row_columns, step_loss
 from oikyo_ray.train.start import load_model_to_train, seed_everything
-from oikyo_ray.train.steps import rows_per_worker, run_steps
+from oikyo_ray.train.steps import objective_counts, rows_per_worker, run_steps
 from oikyo_ray.train.storage import checkpoint_storage
 
 
@@ -95,12 +97,13 @@ class Reporter:
         self._pending = []
 
 
-def _shard_epochs(shard, cfg: OikyoConfig, pad: int, to_device, cache: bool):
+def _shard_epochs(shard, cfg: OikyoConfig, pad: int, to_device, cache: bool, collate_rows=collate):
     """epoch -> batches of this worker's shard: held in memory when small enough (the same batches
     in the same order on every run, epochs.py), else streamed through Ray Data's seeded local shuffle."""
     tc = cfg.train
     if cache:
-        return cached_epochs(lambda: shard.iter_batches(batch_size=1024, batch_format="numpy"), tc, pad, to_device)
+        read = lambda: shard.iter_batches(batch_size=1024, batch_format="numpy")  # noqa: E731
+        return cached_epochs(read, tc, pad, to_device, collate_rows)
 
     def epochs(epoch: int):
         for b in shard.iter_batches(
@@ -110,7 +113,7 @@ def _shard_epochs(shard, cfg: OikyoConfig, pad: int, to_device, cache: bool):
             local_shuffle_buffer_size=4 * tc.batch_size,
             local_shuffle_seed=tc.seed + epoch,
         ):
-            yield to_device(collate(b, pad))
+            yield to_device(collate_rows(b, pad))
 
     return epochs
 
@@ -149,13 +152,15 @@ def train_func(loop_config: dict) -> None:
     def to_device(b):  # num_tokens only feeds the host-side token count: it stays on the host
         return {k: v if k == "num_tokens" else v.to(device) for k, v in b.items()}
 
+    # the objective's batches and loss (train/objective.py); sft: the loop's own
+    collate_rows, loss = batch_collate(cfg.method) or collate, step_loss(cfg.method)
     cache = loop_config["rows_per_worker"] <= cfg.scaling.cache_shard_rows
-    epochs = _shard_epochs(ray.train.get_dataset_shard("train"), cfg, pad, to_device, cache)
+    epochs = _shard_epochs(ray.train.get_dataset_shard("train"), cfg, pad, to_device, cache, collate_rows)
     val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
 
     def val_batches():
         for b in val_shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy"):
-            yield to_device(collate(b, pad))
+            yield to_device(collate_rows(b, pad))
 
     node = {"node_id": ray.get_runtime_context().get_node_id()}  # the first report says where we ran
     reporter = Reporter(backlog=2 if world == 1 else 0)
@@ -186,7 +191,7 @@ def train_func(loop_config: dict) -> None:
         eval_at_checkpoint=cfg.checkpoint.score is not None,
     )
     try:
-        train_loop(engine.model, epochs, tc, steps, hooks, engine=engine, state=state)
+        train_loop(engine.model, epochs, tc, steps, hooks, engine=engine, state=state, step_loss=loss)
     except BaseException:
         reporter.close(timeout=30)  # the metrics reported before a failure still reach the log
         raise
@@ -215,16 +220,18 @@ def fit(
     `step_hook(rank)`: each worker's LoopHooks.on_step (loop.StepHookFactory; picklable).
     `show_progress`: a progress bar of optimizer steps (loss, steps/s, ETA) on stderr."""
     check_before_ray(cfg)
-    check_train_split(cfg, manifest)
     check_objective_data(cfg, manifest)
+    manifest = objective_counts(cfg, manifest, run_dir / "data")  # the rows the objective trains on
+    check_train_split(cfg, manifest)
     sc, ck = cfg.scaling, cfg.checkpoint
     steps, has_val = run_steps(cfg, manifest), has_val_split(cfg, manifest)
-    datasets = {"train": read_split(run_dir / "data", "train", packed=cfg.data.packing)}
+    read = partial(read_split, run_dir / "data", columns=row_columns(cfg.method), fitting=cfg.method.objective != "sft")
+    datasets = {"train": read("train", packed=cfg.data.packing)}
     if has_val:
-        datasets["val"] = read_split(run_dir / "data", "val")
+        datasets["val"] = read("val")
     log(
         f"train: {sc.num_workers} worker(s) x {cfg.train.batch_size} rows, {steps} steps, "
-        f"method={cfg.method.type}, strategy={sc.strategy}"
+        f"method={cfg.method.type}, objective={cfg.method.objective}, strategy={sc.strategy}"
     )
 
     # Train V2's report() blocks until the controller polls (default every 2 s): with reports

@@ -5,8 +5,23 @@ With data.packing on, workers read packed blocks, not rows: every count here is 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from oikyo_ray.config import OikyoConfig, TrainConfig
+from oikyo_ray.data.prepared import read_column
 from oikyo_ray.errors import OikyoError
+
+SPLITS = ("train", "val", "test")
+
+
+def objective_counts(cfg: OikyoConfig, manifest: dict, data_dir: Path) -> dict:
+    """The manifest with the split counts of rows method.objective trains on: a preference objective
+    skips rows whose prompt leaves no room for the answers (the manifest counts them per file only;
+    curate.py leaves their ids empty, as `ray_data.read_split(fitting=True)` expects)."""
+    if cfg.method.objective == "sft":
+        return manifest
+    fits = {s: sum(len(x) > 0 for x in read_column(data_dir, s, "prompt_ids")) for s in SPLITS}
+    return {**manifest, "counts": {**manifest["counts"], **fits}}
 
 
 def train_units(cfg: OikyoConfig, manifest: dict) -> int:
