@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,12 +47,19 @@ class ModelConfig(_Section):
     cache_dir: str = Field(
         "~/.cache/oikyo", description="Where the embedded demo model and downloaded files are cached."
     )
+    max_serve_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Refuse to train a model whose serving would need more memory than this: weights at "
+        "model.dtype plus the KV cache of serve.max_batch_size sequences of data.max_length + "
+        "serve.max_tokens_limit tokens, estimated from the model's config before Ray starts.",
+    )
 
 
 class DataConfig(_Section):
     paths: list[str] = Field(
         default_factory=lambda: [DEMO_DATA],
-        description=f"Data files or globs (json, jsonl, parquet, csv; local or s3://). "
+        description=f"Data files or globs (json, jsonl, parquet, csv; txt, txt.gz, md as plain text; local or s3://). "
         f"'{DEMO_DATA}' is the small instruction set shipped with oikyo.",
         min_length=1,
     )
@@ -75,6 +83,21 @@ class DataConfig(_Section):
     )
     train_on_prompt: bool = Field(
         False, description="Compute loss on prompt tokens too (default: assistant tokens only)."
+    )
+    train_on_reasoning: bool = Field(
+        True,
+        description="Compute loss on assistant reasoning traces (reasoning parts, reasoning_content, "
+        "<think> blocks) too; false masks them and trains the answers only. Default true: a model "
+        "never taught its thinking stops producing it.",
+    )
+    text_split: Literal["file", "blank_lines", "lines", "separator"] = Field(
+        "blank_lines",
+        description="How plain-text files (.txt, .txt.gz, .md) are cut into documents: the whole "
+        "file, paragraphs between blank lines, one per line, or on data.text_separator. Each "
+        "document is one row (truncated to data.max_length), trained on every token.",
+    )
+    text_separator: str = Field(
+        "<|endoftext|>", min_length=1, description="The separator between documents for text_split: separator."
     )
     columns: dict[
         Literal[
@@ -387,8 +410,19 @@ class CheckpointConfig(_Section):
         return self
 
 
+# preference_*: on the test split's preference pairs (eval/compare.py)
 GateMetric = Literal[
-    "loss", "perplexity", "exact_match", "token_f1", "rouge_l", "bleu", "json_valid", "tool_call", "tool_name"
+    "loss",
+    "perplexity",
+    "exact_match",
+    "token_f1",
+    "rouge_l",
+    "bleu",
+    "json_valid",
+    "tool_call",
+    "tool_name",
+    "preference_accuracy",
+    "preference_margin",
 ]
 
 
@@ -467,12 +501,7 @@ class EvalConfig(_Section):
         "fine-tuned over base (tuned - base; base - tuned for loss and perplexity), e.g. "
         "{exact_match: 0.05}; negative values tolerate a loss.",
     )
-    min_tuned: dict[
-        Literal[
-            "loss", "perplexity", "exact_match", "token_f1", "rouge_l", "bleu", "json_valid", "tool_call", "tool_name"
-        ],
-        float,
-    ] = Field(
+    min_tuned: dict[GateMetric, float] = Field(
         default_factory=dict,
         description="Gate: metric -> least value the fine-tuned model must reach "
         "(most, for loss and perplexity), e.g. {token_f1: 0.5}.",
@@ -565,6 +594,8 @@ class ServeConfig(_Section):
                 if target in self.routes:
                     raise ValueError(f"routes.{name}.{target}: routes cannot point at routes")
         for name in self.registry_models:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name) or ".." in name:
+                raise ValueError(f"registry_models: {name!r} is not a model name (letters, digits, '.', '_', '-')")
             if name in self.routes or name in self.adapters or name == self.base_model_name:
                 raise ValueError(f"registry_models: {name!r} is already a route's, an adapter's or the base's name")
         return self
@@ -609,20 +640,23 @@ class Budgets(_Section):
     max_error_rate: float = Field(0.0, ge=0, le=1, description="Most share of requests answered with an error.")
     min_tokens_per_s: float | None = Field(None, gt=0, description="Fewest completion tokens per second.")
     max_cost_per_1m_tokens: float | None = Field(
-        None, gt=0, description="Most estimated cost per million completion tokens (deploy.price_*)."
+        None, gt=0, description="Most estimated cost per million completion tokens (at cost.cpu_hour/gpu_hour)."
     )
 
 
 class DeployConfig(_Section):
     load: LoadProfile = Field(default_factory=LoadProfile, description="The staging test's load.")
     budgets: Budgets = Field(default_factory=Budgets, description="What the staging test must meet.")
-    price_cpu_hour: float = Field(
-        0.05, ge=0, description="Price of one CPU-hour of the serving hardware, for the cost estimate."
-    )
-    price_gpu_hour: float = Field(
-        2.5, ge=0, description="Price of one GPU-hour of the serving hardware, for the cost estimate."
-    )
     require_eval: bool = Field(True, description="Refuse runs without an eval report (their gates cannot have passed).")
+
+
+class CostConfig(_Section):
+    """Prices of the hardware, for what runs cost (lineage, `oikyo runs compare`) and the cost per
+    million tokens of a deploy's staging test."""
+
+    cpu_hour: float = Field(0.05, ge=0, description="Price of one CPU-hour (a Ray CPU held for an hour).")
+    gpu_hour: float = Field(2.5, ge=0, description="Price of one GPU-hour.")
+    currency: str = Field("USD", min_length=1, description="What the prices are in (shown beside costs).")
 
 
 class PolicyConfig(_Section):
@@ -717,8 +751,9 @@ class OikyoConfig(_Section):
     )
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Hyperparameter sweep (oikyo sweep).")
     deploy: DeployConfig = Field(
-        default_factory=DeployConfig, description="Gated deploys (oikyo deploy): staging load, budgets, prices."
+        default_factory=DeployConfig, description="Gated deploys (oikyo deploy): staging load and budgets."
     )
+    cost: CostConfig = Field(default_factory=CostConfig, description="Hardware prices, for what runs cost.")
 
     @model_validator(mode="after")
     def _objective_fits(self) -> OikyoConfig:

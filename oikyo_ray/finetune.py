@@ -19,8 +19,10 @@ from oikyo_ray.data.ray_data import prepare
 from oikyo_ray.errors import OikyoError
 from oikyo_ray.eval import ray_eval
 from oikyo_ray.eval.report import write_report
+from oikyo_ray.model.budget import check_serve_memory
 from oikyo_ray.model.load import load_tokenizer, resolve_model_path
 from oikyo_ray.runs import store
+from oikyo_ray.runs.cost import add_cost, train_cost
 from oikyo_ray.runs.rundir import create_run_dir, existing_run_dir, publishing, write_lineage
 from oikyo_ray.serve.ray_serve import serve_and_ask
 from oikyo_ray.train.checks import check_before_ray
@@ -55,6 +57,8 @@ def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False) -> Path:
     model_path = resolve_model_path(cfg.model)
     load_tokenizer(cfg.model, model_path)
     done(f"({model_path})")
+    if memory := check_serve_memory(cfg, model_path):  # a model that cannot ship: refused before training
+        log(f"[oikyo] serving estimate: {memory['total_gb']:.2f} GiB (model.max_serve_memory_gb)")
     expand_paths(cfg.data.paths)
     found_licenses = check_licenses(cfg, model_path, warn=log)  # policy: refused before Ray starts
     run_dir = _resume_dir(cfg) if resume else create_run_dir(cfg)
@@ -74,8 +78,10 @@ def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False) -> Path:
             publish()
 
         done = _step(log, "train (Ray Train)")
+        started = time.perf_counter()
         final = fit(cfg, run_dir, model_path, manifest, log=log)
-        done(f"-> {final}")
+        spent = add_cost(run_dir / "lineage.json", train_cost(cfg.scaling, time.perf_counter() - started, cfg.cost))
+        done(f"-> {final} ({spent['cost']:.4f} {spent['currency']} so far)")
         publish()
 
         if cfg.eval.enabled:

@@ -68,7 +68,7 @@ def test_jsonl_deep_nesting_is_a_reject_not_a_crash():
         ("a.json", b'\xef\xbb\xbf[{"text": "\xff"}]', "a.json: not UTF-8 at byte 14"),  # offset counts the BOM
         ("a.parquet", b"PAR1 not really", "a.parquet: unreadable parquet"),
         ("a.csv", b"a,b\n1,2,3\n", "a.csv: unreadable CSV"),
-        ("a.txt", b"hello", "a.txt: unsupported file type"),
+        ("a.pdf", b"hello", "a.pdf: unsupported file type"),
     ],
 )
 def test_file_errors_name_file_and_position(name, data, message):

@@ -32,7 +32,7 @@ def _summary(recs):
 @pytest.mark.parametrize("piece_bytes", [64, 300, 10**6])
 def test_pieces_curate_to_the_same_records_as_the_whole_file(tiny_model, piece_bytes):
     data = _file()
-    digest, size, cuts = scan_file(io.BytesIO(data).read, True, piece_bytes)
+    digest, size, cuts = scan_file(io.BytesIO(data).read, b"\n", piece_bytes)
     assert digest == hashlib.sha256(data).hexdigest() and size == len(data)
     assert cuts[0][0] == 0 and cuts[-1][1] == size and all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))
     assert (len(cuts) == 1) == (piece_bytes >= size)

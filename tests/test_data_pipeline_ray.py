@@ -87,3 +87,33 @@ def test_packing_on_ray_matches_the_local_stage(ray_session, tiny_model, tmp_pat
     ds = read_split(tmp_path / "r", "train", packed=True)
     assert ds.columns() == PACKED_COLUMNS and ds.count() == m["packing"]["blocks"]
     assert "packing:" in format_report(m, [], tmp_path / "r")
+
+
+@pytest.mark.ray
+def test_a_multi_megabyte_text_corpus_is_cut_into_pieces_on_ray(ray_session, tiny_model, tmp_path):
+    """A plain-text corpus larger than a piece: curated by several Ray Data tasks, every paragraph
+    a row numbered by its line, as the in-process stage numbers it."""
+    import random
+
+    from oikyo_ray.data.pieces import PIECE_BYTES, plan
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(500)]
+    paragraphs = [" ".join(rng.choices(words, k=4000)) for _ in range(300)]  # ~6 MB, 300 documents
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    assert corpus.stat().st_size > PIECE_BYTES and len(plan({"local": [str(corpus)]})[1]) == 2
+    overrides = [
+        f"data.paths=[{corpus}]",
+        f"model.cache_dir={tmp_path / 'cache'}",
+        "data.max_length=64",
+        "data.max_chars=100000",
+        "data.near_dup_threshold=null",
+        "data.leakage_threshold=null",
+        "data.cache=false",
+    ]
+    m = prepare(load_config(None, overrides), str(tiny_model), tmp_path / "ray")
+    assert m["counts"]["read"] == m["counts"]["accepted"] == 300
+    assert m["tokens"]["truncated"] == 300 and m["tokens"]["max"] == 64  # each document cut at max_length
+    rows = [r for s in SPLITS for r in load_split_rows(tmp_path / "ray", s)]
+    assert all(r["labels"] == r["input_ids"] for r in rows)

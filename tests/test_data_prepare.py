@@ -92,7 +92,8 @@ def test_counts_rejects_and_splits(mix):
     assert len(set(kept)) == 18  # no duplicate survived (a row's hash is of its messages; label and tools are meta)
     metas = [json.loads(r["meta"]) for s in SPLITS for r in load_split_rows(out, s)]
     assert sum("tools" in x for x in metas) == m["meta"]["tools"] == 2
-    assert m["meta"] == {"tools": 2, "preference": 0, "label_true": 1, "label_false": 2}
+    ignored = {"messages[].tool_call_id": 1}  # read by nothing (results follow calls in order): reported
+    assert m["meta"] == {"tools": 2, "preference": 0, "label_true": 1, "label_false": 2, "ignored_keys": ignored}
 
 
 def test_exact_rules_only(tmp_path, tok_path):

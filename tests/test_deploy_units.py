@@ -3,6 +3,7 @@ staging load's plan and figures, gates and budgets, and the A/B statistics and a
 
 import asyncio
 import json
+import re
 
 import pytest
 
@@ -105,8 +106,8 @@ def test_figures_cost_and_budgets():
         {"status": 200, "latency_ms": float(ms), "tokens": 10, "done_s": 1.0, "error": None} for ms in range(1, 100)
     ]
     records.append({"status": 500, "latency_ms": 5.0, "tokens": 0, "done_s": 2.0, "error": "boom"})
-    cfg = load_config(None, ["serve.cpus_per_replica=2", "serve.min_replicas=2", "deploy.price_cpu_hour=0.5"])
-    price = hourly_price(cfg.serve, cfg.deploy.price_cpu_hour, cfg.deploy.price_gpu_hour)
+    cfg = load_config(None, ["serve.cpus_per_replica=2", "serve.min_replicas=2", "cost.cpu_hour=0.5"])
+    price = hourly_price(cfg.serve, cfg.cost.cpu_hour, cfg.cost.gpu_hour)
     f = summarize(records, 10.0, price)
     assert price == 2.0 and f["requests"] == 100 and f["errors"] == 1 and f["error_rate"] == 0.01
     assert f["p50_ms"] == 50.0 and 98 < f["p99_ms"] < 99 and f["tokens_per_s"] == 99.0
@@ -166,3 +167,17 @@ def test_promote_and_rollback_move_aliases_and_traffic(root, tmp_path):
     assert ab.rollback(root, BOT) == 1  # no canary: the champion moves back
     assert registry.load(root, BOT).aliases == {"champion": 1}
     assert json.loads(json.dumps(s.history))  # every entry stays plain JSON
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("serve.registry_models=[../x]", "is not a model name"),
+        ("serve.registry_models=[base]", "already a route's, an adapter's or the base's name"),
+        ("deploy.budgets.max_error_rate=2", "max_error_rate"),
+        ("deploy.load.rate_per_s=0", "rate_per_s"),
+    ],
+)
+def test_bad_deploy_and_registry_serving_config_names_the_field(override, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(None, [override])

@@ -172,7 +172,7 @@ def test_chat_with_tools_renders_training_prompt(api, tokenizer):
         (
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
             None,
-            "messages[0].content: only text parts are supported",
+            "messages[0].content[0]: a image_url part needs a vision (or audio) model",
         ),
         (
             [

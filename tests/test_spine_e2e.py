@@ -57,6 +57,9 @@ def test_run_directory_contents(demo_run):
     assert lineage["seed"] == 42 and lineage["versions"]["ray"] and lineage["versions"]["torch"]
     assert lineage["licenses"]["model"]["license"] == "apache-2.0"  # the demo ships under oikyo's licence
     assert all(v["license"] for v in lineage["licenses"]["data"].values())
+    cost = lineage["cost"]  # the workers' CPU-hours over the training time, at cost.cpu_hour
+    assert cost["train_seconds"] > 0 and cost["cpu_hours"] > 0 and cost["gpu_hours"] == 0
+    assert cost["cost"] == pytest.approx(cost["cpu_hours"] * cfg.cost.cpu_hour) and cost["currency"] == "USD"
     c = manifest["counts"]
     assert c["read"] == 384 and c["accepted"] + c["rejected"] == c["read"]
     assert c["train"] + c["val"] + c["test"] == c["accepted"] and c["test"] > 10

@@ -33,7 +33,7 @@ from oikyo_ray.data.formats import RowError, normaliser
 from oikyo_ray.data.manifest import SPLITS, meta_tags
 from oikyo_ray.data.pieces import read_piece
 from oikyo_ray.data.quality import row_filters, row_keys
-from oikyo_ray.data.readers import BAD, iter_rows
+from oikyo_ray.data.readers import BAD, is_text, iter_rows
 from oikyo_ray.data.split import assign_split, content_hash
 from oikyo_ray.data.tokenize import NoRoom, encode_messages, encode_preference
 from oikyo_ray.data.validate import validate_messages
@@ -164,14 +164,17 @@ def max_row_bytes(data: DataConfig) -> int:
     return 12 * data.max_chars + (1 << 20)
 
 
-def curate_row(raw, data: DataConfig, tokenizer, norm=None) -> dict:
-    """Fields of an accepted row; raises RowError (with `kind`) with the reason otherwise."""
-    msgs, meta = (norm or normaliser(data)).normalise(raw, data.format)
+def curate_row(raw, data: DataConfig, tokenizer, norm=None, fmt: str | None = None) -> dict:
+    """Fields of an accepted row; raises RowError (with `kind`) with the reason otherwise. `fmt`
+    overrides data.format (rows of a plain-text file are text whatever the setting)."""
+    msgs, meta, ignored = (norm or normaliser(data)).read(raw, fmt or data.format)
     validate_messages(msgs, data.max_chars, meta)
     row_filters(msgs, meta, data)
     h = content_hash(msgs)
     try:
-        enc = encode_messages(tokenizer, msgs, data.max_length, data.train_on_prompt, tools=meta.get("tools"))
+        enc = encode_messages(
+            tokenizer, msgs, data.max_length, data.train_on_prompt, meta.get("tools"), data.train_on_reasoning
+        )
     except TemplateError as e:
         raise RowError(f"the chat template refused the conversation: {e}", kind="template") from None
     except ValueError as e:
@@ -193,7 +196,7 @@ def curate_row(raw, data: DataConfig, tokenizer, norm=None) -> dict:
         "hash": h,
         "messages": json.dumps(msgs, ensure_ascii=False),
         "meta": meta_json,
-        "meta_tags": meta_tags(meta),
+        "meta_tags": meta_tags(meta, ignored),
         "no_room": not fits,
         "input_ids": ids,
         "labels": labels,
@@ -238,8 +241,10 @@ def iter_records(
     `first_row`), one per row; a file that cannot be read at all ends with a FILE_ERROR record
     naming why (files are checked before their first row is given, so it comes alone)."""
     norm = normaliser(data)
+    fmt = "text" if is_text(source) else None
+    split = (data.text_split, data.text_separator)
     try:
-        for n, raw, reason in iter_rows(source, data_bytes, max_row_bytes(data), first_row, whole):
+        for n, raw, reason in iter_rows(source, data_bytes, max_row_bytes(data), first_row, whole, split):
             if raw is BAD:
                 reason = reason or ""
                 kind = (
@@ -252,7 +257,7 @@ def iter_records(
                 yield _record(source, n, status=Status.REJECT, reason=reason, filter=kind)
                 continue
             try:
-                yield _record(source, n, **curate_row(raw, data, tokenizer, norm))
+                yield _record(source, n, **curate_row(raw, data, tokenizer, norm, fmt))
             except RowError as e:
                 yield _record(source, n, status=Status.REJECT, reason=str(e), filter=e.kind)
     except DataError as e:

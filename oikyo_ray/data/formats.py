@@ -4,8 +4,12 @@
 
 `messages` is ``[{"role", "content"}]`` with roles system/user/assistant/tool; an assistant turn
 that calls a function also carries ``"tool_call": True`` and its content is the call as JSON
-(``{"name", "arguments"}``, or a list of them). `meta` keeps what is not a turn but belongs to the
-example: ``tools`` (list of function schemas), ``label`` (KTO, bool) and ``rejected`` (the
+(``{"name", "arguments"}``, or a list of them). An assistant turn may carry ``reasoning`` (its
+thinking trace, read from ``reasoning`` parts, a ``reasoning_content`` field or a leading
+``<think>...</think>`` block) and ``"train": False`` (masked: a per-turn ``loss_weight``/``weight``
+of 0 or ``train: false``). Content is text or typed parts (text under ``text`` or ``value``).
+Rows with images, video or audio are rejected: no model here can use them. `meta` keeps what is
+not a turn but belongs to the example: ``tools`` (list of function schemas), ``label`` (KTO, bool) and ``rejected`` (the
 dispreferred answer of a preference pair, whose ``chosen`` answer is the final assistant turn).
 
 Every function here raises `RowError` with a reason a user can act on (and a `kind`, the filter
@@ -57,19 +61,101 @@ def detect_format(row: dict) -> str:
 
 
 def _text(value: Any, what: str) -> str:
+    text, reasoning, calls = _parts(value, what)
+    if reasoning or calls:
+        raise RowError(f"{what}: reasoning and tool_call parts belong in assistant turns only")
+    return text
+
+
+MEDIA_KEYS = ("images", "image", "videos", "video", "audios", "audio")
+MEDIA_PARTS = ("image", "image_url", "video", "video_url", "audio", "input_audio")
+NO_MEDIA = "needs a vision (or audio) model, which oikyo does not support yet; remove these rows or the media"
+
+
+def _part_text(p: dict, what: str) -> str:
+    # OpenAI writes a part's text under "text", LLaMA-Factory v1 under "value"
+    text = p.get("text", p.get("value"))
+    if not isinstance(text, str):
+        raise RowError(f"{what}: a {p.get('type')!r} part needs its text under 'text' or 'value'")
+    return text
+
+
+def _parts(value: Any, what: str) -> tuple[str, str, list]:
+    """(text, reasoning, tool calls) of a turn's content: a string or a list of typed parts
+    (text, reasoning/thinking, tool_call)."""
     if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # OpenAI typed parts: [{"type": "text", "text": ...}]
-        parts = []
-        for p in value:
-            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str):
-                parts.append(p["text"])
-            else:
-                raise RowError(f"{what}: only text parts are supported, got {str(p)[:60]!r}")
-        return "".join(parts)
+        return value, "", []
     if value is None:
         raise RowError(f"{what} is missing")
-    raise RowError(f"{what} must be a string, got {type(value).__name__}")
+    if not isinstance(value, list):
+        raise RowError(f"{what} must be a string, got {type(value).__name__}")
+    text, reasoning, calls = [], [], []
+    for j, p in enumerate(value):
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "text":
+            text.append(_part_text(p, f"{what}[{j}]"))
+        elif kind in ("reasoning", "thinking"):
+            reasoning.append(_part_text(p, f"{what}[{j}]"))
+        elif kind == "tool_call":
+            calls.append(_call(p.get("value", p.get("text")), f"{what}[{j}]"))
+        elif kind in MEDIA_PARTS:
+            raise RowError(f"{what}[{j}]: a {kind} part {NO_MEDIA}", kind="media")
+        else:
+            raise RowError(f"{what}: only text, reasoning and tool_call parts are supported, got {str(p)[:60]!r}")
+    return "".join(text), "\n\n".join(reasoning), calls
+
+
+def _call(value: Any, what: str) -> dict:
+    """A tool_call part's call: {"name", "arguments"}, as an object or its JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RowError(f"{what}: tool call is not valid JSON ({e.msg})", kind="tool_call") from None
+    if not isinstance(value, dict):
+        raise RowError(f"{what}: tool call must be a JSON object with name and arguments", kind="tool_call")
+    return value
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def _split_think(content: str) -> tuple[str, str]:
+    """(answer, reasoning) of an assistant text that opens with a <think>...</think> block."""
+    head = content.lstrip()
+    if not head.startswith(THINK_OPEN) or THINK_CLOSE not in head:
+        return content, ""
+    reasoning, answer = head[len(THINK_OPEN) :].split(THINK_CLOSE, 1)
+    return answer.lstrip("\n"), reasoning.strip("\n")
+
+
+def _train_flag(t: dict, role: str, what: str) -> bool | None:
+    """Whether a turn is trained on, from its per-turn weight: LLaMA-Factory's `loss_weight`,
+    axolotl's `weight` (0 masks, 1 trains) or `train` (a bool); None when the turn has none.
+    The loss takes 0/1 masks only, so other weights are refused rather than rounded."""
+    flag = None
+    for key in ("loss_weight", "weight"):
+        if key in t:
+            w = t[key]
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w not in (0, 1):
+                raise RowError(
+                    f"{what}.{key}={w!r}: only 0 (masked) and 1 (trained) are supported, not fractional weights",
+                    kind="loss_weight",
+                )
+            flag = bool(w)
+    if "train" in t:
+        if not isinstance(t["train"], bool):
+            raise RowError(f"{what}.train must be true or false, got {t['train']!r}", kind="loss_weight")
+        flag = t["train"]
+    if flag and role != "assistant":
+        raise RowError(
+            f"{what}: only assistant turns can be trained on (set data.train_on_prompt to train prompts)",
+            kind="loss_weight",
+        )
+    return flag
+
+
+TURN_KEYS = {"loss_weight", "weight", "train", "reasoning_content", "reasoning"}
 
 
 def _list(value: Any, what: str, shape: str) -> list:
@@ -84,6 +170,17 @@ def _list(value: Any, what: str, shape: str) -> list:
     return value
 
 
+# row keys each format reads (beside COMMON_KEYS); any other key is reported as ignored
+FORMAT_KEYS = {
+    "alpaca": {"instruction", "input", "output", "system", "history"},
+    "sharegpt": {"conversations", "system"},
+    "messages": {"messages", "system"},
+    "trl": {"prompt", "completion"},
+    "text": {"text"},
+}
+COMMON_KEYS = {"chosen", "rejected", "tools", "label", *MEDIA_KEYS}  # media keys: empty ones only
+
+
 class _Norm:
     """Normalisation with one data config's column and role maps."""
 
@@ -93,6 +190,7 @@ class _Norm:
         self.k_from, self.k_value = cols.get("from", "from"), cols.get("value", "value")
         self.k_role, self.k_content = cols.get("role", "role"), cols.get("content", "content")
         self.roles = {**SHAREGPT_ROLES, **(roles or {})}
+        self.ignored: set[str] = set()  # keys nothing read, of the row being read
 
     # ---- turns -------------------------------------------------------------------------------
     def role(self, tag: Any, what: str) -> str:
@@ -101,14 +199,50 @@ class _Norm:
             raise RowError(f"{what}: unknown role tag {tag!r} (map it with data.sharegpt_roles)")
         return role
 
-    def turn(self, role: str, content: Any, what: str) -> dict:
+    def turn(self, role: str, content: Any, what: str, t: dict | None = None, where: str = "") -> dict:
+        """One normalised turn from its role and content; `t` is the raw turn, whose per-turn
+        weight and reasoning field are read too (`where` names it in reasons)."""
+        reasoning = ""
         if role == FUNCTION_CALL:
-            return {"role": "assistant", "content": _call_text(content, what), "tool_call": True}
-        return {"role": role, "content": _text(content, what)}
+            out = {"role": "assistant", "content": _call_text(content, what), "tool_call": True}
+        else:
+            text, reasoning, calls = _parts(content, what)
+            if role != "assistant" and (reasoning or calls):
+                raise RowError(f"{what}: reasoning and tool_call parts belong in assistant turns only")
+            if calls and text.strip():
+                raise RowError(f"{what}: assistant text together with tool calls is not supported")
+            out = {"role": role, "content": text}
+            if calls:
+                out = {"role": role, "content": _call_text(calls[0] if len(calls) == 1 else calls, what)}
+                out["tool_call"] = True
+        return self.turn_extras(out, t or {}, reasoning, where or what)
+
+    def turn_extras(self, out: dict, t: dict, reasoning: str, what: str) -> dict:
+        """Reasoning (one `reasoning` text, from parts, an OpenAI/DeepSeek `reasoning_content`
+        field or a leading <think> block) and a masked turn's `train: False`."""
+        if out["role"] == "assistant":
+            field = t.get("reasoning_content", t.get("reasoning"))
+            found = [_text(field, f"{what}.reasoning_content")] if field else []
+            if not out.get("tool_call"):
+                out["content"], think = _split_think(out["content"])
+                found.append(think)
+            reasoning = "\n\n".join(r for r in [reasoning, *found] if r.strip())
+            if reasoning:
+                out["reasoning"] = reasoning
+        # prompt turns are masked anyway: only a masked answer needs the flag
+        if _train_flag(t, out["role"], what) is False and out["role"] == "assistant":
+            out["train"] = False
+        return out
+
+    def note_keys(self, t: dict, used: set, what: str) -> None:
+        """Remember keys of a turn that nothing reads (the manifest lists them)."""
+        prefix = what.split("[")[0]
+        self.ignored.update(f"{prefix}[].{k}" for k in t if k not in used and k not in TURN_KEYS)
 
     def sharegpt_turn(self, t: Any, what: str) -> dict:
         if isinstance(t, dict) and self.k_from in t and self.k_value in t:
-            return self.turn(self.role(t[self.k_from], what), t[self.k_value], f"{what}.{self.k_value}")
+            self.note_keys(t, {self.k_from, self.k_value}, what)
+            return self.turn(self.role(t[self.k_from], what), t[self.k_value], f"{what}.{self.k_value}", t, what)
         if isinstance(t, dict) and self.k_role in t:  # sharegpt files that use role/content turns
             return self.message(t, what)
         raise RowError(f"{what} needs '{self.k_from}' and '{self.k_value}'")
@@ -116,6 +250,7 @@ class _Norm:
     def message(self, m: Any, what: str) -> dict:
         if not isinstance(m, dict) or self.k_role not in m:
             raise RowError(f"{what} needs '{self.k_role}' and '{self.k_content}'")
+        self.note_keys(m, {self.k_role, self.k_content, "tool_calls"}, what)
         role = self.role(m[self.k_role], what)
         calls = m.get("tool_calls")
         if calls:
@@ -123,8 +258,9 @@ class _Norm:
                 raise RowError(f"{what}: only assistant messages may carry tool_calls")
             if isinstance(m.get(self.k_content), str) and m[self.k_content].strip():
                 raise RowError(f"{what}: assistant text together with tool_calls is not supported")
-            return {"role": "assistant", "content": _openai_calls(calls, what), "tool_call": True}
-        return self.turn(role, m.get(self.k_content), f"{what}.{self.k_content}")
+            out = {"role": "assistant", "content": _openai_calls(calls, what), "tool_call": True}
+            return self.turn_extras(out, m, "", what)
+        return self.turn(role, m.get(self.k_content), f"{what}.{self.k_content}", m, what)
 
     # ---- formats -----------------------------------------------------------------------------
     def alpaca(self, row: dict) -> list[dict]:
@@ -203,6 +339,12 @@ class _Norm:
         return turn
 
     def normalise(self, row: Any, fmt: str = "auto") -> tuple[list[dict], dict]:
+        return self.read(row, fmt)[:2]
+
+    def read(self, row: Any, fmt: str = "auto") -> tuple[list[dict], dict, list[str]]:
+        """(messages, meta, ignored): `ignored` names the keys of the row (and of its turns,
+        as ``messages[].name``) that nothing reads, so none is dropped unseen."""
+        self.ignored = set()
         if not isinstance(row, dict):
             raise RowError(f"row must be a JSON object, got {type(row).__name__}")
         if self.row_cols:
@@ -210,6 +352,9 @@ class _Norm:
             for canon, src in self.row_cols.items():
                 if src in row:
                     row[canon] = row.pop(src)
+        for k in MEDIA_KEYS:
+            if row.get(k):
+                raise RowError(f"'{k}': a row with {k} {NO_MEDIA}", kind="media")
         fmt = detect_format(row) if fmt == "auto" else fmt
         if fmt == "trl" and "prompt" not in row and "chosen" in row:
             row = self.implicit_prompt(row)
@@ -231,7 +376,9 @@ class _Norm:
             meta["tools"] = tools
         if "label" in row:
             meta["label"] = _label(row["label"])
-        return msgs, meta
+        used = FORMAT_KEYS[fmt] | COMMON_KEYS
+        self.ignored.update(k for k in row if k not in used)
+        return msgs, meta, sorted(self.ignored)
 
 
 def _call_text(value: Any, what: str) -> str:

@@ -171,6 +171,8 @@ def build(
             "preference": tags["preference"],
             "label_true": tags["label:true"],
             "label_false": tags["label:false"],
+            # keys of accepted rows that nothing read (a misspelt column shows up here)
+            "ignored_keys": {t.split(":", 1)[1]: n for t, n in sorted(tags.items()) if t.startswith("ignored:")},
         },
         "tokens": {
             "total": int(tokens.sum()),
@@ -196,8 +198,9 @@ def _preference_by_file(kept) -> tuple[Counter, Counter, Counter]:
     )
 
 
-def meta_tags(meta: dict) -> str:
-    tags = []
+def meta_tags(meta: dict, ignored: list[str] | tuple = ()) -> str:
+    """A row's tags, counted in the manifest: tools, preference, label and each key nothing read."""
+    tags = [f"ignored:{k.replace(',', ';')}" for k in ignored]  # "," separates tags
     if meta.get("tools"):
         tags.append("tools")
     if "rejected" in meta:

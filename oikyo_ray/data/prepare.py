@@ -60,7 +60,7 @@ def prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path, run_map: MapFn
     """Curate, dedupe, split and tokenise `cfg.data` into `out_dir`; returns the manifest. Raises
     DataError naming the file when a file is unusable."""
     data, out_dir = cfg.data, Path(out_dir)
-    inputs, pieces = plan(expand_paths(data.paths))
+    inputs, pieces = plan(expand_paths(data.paths), text_split=data.text_split)
     key = mf.cache_key(inputs, data, tokenizer_path, cfg.model.trust_remote_code)
     entry = cache.cache_dir(cfg) / key if data.cache else None
     if entry is not None and (entry / "manifest.json").is_file():

@@ -1,7 +1,7 @@
 """The data stage on Ray Data: what of it needs Ray (the Ray-free stage is `prepare`).
 
 prepare(cfg, tokenizer_path, out_dir) -> manifest   `prepare.prepare`, one Ray Data task per piece
-read_split(data_dir, split, packed=False) -> ray.data.Dataset   a prepared split, streamed to workers
+read_split(data_dir, split, ...) -> ray.data.Dataset   a prepared split, streamed to workers
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -39,15 +40,23 @@ def prepare(cfg: OikyoConfig, tokenizer_path: str, out_dir: Path) -> dict:
     return preparation.prepare(cfg, tokenizer_path, out_dir, run_map=map_tasks)
 
 
-def read_split(data_dir: Path, split: str, packed: bool = False) -> ray.data.Dataset:
-    """A prepared split as a Ray Dataset of TRAIN_COLUMNS; `packed`: the train split's packed
-    blocks (PACKED_COLUMNS) instead."""
-    columns = PACKED_COLUMNS if packed else TRAIN_COLUMNS
+def read_split(
+    data_dir: Path, split: str, packed: bool = False, columns: list[str] | None = None, fitting: bool = False
+) -> ray.data.Dataset:
+    """A prepared split as a Ray Dataset of `columns` (default TRAIN_COLUMNS); `packed`: the train
+    split's packed blocks (PACKED_COLUMNS) instead; `fitting`: only the rows whose preference
+    answers fit data.max_length (curate.py leaves the others' ids empty), what preference
+    objectives train on."""
+    columns = PACKED_COLUMNS if packed else (columns or TRAIN_COLUMNS)
     split = PACKED if packed else split
     files = split_files(data_dir, split)
+    # filtered while read, so every worker's shard holds the rows it trains on (equal shards)
+    has = lambda c: pc.list_value_length(pc.field(c)) > 0  # noqa: E731
+    where = {"filters": has("prompt_ids") & has("chosen_ids")} if fitting else {}
     if sum(f.stat().st_size for f in files) <= IN_MEMORY_SPLIT_BYTES:
         # Small splits go to the object store straight from here: Ray Data's file listing task
         # wants a whole CPU (fixed in Ray 2.60), which training workers and sweep trials that
         # hold the cluster's CPUs would otherwise starve forever.
-        return ray.data.from_arrow(pq.ParquetDataset([str(f) for f in files]).read(columns=columns))
-    return ray.data.read_parquet(str(Path(data_dir) / split), columns=columns, num_cpus=0.25)
+        return ray.data.from_arrow(pq.ParquetDataset([str(f) for f in files], **where).read(columns=columns))
+    filt = {"filter": where["filters"]} if where else {}
+    return ray.data.read_parquet(str(Path(data_dir) / split), columns=columns, num_cpus=0.25, **filt)

@@ -9,6 +9,7 @@ parquet/csv) or that holds no rows at all is an error (`DataError`) naming the p
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 from collections.abc import Iterator
@@ -44,8 +45,21 @@ def is_jsonl(path: str) -> bool:
     return path.lower().endswith((".jsonl", ".ndjson"))
 
 
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".md")
+
+
+def is_text(path: str) -> bool:
+    """A plain-text corpus file (documents for continued pre-training)."""
+    return path.lower().endswith(TEXT_SUFFIXES)
+
+
 def iter_rows(
-    path: str, data: bytes, max_row_bytes: int | None = None, first_row: int = 1, whole: bool = True
+    path: str,
+    data: bytes,
+    max_row_bytes: int | None = None,
+    first_row: int = 1,
+    whole: bool = True,
+    text_split: tuple[str, str] = ("blank_lines", ""),
 ) -> Iterator[tuple[int, object, str | None]]:
     """Yield (row_number, row, reject_reason); row is BAD when reject_reason is set.
 
@@ -53,9 +67,13 @@ def iter_rows(
     memory: a line far beyond data.max_chars is never turned into Python objects).
     `first_row`, `whole`: `data` is a line-aligned piece of a jsonl file whose first line is line
     `first_row`; a piece other than the whole file may hold no rows.
+    `text_split`: (data.text_split, data.text_separator), how a plain-text file is cut into
+    documents (rows ``{"text": ...}`` numbered by the line each starts on; see `text_docs`).
     """
     lower = path.lower()
-    if is_jsonl(lower):
+    if is_text(lower):
+        yield from text_docs(path, data, *text_split, first_row=first_row, whole=whole)
+    elif is_jsonl(lower):
         yield from _jsonl(path, data, max_row_bytes, first_row, whole)
     elif lower.endswith(".json"):
         text = _decode(data, path)
@@ -85,7 +103,10 @@ def iter_rows(
     elif lower.endswith(".csv"):
         yield from _table(path, _read_csv(path, data))
     else:
-        raise DataError(f"{path}: unsupported file type", hint="use .json, .jsonl, .parquet or .csv")
+        raise DataError(
+            f"{path}: unsupported file type",
+            hint="use .json, .jsonl, .parquet, .csv, or .txt/.txt.gz/.md for plain text",
+        )
 
 
 def _jsonl(path: str, data: bytes, max_row_bytes: int | None, first_row: int = 1, whole: bool = True):
@@ -117,6 +138,59 @@ def _jsonl(path: str, data: bytes, max_row_bytes: int | None, first_row: int = 1
             yield i, BAD, f"invalid JSON at column {e.colno}: {e.msg}"
         except RecursionError:
             yield i, BAD, "JSON nested too deeply to parse"
+    if not seen:
+        raise _empty(path)
+
+
+def _docs(data: bytes, mode: str, separator: bytes) -> Iterator[tuple[int, bytes]]:
+    """(offset in lines, bytes) of each document of a text: see `text_docs`."""
+    if mode == "file":
+        yield 0, data
+        return
+    if mode == "separator":
+        line = 0
+        for piece in data.split(separator):
+            yield line, piece
+            line += piece.count(b"\n")
+        return
+    start, doc = 0, list[bytes]()
+    for i, ln in enumerate(data.split(b"\n")):
+        if mode == "lines" or not ln.strip():
+            if doc:
+                yield start, b"\n".join(doc)
+            start, doc = i + (mode != "lines"), []
+        if mode == "lines" or ln.strip():
+            doc.append(ln)
+    if doc:
+        yield start, b"\n".join(doc)
+
+
+def text_docs(
+    path: str, data: bytes, mode: str, separator: str, first_row: int = 1, whole: bool = True
+) -> Iterator[tuple[int, object, str | None]]:
+    """Documents of a plain-text file as ``{"text": ...}`` rows numbered by their first line:
+    `mode` "file" (the whole file), "blank_lines" (paragraphs), "lines" or "separator"; a document
+    that is not UTF-8 is a reject naming its line. A .gz file is decompressed first."""
+    if path.lower().endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path}: not a readable gzip file ({e})", hint="a truncated download?") from None
+    if data.startswith(BOM):
+        data = data[len(BOM) :]
+    seen = not whole
+    for line, doc in _docs(data, mode, separator.encode()):
+        if not doc.strip():
+            continue
+        seen = True
+        line += doc[: len(doc) - len(doc.lstrip())].count(b"\n")  # a document starts at its first text
+        try:
+            text = doc.decode("utf-8")
+        except UnicodeDecodeError as e:
+            at = line + doc[: e.start].count(b"\n") + first_row
+            yield first_row + line, BAD, f"not UTF-8 at line {at} ({doc[e.start : e.start + 4]!r}...)"
+            continue
+        yield first_row + line, {"text": text.strip()}, None
     if not seen:
         raise _empty(path)
 

@@ -3,13 +3,17 @@
 The conversation is rendered up to each point where learning starts or stops (before an
 assistant turn, with the generation prompt, and after it); each piece is the difference between
 consecutive renderings. Assistant content (and its end-of-turn token) is learned, everything else
-gets label -100 unless `train_on_prompt` (then the whole rendering is one learned piece). A row's
+gets label -100 unless `train_on_prompt` (then the whole rendering is one learned piece); an
+assistant turn marked `train: False` (a per-turn loss weight of 0) is masked like a prompt, and a
+reasoning block (`<think>...</think>`, as the template renders it) is learned only with
+`train_on_reasoning`. A row's
 `tools` (function schemas) are passed to the chat template, which renders them where it supports
 tools.
 """
 
 from __future__ import annotations
 
+from oikyo_ray.model.chat_template import THINK_BLOCK
 from oikyo_ray.model.prompt import render
 
 IGNORE = -100
@@ -20,11 +24,17 @@ class NoRoom(ValueError):
 
 
 def encode_messages(
-    tokenizer, msgs: list[dict], max_length: int, train_on_prompt: bool = False, tools: list | None = None
+    tokenizer,
+    msgs: list[dict],
+    max_length: int,
+    train_on_prompt: bool = False,
+    tools: list | None = None,
+    train_on_reasoning: bool = True,
 ) -> dict:
     """{"input_ids", "labels", "full_length"}: right-truncated to max_length (full_length is the
     length before truncation); at least one label survives or the caller gets a ValueError (a row
-    with no learnable token after truncation is useless)."""
+    with no learnable token after truncation is useless). An assistant turn with `train: False`
+    is masked; its `reasoning` block is learned only with `train_on_reasoning`."""
     pieces: list[tuple[str, bool]] = []  # (text, learned), tokenised together below
     prev = ""
 
@@ -34,18 +44,25 @@ def encode_messages(
         if not text.startswith(prev):
             raise ValueError("chat template is not prefix-stable; cannot mask prompts")
         if len(text) > len(prev):
-            pieces.append((text[len(prev) :], learn))
+            new = text[len(prev) :]
+            reasoning = msgs[n - 1].get("reasoning") if n else None
+            pieces.extend(
+                _reasoning_pieces(new, reasoning, learn, train_on_reasoning, n - 1) if reasoning else [(new, learn)]
+            )
         prev = text
 
     # render only where learning starts or stops (before and after each assistant turn): a run
-    # of prompt turns is one piece, tokenised as at inference, where the prompt is one text
-    if not train_on_prompt:
+    # of prompt turns is one piece, tokenised as at inference, where the prompt is one text.
+    # A row trained whole (train_on_prompt, nothing masked) is one piece.
+    masked = any(m.get("train") is False or (m.get("reasoning") and not train_on_reasoning) for m in msgs)
+    whole = train_on_prompt and not masked
+    if not whole:
         for i, m in enumerate(msgs):
             if m["role"] == "assistant":
                 if i:
-                    upto(i, False, add_generation_prompt=True)
-                upto(i + 1, True)
-    if train_on_prompt or not msgs or msgs[-1]["role"] != "assistant":
+                    upto(i, train_on_prompt, add_generation_prompt=True)
+                upto(i + 1, m.get("train", True))
+    if whole or not msgs or msgs[-1]["role"] != "assistant":
         upto(len(msgs), train_on_prompt)  # the whole, or the turns after the last answer
     ids: list[int] = []
     labels: list[int] = []
@@ -63,6 +80,19 @@ def encode_messages(
             f"tokens (whole conversation {full})"
         )
     return {"input_ids": ids, "labels": labels, "full_length": full}
+
+
+def _reasoning_pieces(text: str, reasoning: str, learn: bool, train_on_reasoning: bool, i: int) -> list:
+    """An answer's rendering cut around its reasoning block, so the block can be masked alone."""
+    block = THINK_BLOCK.format(reasoning)
+    at = text.find(block)
+    if at < 0:
+        raise ValueError(
+            f"messages[{i}] has a reasoning trace the chat template does not render as "
+            f"{THINK_BLOCK.format('...')!r}; use a template that writes <think> blocks (the embedded one does)"
+        )
+    end = at + len(block)
+    return [(text[:at], learn), (block, learn and train_on_reasoning), (text[end:], learn)]
 
 
 def encode_preference(

@@ -1,7 +1,7 @@
 """Row validation on the normalised `messages` schema (Ray-free).
 
 Rules, checked cheapest first so a huge row is rejected before anything copies it:
-  length   total characters of the turns (and a preference pair's rejected answer) <= max_chars
+  length   total characters of the turns, reasoning included (and a preference pair's rejected answer) <= max_chars
   unicode  every string encodes as UTF-8 (JSON escapes can smuggle in unpaired surrogates)
   roles    optional system first, then user/assistant alternation starting with the user; an
            assistant function call (``tool_call``) is followed by one tool result per call, then
@@ -60,11 +60,12 @@ def validate_messages(msgs: list[dict], max_chars: int, meta: dict | None = None
     if not msgs:
         raise RowError("no messages", kind="role_order")
     rejected = meta.get("rejected", {}).get("content", "")
-    total = sum(len(m["content"]) for m in msgs) + len(rejected)
+    total = sum(len(m["content"]) + len(m.get("reasoning", "")) for m in msgs) + len(rejected)
     if total > max_chars:
         raise RowError(f"{total} characters > data.max_chars={max_chars}", kind="too_long")
     for i, m in enumerate(msgs):
         _unicode(m["content"], f"messages[{i}].content")
+        _unicode(m.get("reasoning", ""), f"messages[{i}].reasoning")
     if meta:
         _unicode(json.dumps(meta, ensure_ascii=False), "meta")
 

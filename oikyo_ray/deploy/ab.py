@@ -86,8 +86,7 @@ def recommend(roles: dict[str, dict], min_requests: int, latency_ratio: float) -
         return "keep", "no traffic reached both the champion and the challenger in the window"
     if errs_more(chall, champ):
         return "roll back", (
-            f"the challenger fails more: {chall['error_rate']:.2%} vs {champ['error_rate']:.2%} "
-            "(one-sided z-test, 95%)"
+            f"the challenger fails more: {chall['error_rate']:.2%} vs {champ['error_rate']:.2%} (one-sided z-test, 95%)"
         )
     if chall.get("p99_ms") and champ.get("p99_ms") and chall["p99_ms"] > latency_ratio * champ["p99_ms"]:
         return "roll back", (

@@ -120,7 +120,7 @@ def stage(cfg: OikyoConfig, model: str, version: int, log=print) -> dict:
     finally:
         serve.delete(STAGING_APP)
         token_file.unlink(missing_ok=True)
-    price = hourly_price(cfg.serve, cfg.deploy.price_cpu_hour, cfg.deploy.price_gpu_hour)
+    price = hourly_price(cfg.serve, cfg.cost.cpu_hour, cfg.cost.gpu_hour)
     return summarize(records, load.duration_s, price)
 
 

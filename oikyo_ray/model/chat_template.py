@@ -6,11 +6,14 @@ tools as in Hermes/Qwen 2.5).
 With `tools` (a row's function schemas), the system turn (the row's own system prompt, if any,
 then a "# Tools" section) lists them one JSON object a line between <tools></tools>; an
 assistant turn that calls a tool (`tool_call`: its content is the call as JSON) is wrapped in
-<tool_call></tool_call>; tool results are `tool` turns. The tools block depends only on the row,
-so every prefix of a conversation renders as a prefix of the whole (prompt masking needs that).
+<tool_call></tool_call>; tool results are `tool` turns. An assistant turn's `reasoning` (its
+thinking trace) comes first, as THINK_BLOCK: ``<think>\n{reasoning}\n</think>\n\n``, then the
+answer. The tools block depends only on the row, so every prefix of a conversation renders as
+a prefix of the whole (prompt masking needs that).
 """
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+THINK_BLOCK = "<think>\n{}\n</think>\n\n"  # how the embedded template writes a reasoning trace
 
 DEFAULT_CHAT_TEMPLATE = (  # one expression a message: rendered twice per answer when tokenising
     "{% set merge = tools and messages and messages[0]['role'] == 'system' %}"
@@ -24,7 +27,8 @@ DEFAULT_CHAT_TEMPLATE = (  # one expression a message: rendered twice per answer
     "within <tool_call></tool_call> XML tags.<|im_end|>\n' }}"
     "{% endif %}"
     "{% for m in (messages[1:] if merge else messages) %}"
-    "{{ '<|im_start|>' + m['role'] + '\n' + (('<tool_call>\n' + m['content'] + '\n</tool_call>') "
+    "{{ '<|im_start|>' + m['role'] + '\n' + (('<think>\n' + m.reasoning + '\n</think>\n\n') if m.reasoning else '') "
+    "+ (('<tool_call>\n' + m['content'] + '\n</tool_call>') "
     "if m.tool_call else m['content']) + '<|im_end|>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

@@ -3,13 +3,14 @@
 Training's masked pieces (`data/tokenize.py`), evaluation's prompts (`eval/compare.py`) and the
 serving API (`serve/`) all render here, so a model is asked at inference exactly as it was taught.
 Messages are in oikyo's normalised schema (`data/formats.py`): `role`, `content` (text) and, for
-an assistant turn that calls a tool, `tool_call: True` with the call as JSON in `content`; `tools`
+an assistant turn that calls a tool, `tool_call: True` with the call as JSON in `content`, and
+for a thinking trace, `reasoning` (the embedded template renders it as `THINK_BLOCK`); `tools`
 are the conversation's function schemas, shown to the model by the chat template.
 """
 
 from __future__ import annotations
 
-KEYS = ("role", "content", "tool_call")  # what templates read; row-level extras stay out
+KEYS = ("role", "content", "tool_call", "reasoning")  # what templates read; row-level extras stay out
 
 
 def _clean(messages: list[dict]) -> list[dict]:

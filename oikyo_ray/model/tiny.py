@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 from oikyo_ray.demo.tasks import ASSET
 from oikyo_ray.model.chat_template import DEFAULT_CHAT_TEMPLATE, IM_END, IM_START
 
-VERSION = "v2"  # v2: the default template renders tools
+VERSION = "v3"  # v2: the default template renders tools; v3: and reasoning traces
 # Wider than Llama's 0.02: with hidden 64 a 0.02 lm_head caps logits near +-1.5, so with a frozen
 # random base could never be confident and even a perfect adapter would plateau at high loss.
 INIT_RANGE = 0.1

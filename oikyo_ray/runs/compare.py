@@ -29,6 +29,12 @@ def load_report(run_dir: str | Path) -> dict:
         raise OikyoError(f"{p} is not valid JSON ({e.msg})") from None
 
 
+def _cost(run_dir: str | Path) -> dict | None:
+    """The run's recorded training cost (lineage.json `cost`), None for runs from before it."""
+    text = read_text(join(run_dir, "lineage.json"))
+    return json.loads(text).get("cost") if text else None
+
+
 def _num(x) -> float:
     if x is None:
         return float("nan")
@@ -71,6 +77,9 @@ def compare_runs(run_dirs: list[str | Path]) -> dict:
             p = (r.get("probes") or {}).get("kinds", {}).get(k)
             cells.append((p["tuned"], p["delta"]) if p else (float("nan"), None))
         rows.append({"metric": f"probe pass rate: {k}", "cells": cells})
+    costs = [_cost(d) for d in run_dirs]
+    for key, label in (("cpu_hours", "train CPU-hours"), ("gpu_hours", "train GPU-hours"), ("cost", "train cost")):
+        rows.append({"metric": label, "cells": [(_num(c.get(key)) if c else float("nan"), None) for c in costs]})
     return {
         "runs": names,
         "paths": [str(d) for d in run_dirs],
