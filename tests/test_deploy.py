@@ -209,4 +209,4 @@ def test_deploy_gates_budgets_canary_and_rollback(setup, ray_session, tmp_path, 
     finally:
         prometheus.kill()
         prometheus.wait(timeout=30)
-        serve.delete("prod")
+        serve.shutdown()  # the proxy holds this module's port: later modules start their own

@@ -464,6 +464,20 @@ def _second_app(server, name, overrides, cache_dir, token_dir):
     return start(cfg, resolve_model_path(cfg.model), name=name)
 
 
+def test_an_app_on_another_port_is_refused_naming_the_field(server, cache_dir, tmp_path):
+    """The cluster's one proxy already listens elsewhere: Ray would ignore the new port and the app
+    would answer where nobody looks; oikyo refuses before deploying anything."""
+    from ray import serve
+
+    from oikyo_ray.errors import ConfigError
+
+    port = int(server.rsplit(":", 1)[1])
+    with pytest.raises(ConfigError, match=rf"proxy on 127.0.0.1:{port}.*serve.port={port + 1} cannot take effect"):
+        _second_app(server, "elsewhere", [f"serve.port={port + 1}"], cache_dir, tmp_path)
+    assert "elsewhere" not in serve.status().applications
+    assert httpx.get(f"{server}/healthz", timeout=30).status_code == 200
+
+
 def test_adapter_root_on_s3(server, adapter_root, ray_session, cache_dir, tmp_path):
     import boto3
     from ray import serve

@@ -28,7 +28,7 @@ from oikyo_ray.registry import registry
 from oikyo_ray.registry.registry import CHALLENGER, CHAMPION
 from oikyo_ray.serve.demo_call import ephemeral_token
 from oikyo_ray.serve.published import variant_name
-from oikyo_ray.serve.ray_serve import start
+from oikyo_ray.serve.ray_serve import serve_running, start
 
 STAGING_APP, STAGING_PREFIX = "oikyo-staging", "/oikyo-staging"
 
@@ -111,14 +111,18 @@ def stage(cfg: OikyoConfig, model: str, version: int, log=print) -> dict:
     sc.adapters, sc.routes, sc.registry_models, sc.adapter_root = {}, {}, [model], None
     init_ray()
     token, name = token_file.read_text().strip(), variant_name(model, version)
+    ours = not serve_running()  # Serve started only for staging goes away with it
     try:
-        url = start(scfg, model_path, name=STAGING_APP)
+        url = start(scfg, model_path, name=STAGING_APP, reuse_proxy=True)
         _reachable(url)
         if load.warmup_requests:
             asyncio.run(replay(url, token, name, requests[: load.warmup_requests], load.concurrency))
         records = asyncio.run(replay(url, token, name, requests, load.concurrency))
     finally:
-        serve.delete(STAGING_APP)
+        if ours:
+            serve.shutdown()
+        else:
+            serve.delete(STAGING_APP)
         token_file.unlink(missing_ok=True)
     price = hourly_price(cfg.serve, cfg.cost.cpu_hour, cfg.cost.gpu_hour)
     return summarize(records, load.duration_s, price)

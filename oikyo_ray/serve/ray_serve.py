@@ -254,11 +254,45 @@ def build_app(args: dict):
     return build(cfg, resolve_model_path(cfg.model))
 
 
-def start(cfg: OikyoConfig, model_path: str, blocking: bool = False, name: str = "oikyo") -> str:
-    """Start Serve's HTTP proxy on serve.host:port and deploy the app; returns its base URL."""
+def start(
+    cfg: OikyoConfig, model_path: str, blocking: bool = False, name: str = "oikyo", reuse_proxy: bool = False
+) -> str:
+    """Start Serve's HTTP proxy on serve.host:port and deploy the app; returns its base URL.
+
+    A cluster has one Serve proxy. When one already runs elsewhere than serve.host:port, Ray keeps it
+    and only logs that the new options were ignored; here that is an error naming the field (the app
+    would answer on a port nobody asked for), unless `reuse_proxy` (a staging app that only needs
+    some route on the cluster's proxy): then the URL is the running proxy's."""
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    host, port = _running_proxy()
+    if (host, port) != (cfg.serve.host, cfg.serve.port) and not reuse_proxy:
+        raise ConfigError(
+            f"Serve already runs on this cluster with its HTTP proxy on {host}:{port}; "
+            f"serve.host={cfg.serve.host} serve.port={cfg.serve.port} cannot take effect",
+            hint=f"set serve.host={host} serve.port={port} to add this app to that proxy, "
+            "or stop the running one first (`serve shutdown`)",
+        )
     serve.run(build(cfg, model_path), name=name, route_prefix=cfg.serve.route_prefix, blocking=blocking)
-    return f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
+    if host in ("0.0.0.0", "::"):  # bound on every interface: reachable from here on loopback
+        host = "127.0.0.1"
+    return f"http://{host}:{port}{cfg.serve.route_prefix.rstrip('/')}"
+
+
+def serve_running() -> bool:
+    """Whether a Serve controller already runs on the connected cluster (starts nothing)."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client(raise_if_no_controller_running=False) is not None
+
+
+def _running_proxy() -> tuple[str, int]:
+    """The host and port the cluster's Serve proxy was started with. Ray has no public call for
+    this (serve.status() omits it): read it from the controller client, which serve.start returns
+    internally and keeps as the process's global client."""
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    return http.host, http.port
 
 
 def serve_and_ask(
