@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ray import serve
 from ray.serve import metrics
+from ray.serve.context import _get_global_client  # private: see _running_proxy
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -280,8 +281,6 @@ def start(
 
 def serve_running() -> bool:
     """Whether a Serve controller already runs on the connected cluster (starts nothing)."""
-    from ray.serve.context import _get_global_client
-
     return _get_global_client(raise_if_no_controller_running=False) is not None
 
 
@@ -289,8 +288,6 @@ def _running_proxy() -> tuple[str, int]:
     """The host and port the cluster's Serve proxy was started with. Ray has no public call for
     this (serve.status() omits it): read it from the controller client, which serve.start returns
     internally and keeps as the process's global client."""
-    from ray.serve.context import _get_global_client
-
     http = _get_global_client().http_config
     return http.host, http.port
 
