@@ -165,19 +165,25 @@ def main(argv: list[str] | None = None) -> int:
     # before anything imports ray, torch or transformers
     with nullcontext() if "--verbose" in argv[:1] else quiet_third_party():
         default_auth_mode()  # before anything imports ray
-        parser = build_parser()
-        args, extra = parser.parse_known_args(argv)
-        if extra and isinstance(getattr(args, "overrides", None), list) and all(_is_override(e) for e in extra):
-            # argparse takes a command's positionals only before its options: `deploy RUN --model M
-            # key=value` leaves the override over; it is one, so it goes with the others
-            args.overrides = [*args.overrides, *extra]
-        elif extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args = parse_args(argv)
         try:
             return args.fn(args)
         except OikyoError as e:
             print(f"oikyo: error: {e}", file=sys.stderr)
             return e.exit_code
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line as `main` reads it (exits 2 with the usage on a bad one)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(_is_override(e) for e in extra):
+        # argparse takes a command's positionals only before its options: `deploy RUN --model M
+        # key=value` leaves the override over; it is one, so it goes with the others
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _is_override(arg: str) -> bool:

@@ -181,3 +181,19 @@ def test_promote_and_rollback_move_aliases_and_traffic(root, tmp_path):
 def test_bad_deploy_and_registry_serving_config_names_the_field(override, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
         load_config(None, [override])
+
+
+def test_deploy_job_refuses_a_run_that_fails_its_gates(tmp_path):
+    """jobs/deploy.py (the RayJob's entrypoint) runs `oikyo deploy`: the gates decide before Ray."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    bad, root = _run(tmp_path, "bad", passed=False), tmp_path / "root"
+    cmd = [sys.executable, "jobs/deploy.py", "--config", "serve/serve_demo.yaml", "--run-dir", bad]
+    r = subprocess.run(
+        [*cmd, "--model", "bot", f"run.root={root}"], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 1 and "eval gate 'tuned:exact_match' failed" in r.stderr, r.stderr[-2000:]
+    assert registry.list_models(str(root)) == [] and not root.exists()

@@ -260,6 +260,7 @@ def test_expected_manifests_present():
         "RayCluster/oikyo",
         "RayCluster/oikyo-ha",
         "RayJob/oikyo-finetune-demo",
+        "RayJob/oikyo-deploy-demo",
         "RayService/oikyo-serve",
         "NetworkPolicy/oikyo-ray-pods",
         "NetworkPolicy/oikyo-ray-head-control",
@@ -295,8 +296,9 @@ def test_groups_and_resources_are_consistent(doc):
         assert res["requests"] == res["limits"], f"{c['name']}: requests must equal limits"
 
 
-def test_rayjob_cleans_up_after_itself():
-    spec = _one("RayJob", "oikyo-finetune-demo")["spec"]
+@pytest.mark.parametrize("name", ["oikyo-finetune-demo", "oikyo-deploy-demo"])
+def test_rayjob_cleans_up_after_itself(name):
+    spec = _one("RayJob", name)["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["ttlSecondsAfterFinished"] > 0
     assert isinstance(spec["backoffLimit"], int)
@@ -491,6 +493,60 @@ def test_entrypoint_check_catches_mistakes():
     assert entrypoint_problems("python jobs/nope.py --config jobs/configs/demo.yaml")
     assert entrypoint_problems("python jobs/finetune.py --config jobs/configs/nope.yaml")
     assert entrypoint_problems("python jobs/finetune.py --config jobs/configs/demo.yaml scaling.gpus=2")
+
+
+def _deploy_job_argv(entrypoint: str) -> list[str]:
+    """The `oikyo deploy` command line jobs/deploy.py runs for a RayJob's entrypoint."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deploy_job", ROOT / "jobs" / "deploy.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job.deploy_argv(job.parse(shlex.split(entrypoint)[2:]))
+
+
+def deploy_update_path_problems(job: dict, service: dict) -> list[str]:
+    """A deploy RayJob moves what the RayService serves: the same oikyo config, the registry under
+    the run root the app reads, a model the app answers, and a staging replica of the prod shape."""
+    from oikyo_ray.cli import parse_args
+    from oikyo_ray.config import load_config
+
+    args = parse_args(_deploy_job_argv(job["spec"]["entrypoint"]))
+    (app,) = _serve_config(service)["applications"]
+    served = load_config(_repo_path(app["args"]["config"]), app["args"].get("overrides") or [])
+    staged = load_config(_repo_path(args.config), args.overrides)
+    out = []
+    if _repo_path(args.config) != _repo_path(app["args"]["config"]):
+        out.append(f"--config {args.config} is not the RayService's config {app['args']['config']}")
+    if staged.run.root != served.run.root:
+        out.append(f"run.root {staged.run.root} is not the RayService's {served.run.root}: it would not see the move")
+    if args.model not in served.serve.registry_models:
+        out.append(f"--model {args.model} is not in the RayService's serve.registry_models")
+    if not args.run.startswith(served.run.root + "/"):
+        out.append(f"--run-dir {args.run} is not under the shared run root {served.run.root}")
+    shape = lambda d: [c["resources"] for c in _containers(d) if c["name"] == "ray-worker"]  # noqa: E731
+    if shape(job) and shape(service) and shape(job)[0] != shape(service)[0]:
+        out.append("the staging worker's resources differ from the RayService's serve workers")
+    return out
+
+
+def test_deploy_rayjob_moves_what_the_rayservice_serves():
+    assert deploy_update_path_problems(_one("RayJob", "oikyo-deploy-demo"), _one("RayService", "oikyo-serve")) == []
+
+
+def test_deploy_update_path_check_catches_mistakes():
+    job, service = _one("RayJob", "oikyo-deploy-demo"), _one("RayService", "oikyo-serve")
+    wrong_root = copy.deepcopy(job)
+    wrong_root["spec"]["entrypoint"] = job["spec"]["entrypoint"].replace("run.root=/mnt/oikyo/runs", "run.root=/tmp/r")
+    assert any("run.root /tmp/r" in p for p in deploy_update_path_problems(wrong_root, service))
+    wrong_model = copy.deepcopy(job)
+    wrong_model["spec"]["entrypoint"] = job["spec"]["entrypoint"].replace("--model support-bot", "--model other")
+    assert any("--model other" in p for p in deploy_update_path_problems(wrong_model, service))
+    small = copy.deepcopy(job)
+    small["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"] = {
+        "limits": {"cpu": "1"}
+    }
+    assert any("staging worker" in p for p in deploy_update_path_problems(small, service))
 
 
 def test_serve_config_v2_is_a_valid_serve_deploy_config():
