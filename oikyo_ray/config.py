@@ -508,6 +508,61 @@ class EvalConfig(_Section):
     )
 
 
+CaptureField = Literal["prompt", "completion", "params", "user"]
+
+
+class CaptureConfig(_Section):
+    """Opt-in capture of served traffic for drift checks and retraining: rows are redacted, capped
+    and written as parquet under `root` by a bounded background writer; capture never delays or
+    fails a request (rows it cannot keep are dropped and counted in oikyo_capture_rows)."""
+
+    enabled: bool = Field(False, description="Capture answered requests (completions and chat).")
+    root: str | None = Field(
+        None, description="Local dir or s3:// prefix for captured rows and feedback (default: <run.root>/capture)."
+    )
+    sample_rate: float = Field(1.0, ge=0, le=1, description="Share of answered requests captured (by completion id).")
+    fields: list[CaptureField] = Field(
+        default_factory=lambda: list[CaptureField](["prompt", "completion", "params"]),
+        description="What a row keeps besides id, time, model, version, route, role and token counts: the "
+        "prompt (chat: the messages), the completion, the sampling params, a pseudonym of the `user` id.",
+    )
+    redact: bool = Field(
+        True, description="Replace e-mail addresses, phone and card numbers, keys and tokens in text fields."
+    )
+    redact_function: str | None = Field(
+        None,
+        description="'package.module:function' (str -> str) run after the built-in redaction, e.g. for names.",
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+    )
+    max_chars: int = Field(20_000, ge=100, description="Text fields longer than this are cut (and say so).")
+    queue_rows: int = Field(10_000, ge=1, description="Rows waiting to be written; more are dropped (counted).")
+    flush_rows: int = Field(500, ge=1, description="A part file is written every this many rows ...")
+    flush_s: float = Field(10.0, gt=0, description="... or this many seconds, whichever comes first.")
+    retention_days: int | None = Field(
+        90, ge=1, description="Date partitions older than this are deleted (None: kept for ever)."
+    )
+
+    @model_validator(mode="after")
+    def _redact_function_runs_with_redaction(self) -> CaptureConfig:
+        if self.redact_function and not self.redact:
+            raise ValueError("redact_function runs after the built-in redaction: set redact: true as well")
+        return self
+
+
+class FeedbackConfig(_Section):
+    """POST /v1/feedback: ratings, corrections and comparisons of recent answers, stored beside
+    the capture (<capture root>/feedback) and counted per variant for `oikyo ab report`."""
+
+    enabled: bool = Field(False, description="Serve POST /v1/feedback (behind the same bearer token).")
+    max_per_user_per_hour: int = Field(
+        60, ge=1, description="Feedback posts one user (`user`, else X-Oikyo-User) may make in an hour; more get 429."
+    )
+    recent_completions: int = Field(
+        100_000, ge=1, description="How many recent completion ids feedback may name (older ones get 404)."
+    )
+    max_correction_chars: int = Field(20_000, ge=1, description="Longest accepted corrected answer.")
+
+
 class ServeConfig(_Section):
     host: str = Field("127.0.0.1", description="HTTP bind address of Ray Serve's proxy.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of Ray Serve's proxy.")
@@ -580,6 +635,8 @@ class ServeConfig(_Section):
     max_messages_per_request: int = Field(256, ge=1, description="Most messages in one chat request.")
     max_stop_sequences: int = Field(4, ge=0, description="Most stop strings in one request (OpenAI allows 4).")
     max_stop_chars: int = Field(256, ge=1, description="Longest accepted stop string, in characters.")
+    capture: CaptureConfig = Field(default_factory=CaptureConfig, description="Capture of served traffic.")
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig, description="POST /v1/feedback.")
 
     @model_validator(mode="after")
     def _routes_split_between_adapters(self) -> ServeConfig:
@@ -648,6 +705,27 @@ class DeployConfig(_Section):
     load: LoadProfile = Field(default_factory=LoadProfile, description="The staging test's load.")
     budgets: Budgets = Field(default_factory=Budgets, description="What the staging test must meet.")
     require_eval: bool = Field(True, description="Refuse runs without an eval report (their gates cannot have passed).")
+
+
+class DriftConfig(_Section):
+    """`oikyo drift MODEL`: captured prompts (serve.capture) against the prompts the served run was
+    trained on; a check drifts when its figure is over its threshold."""
+
+    window_days: int = Field(7, ge=1, description="Captured traffic of the last this many days is compared.")
+    min_live_rows: int = Field(50, ge=1, description="Fewer captured prompts than this: no verdict, only figures.")
+    reference_rows: int = Field(2000, ge=10, description="Training prompts sampled as the reference (seeded).")
+    psi_max: float = Field(0.25, gt=0, description="Prompt token-length PSI above this drifts (0.25: major shift).")
+    ks_max: float = Field(0.3, gt=0, le=1, description="Prompt token-length KS statistic above this drifts.")
+    unigram_js_max: float = Field(0.3, gt=0, le=1, description="Jensen-Shannon divergence (bits) of token use.")
+    script_tv_max: float = Field(0.2, gt=0, le=1, description="Total variation of the letters' script mix.")
+    unknown_rate_max: float = Field(
+        0.02, ge=0, le=1, description="Rise of the unknown-token share (live minus reference) above this drifts."
+    )
+    perplexity: bool = Field(True, description="Also score the tuned model's perplexity on live vs test prompts.")
+    perplexity_ratio_max: float = Field(
+        2.0, gt=1, description="Live prompt perplexity over this x the test split's drifts."
+    )
+    max_rows_scored: int = Field(500, ge=1, description="Prompts per side scored for perplexity (seeded sample).")
 
 
 class CostConfig(_Section):
@@ -754,6 +832,7 @@ class OikyoConfig(_Section):
         default_factory=DeployConfig, description="Gated deploys (oikyo deploy): staging load and budgets."
     )
     cost: CostConfig = Field(default_factory=CostConfig, description="Hardware prices, for what runs cost.")
+    drift: DriftConfig = Field(default_factory=DriftConfig, description="Drift checks of captured traffic.")
 
     @model_validator(mode="after")
     def _objective_fits(self) -> OikyoConfig:

@@ -69,10 +69,11 @@ def setup(ray_session, tiny_model, cache_dir, tmp_path_factory):
 
 
 class SteadyLoad:
-    """Requests for the registry model, one after another per user thread, until stopped."""
+    """Requests for the registry model, one after another per user thread, until stopped; each
+    answer is rated (POST /v1/feedback): users like v1's answers and not v2's."""
 
     def __init__(self, url: str, users: int = 3):
-        self.url, self.records, self.stop = url, [], threading.Event()
+        self.url, self.records, self.ratings, self.stop = url, [], [], threading.Event()
         self.threads = [threading.Thread(target=self._user, args=(f"user-{i}",), daemon=True) for i in range(users)]
 
     def _user(self, user: str) -> None:
@@ -82,6 +83,10 @@ class SteadyLoad:
                 try:
                     r = c.post(f"{self.url}/v1/completions", json=body)
                     self.records.append((time.time(), user, r.status_code, r.headers.get("x-oikyo-model")))
+                    if r.status_code == 200:
+                        thumbs = "down" if r.headers["x-oikyo-model"] == "bot-v2" else "up"
+                        rating = {"id": r.json()["id"], "thumbs": thumbs, "user": user}
+                        self.ratings.append(c.post(f"{self.url}/v1/feedback", json=rating).status_code)
                 except httpx.HTTPError as e:
                     self.records.append((time.time(), user, type(e).__name__, None))
 
@@ -149,6 +154,8 @@ def test_deploy_gates_budgets_canary_and_rollback(setup, ray_session, tmp_path, 
 
     prod = cfg.model_copy(deep=True)
     prod.serve.registry_models = ["bot"]
+    prod.serve.feedback.enabled, prod.serve.feedback.max_per_user_per_hour = True, 100_000
+    prod.serve.capture.root = str(tmp_path / "capture")
     url = start(prod, resolve_model_path(prod.model), name="prod")
     prom_port = _free_port()
     prometheus = start_prometheus(os_tool("prometheus"), tmp_path, prom_port, ray_session["metrics"])
@@ -170,7 +177,7 @@ def test_deploy_gates_budgets_canary_and_rollback(setup, ray_session, tmp_path, 
 
             # the readout, from Prometheus scraping the app
             deadline, out = time.time() + 120, ""
-            while time.time() < deadline and "challenger  v2" not in out:
+            while time.time() < deadline and "users rate the challenger lower" not in out:
                 time.sleep(2)
                 assert (
                     main(
@@ -189,7 +196,9 @@ def test_deploy_gates_budgets_canary_and_rollback(setup, ray_session, tmp_path, 
                     == 0
                 )
                 out = capsys.readouterr().out
-            assert "champion    v1" in out and "challenger  v2" in out and "recommendation: " in out, out
+            assert "champion    v1" in out and "challenger  v2" in out, out
+            # the ratings: v2's answers are rated down, so the readout says roll back
+            assert "recommendation: roll back (users rate the challenger lower: 0% positive" in out, out
 
             # promoted live: v2 answers everyone; rolled back live: v1 again
             assert main(["ab", "promote", "bot", "--root", root]) == 0
@@ -199,6 +208,7 @@ def test_deploy_gates_budgets_canary_and_rollback(setup, ray_session, tmp_path, 
         assert set(promoted) == {"bot-v2"} and set(back) == {"bot-v1"}
         statuses = [s for _, _, s, _ in load.records]
         assert len(statuses) > 30 and set(statuses) == {200}, [r for r in load.records if r[2] != 200][:5]
+        assert len(load.ratings) > 30 and set(load.ratings) == {202}, load.ratings[:5]
         state = registry.load(root, "bot")
         assert state.aliases == {"champion": 1} and state.traffic == {"champion": 100.0}
         capsys.readouterr()

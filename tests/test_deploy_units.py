@@ -147,6 +147,32 @@ def test_wilson_interval_and_the_recommendation():
     assert verdict[0] == "promote"
 
 
+def test_ratings_decide_against_a_challenger_users_like_less():
+    def role(n, pos, neg):
+        rated = pos + neg
+        return {
+            "requests": n,
+            "errors": 0,
+            "error_rate": 0.0,
+            "p99_ms": 100,
+            "error_ci": ab.wilson(0, n),
+            "feedback": {"positive": pos, "negative": neg, "neutral": 1},
+            "rated": rated,
+            "positive_rate": pos / rated,
+            "positive_ci": ab.wilson(pos, rated),
+        }
+
+    worse = ab.recommend({"champion": role(500, 160, 40), "challenger": role(200, 30, 30)}, 100, 1.25)
+    assert worse[0] == "roll back" and "users rate the challenger lower: 50% positive of 60" in worse[1]
+    same = ab.recommend({"champion": role(500, 160, 40), "challenger": role(200, 50, 12)}, 100, 1.25)
+    assert same[0] == "promote" and "users rate it no lower" in same[1]
+    state = registry.ModelState(name="bot", versions={}, aliases={"champion": 1, "challenger": 2})
+    text = ab.report_text("bot", state, {"champion": role(500, 160, 40), "challenger": role(200, 30, 30)}, worse)
+    assert "challenger        30        30        1     50% (38%-62%)" in text and "no feedback" not in text
+    plain = {"champion": {k: v for k, v in role(500, 1, 1).items() if k not in ("feedback", "rated")}}
+    assert "no feedback recorded" in ab.report_text("bot", state, plain, ("keep", "-"))
+
+
 def test_promote_and_rollback_move_aliases_and_traffic(root, tmp_path):
     _versions(root, tmp_path, 3)
     registry.set_alias(root, BOT, "champion", 1)

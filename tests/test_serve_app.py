@@ -116,7 +116,13 @@ def _train_tool_caller(cfg, tok, tiny_model, out: Path, tmp: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, adapter_root, cache_dir, tmp_path_factory):
+def capture_root(tmp_path_factory) -> Path:
+    """Where the app captures its traffic and feedback: every test's requests go through capture."""
+    return tmp_path_factory.mktemp("capture")
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, adapter_root, cache_dir, capture_root, tmp_path_factory):
     from ray import serve
 
     from oikyo_ray.model.load import resolve_model_path
@@ -135,6 +141,10 @@ def server(ray_session, adapter_root, cache_dir, tmp_path_factory):
             "serve.max_batch_size=8",
             "serve.batch_wait_timeout_s=0.2",
             "serve.cpus_per_replica=0.5",
+            "serve.capture.enabled=true",
+            f"serve.capture.root={capture_root}",
+            "serve.capture.flush_s=0.5",
+            "serve.feedback.enabled=true",
         ],
     )
     url = start(cfg, resolve_model_path(cfg.model))
@@ -412,6 +422,42 @@ def test_metrics_exported_per_adapter(server, ray_session):
         "ray_oikyo_engine_latency_ms",
     ):
         assert _samples(ray_session["metrics"], family), family
+
+
+def test_answers_are_captured_redacted_and_rated(server, ray_session, capture_root):
+    """Capture and feedback on the real app: the answer's row (redacted) and its rating land as
+    parquet under the capture root; the rating is counted for the variant that answered."""
+    from openai import OpenAI
+
+    from oikyo_ray.serve.capture import read_rows
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=TOKEN)
+    question = "I am ana.perez@example.org, call +44 20 7946 0958. What is the capital of Peru?"
+    answer = client.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": question}], max_tokens=4, temperature=0, user="u-7"
+    )
+    rated = httpx.post(f"{server}/v1/feedback", headers=H, timeout=30, json={"id": answer.id, "thumbs": "up"})
+    assert rated.status_code == 202 and rated.json()["model"] == "alpha", rated.text
+    unknown = httpx.post(f"{server}/v1/feedback", headers=H, timeout=30, json={"id": "cmpl-nosuchanswer", "score": 3})
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "id"
+
+    def row(stream: str) -> list[dict]:
+        return [r for r in read_rows(str(capture_root / stream)) if r["id"] == answer.id]
+
+    (captured,) = _eventually(lambda: row("completions"))
+    assert captured["model"] == "alpha" and captured["endpoint"] == "chat"
+    assert "[EMAIL]" in captured["prompt"] and "[PHONE]" in captured["prompt"] and "ana.perez" not in captured["prompt"]
+    assert captured["completion"] == answer.choices[0].message.content and "user" not in captured  # not in fields
+    (feedback,) = _eventually(lambda: row("feedback"))
+    assert (feedback["verdict"], feedback["thumbs"], feedback["model"]) == ("positive", "up", "alpha")
+
+    def counted() -> list:
+        got = _samples(ray_session["metrics"], "ray_oikyo_feedback")
+        written = _samples(ray_session["metrics"], "ray_oikyo_capture_rows")
+        positive = [x for x in got if x.labels.get("model") == "alpha" and x.labels.get("verdict") == "positive"]
+        return positive and [x for x in written if x.labels.get("outcome") == "written" and x.value > 0]
+
+    assert _eventually(counted)
 
 
 def test_replica_killed_app_recovers(server):

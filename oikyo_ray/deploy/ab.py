@@ -4,7 +4,9 @@ The readout asks Prometheus (which scrapes the serving app's metrics, see docs/m
 each role's requests, errors and latency quantiles on the route over a window; Prometheus sums
 the replicas and handles counter resets, so none of that is redone here. Error rates get Wilson
 95% intervals; the challenger is "worse" when a one-sided two-proportion z-test says its error
-rate is higher, or its p99 is over `latency_ratio` times the champion's.
+rate is higher, or its p99 is over `latency_ratio` times the champion's. Where users rated
+answers (POST /v1/feedback), each role's share of positive ratings (of positive + negative) is
+compared the same way: a challenger rated lower is worse, whatever its latency.
 """
 
 from __future__ import annotations
@@ -56,6 +58,20 @@ def readout(prometheus: str, route: str, window: str) -> dict[str, dict]:
     for r in roles.values():
         n, k = round(r["requests"]), round(r["errors"])  # increase() extrapolates: whole requests
         r.update(requests=n, errors=k, error_rate=k / n if n else 0.0, error_ci=wilson(k, n))
+    rated = query(prometheus, f"sum by (role, verdict) (increase(ray_oikyo_feedback_total{{{sel}}}[{window}]))")
+    for row in rated:
+        role = row["metric"].get("role", "-")
+        if role in roles:
+            votes = roles[role].setdefault("feedback", {"positive": 0, "negative": 0, "neutral": 0})
+            votes[row["metric"].get("verdict", "neutral")] = round(float(row["value"][1]))
+    for r in roles.values():
+        if "feedback" in r:
+            pos, neg = r["feedback"]["positive"], r["feedback"]["negative"]
+            r.update(
+                rated=pos + neg,
+                positive_rate=pos / (pos + neg) if pos + neg else 0.0,
+                positive_ci=wilson(pos, pos + neg),
+            )
     return roles
 
 
@@ -69,14 +85,28 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def errs_more(chall: dict, champ: dict) -> bool:
-    """One-sided two-proportion z-test at 95%: the challenger's error rate is above the champion's."""
-    n1, n2 = chall["requests"], champ["requests"]
-    pooled = (chall["errors"] + champ["errors"]) / (n1 + n2)
+def above(k1: int, n1: int, k2: int, n2: int) -> bool:
+    """One-sided two-proportion z-test at 95%: k1/n1 is above k2/n2."""
+    if not n1 or not n2:
+        return False
+    pooled = (k1 + k2) / (n1 + n2)
     if pooled in (0.0, 1.0):
         return False
-    z = (chall["error_rate"] - champ["error_rate"]) / math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    z = (k1 / n1 - k2 / n2) / math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
     return z > Z_ONE_SIDED
+
+
+def errs_more(chall: dict, champ: dict) -> bool:
+    """The challenger's error rate is above the champion's."""
+    return above(chall["errors"], chall["requests"], champ["errors"], champ["requests"])
+
+
+def rated_lower(chall: dict, champ: dict) -> bool:
+    """The challenger's share of negative ratings is above the champion's."""
+    if not chall.get("rated") or not champ.get("rated"):
+        return False
+    neg = lambda r: r["feedback"]["negative"]  # noqa: E731
+    return above(neg(chall), chall["rated"], neg(champ), champ["rated"])
 
 
 def recommend(roles: dict[str, dict], min_requests: int, latency_ratio: float) -> tuple[str, str]:
@@ -88,6 +118,11 @@ def recommend(roles: dict[str, dict], min_requests: int, latency_ratio: float) -
         return "roll back", (
             f"the challenger fails more: {chall['error_rate']:.2%} vs {champ['error_rate']:.2%} (one-sided z-test, 95%)"
         )
+    if rated_lower(chall, champ):
+        return "roll back", (
+            f"users rate the challenger lower: {chall['positive_rate']:.0%} positive of {chall['rated']} ratings vs "
+            f"{champ['positive_rate']:.0%} of {champ['rated']} (one-sided z-test, 95%)"
+        )
     if chall.get("p99_ms") and champ.get("p99_ms") and chall["p99_ms"] > latency_ratio * champ["p99_ms"]:
         return "roll back", (
             f"the challenger's p99 {chall['p99_ms']:.0f} ms is over {latency_ratio:g}x the champion's "
@@ -95,7 +130,8 @@ def recommend(roles: dict[str, dict], min_requests: int, latency_ratio: float) -
         )
     if min(chall["requests"], champ["requests"]) < min_requests:
         return "keep", f"fewer than {min_requests} requests on a variant: not enough to decide yet"
-    return "promote", "the challenger fails no more than the champion and its p99 is within bounds"
+    why = "the challenger fails no more than the champion and its p99 is within bounds"
+    return "promote", why + (", and users rate it no lower" if chall.get("rated") and champ.get("rated") else "")
 
 
 def report_text(model: str, state: registry.ModelState, roles: dict[str, dict], verdict: tuple[str, str]) -> str:
@@ -107,7 +143,18 @@ def report_text(model: str, state: registry.ModelState, roles: dict[str, dict], 
             f"{role:<11} {'v' + str(version) if version else '-':<8} {r['requests']:>8}  {r['errors']:>6}  "
             f"{r['error_rate']:>7.2%} ({lo:.2%}-{hi:.2%})   {_ms(r.get('p50_ms')):>7} {_ms(r.get('p99_ms')):>7}"
         )
-    lines += ["", "quality signals: none recorded for this route", "", f"recommendation: {verdict[0]} ({verdict[1]})"]
+    rated = {role: r for role, r in sorted(roles.items()) if r.get("feedback")}
+    if not rated:
+        lines += ["", "quality signals: no feedback recorded for this route (POST /v1/feedback)"]
+    else:
+        lines += ["", "role        positive  negative  neutral  positive share (95% CI)"]
+        for role, r in rated.items():
+            f, (lo, hi) = r["feedback"], r["positive_ci"]
+            lines.append(
+                f"{role:<11} {f['positive']:>8}  {f['negative']:>8}  {f['neutral']:>7}  "
+                f"{r['positive_rate']:>6.0%} ({lo:.0%}-{hi:.0%})"
+            )
+    lines += ["", f"recommendation: {verdict[0]} ({verdict[1]})"]
     return "\n".join(lines)
 
 

@@ -5,12 +5,16 @@
 The app answers; a `Backend` generates (the Model deployment under Ray Serve, see `ray_serve.py`;
 a fake in tests). Auth is a dependency of every /v1 route, errors are answered by the exception
 handlers of `http_errors.py`, and the generation routes count every answer per model and status.
-Endpoints: GET /healthz, GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
+Endpoints: GET /healthz, GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
+POST /v1/feedback (with serve.feedback). Answers go to `Service.traffic` (capture, feedback ids)
+after they are made, off the request's path (`traffic.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -27,9 +31,13 @@ from oikyo_ray.config import ServeConfig
 from oikyo_ray.serve.adapters import list_root, validate_name
 from oikyo_ray.serve.auth import authorized, bearer
 from oikyo_ray.serve.body import parse_json, read_body
+from oikyo_ray.serve.feedback import Answered, FeedbackRequest
 from oikyo_ray.serve.http_errors import (
     APIError,
     InvalidRequest,
+    NotFound,
+    ServerBusy,
+    TooManyRequests,
     Unauthorized,
     api_error,
     install_error_handlers,
@@ -61,9 +69,11 @@ from oikyo_ray.serve.protocol import (
 from oikyo_ray.serve.published import Published
 from oikyo_ray.serve.tool_calls import ToolCallStream
 from oikyo_ray.serve.tool_calls import prefix as tool_call_prefix
+from oikyo_ray.serve.traffic import Traffic
 from oikyo_ray.serve.variants import pick
 
-Req = TypeVar("Req", CompletionRequest, ChatRequest)
+log = logging.getLogger(__name__)
+Req = TypeVar("Req", CompletionRequest, ChatRequest, FeedbackRequest)
 NO_LABEL = "-"  # the route or role label of a request for a name that is not routed
 
 
@@ -87,6 +97,10 @@ class Metrics(Protocol):
 
     def tokens(self, model: str, outs: list[dict]) -> None: ...
 
+    def feedback(self, answered: Answered, kind: str, verdict: str) -> None:
+        """A feedback post on an answer of `answered.model` (under its route and role)."""
+        ...
+
 
 @dataclass
 class Service:
@@ -98,6 +112,7 @@ class Service:
     backend: Backend
     metrics: Metrics
     published: Published | None = None  # registry models' routes (serve.registry_models)
+    traffic: Traffic | None = None  # capture and feedback (serve.capture, serve.feedback)
 
 
 def service(request: Request) -> Service:
@@ -216,7 +231,7 @@ async def completions(
             check_prompt_ids(p, cfg.max_prompt_tokens, len(svc.tokenizer))
         else:
             check_prompt_size(len(p.encode("utf-8")), cfg.max_prompt_tokens, cfg.max_prompt_bytes_per_token)
-    return await _answer(svc, req, prompts, chat=False)
+    return await _answer(svc, req, prompts, request, chat=False)
 
 
 @generation.post("/chat/completions")
@@ -239,7 +254,7 @@ async def chat_completions(
     prompt = await run_in_threadpool(chat_prompt, svc.tokenizer, req)
     prompt += _start(req)  # tool_choice required or named: the answer starts inside a call
     check_prompt_size(len(prompt.encode("utf-8")), cfg.max_prompt_tokens, cfg.max_prompt_bytes_per_token)
-    return await _answer(svc, req, [prompt], chat=True)
+    return await _answer(svc, req, [prompt], request, chat=True)
 
 
 async def route(svc: Service, req: GenerationRequest, request: Request) -> None:
@@ -255,6 +270,37 @@ async def route(svc: Service, req: GenerationRequest, request: Request) -> None:
     user = req.user or request.headers.get("x-oikyo-user")
     req.model = request.state.variant = pick(name, weights, user)
     request.state.route, request.state.role = name, roles.get(req.model, NO_LABEL)
+
+
+@v1.post("/feedback", status_code=202)
+async def feedback(
+    body: Annotated[FeedbackRequest, Depends(body_of(FeedbackRequest))], request: Request, svc: ServiceDep
+) -> dict:
+    """A rating, correction or comparison of a recent answer: stored beside the capture and
+    counted for the answer's variant; 202 once queued (the write is asynchronous)."""
+    traffic = svc.traffic
+    if traffic is None or traffic.feedback is None or traffic.recent is None:
+        raise NotFound("feedback is not enabled on this server (serve.feedback.enabled)")
+    fb = svc.cfg.feedback
+    if body.correction is not None and len(body.correction) > fb.max_correction_chars:
+        raise InvalidRequest(f"correction: longer than {fb.max_correction_chars} characters", param="correction")
+    answered = traffic.recent.get(body.id)
+    if answered is None:
+        raise NotFound(
+            f"id: {body.id} is not a recent answer of this server (feedback names one of the last "
+            f"{fb.recent_completions} completions, by the `id` of the response)",
+            param="id",
+        )
+    if body.preferred_over is not None and traffic.recent.get(body.preferred_over) is None:
+        missing = f"preferred_over: {body.preferred_over} is not a recent answer of this server"
+        raise NotFound(missing, param="preferred_over")
+    user = body.user or request.headers.get("x-oikyo-user")
+    if not traffic.cap.allow(user or "-"):
+        raise TooManyRequests(f"feedback: at most {fb.max_per_user_per_hour} posts per user an hour")
+    if not traffic.feedback.offer(traffic.feedback_row(body, answered, user)):
+        raise ServerBusy()  # the writer's queue is full: the client may retry
+    svc.metrics.feedback(answered, body.kind(), body.verdict())
+    return {"object": "feedback", "id": body.id, "model": answered.model, "accepted": True}
 
 
 def check_request(cfg: ServeConfig, req: GenerationRequest) -> None:
@@ -288,7 +334,7 @@ def _start(req: GenerationRequest) -> str:
     return tool_call_prefix(choice.as_dict() if isinstance(choice, NamedToolChoice) else choice)
 
 
-async def _answer(svc: Service, req: GenerationRequest, prompts: list, chat: bool) -> Any:
+async def _answer(svc: Service, req: GenerationRequest, prompts: list, request: Request, chat: bool) -> Any:
     counts = []
     for p in prompts:
         # tokenising runs off the event loop (bounded by check_prompt_size, but still CPU work);
@@ -301,7 +347,7 @@ async def _answer(svc: Service, req: GenerationRequest, prompts: list, chat: boo
     if req.stream:
         if len(prompts) != 1:
             raise InvalidRequest("stream=true takes a single prompt")
-        return await _stream(svc, req, adapter, prompts[0], counts[0], chat)
+        return await _stream(svc, req, adapter, prompts[0], counts[0], request, chat)
     # choices in OpenAI's order: every choice of the first prompt, then of the next; a timeout
     # cancels every one still running (wait_for cancels the gather)
     outs = await asyncio.wait_for(
@@ -312,25 +358,78 @@ async def _answer(svc: Service, req: GenerationRequest, prompts: list, chat: boo
         raise_for_error(o)
     svc.metrics.tokens(req.model, outs)
     if not chat:
-        return completion_response(req.model, outs)
-    names = req.tool_names() if isinstance(req, ChatRequest) else set()
-    return chat_response(req.model, outs, names, _start(req))
+        answer = completion_response(req.model, outs)
+    else:
+        names = req.tool_names() if isinstance(req, ChatRequest) else set()
+        answer = chat_response(req.model, outs, names, _start(req))
+    texts = [o["text"] for o in outs]
+    _keep(svc, req, request, answer["id"], prompts, texts, [o["finish_reason"] for o in outs], _token_counts(outs))
+    return answer
+
+
+def _token_counts(outs: list[dict]) -> dict:
+    return {k: sum(o[k] for o in outs) for k in ("prompt_tokens", "completion_tokens")}
+
+
+def _keep(
+    svc: Service,
+    req: GenerationRequest,
+    request: Request,
+    rid: str,
+    prompts: list,
+    texts: list[str],
+    finishes: list[str],
+    counts: dict,
+) -> None:
+    """Hand an answer that went out to the traffic recorder; a failure there is logged, never
+    the request's (the answer is already made)."""
+    if svc.traffic is None:
+        return
+    state = request.state
+    info = Answered(req.model, getattr(state, "route", NO_LABEL), getattr(state, "role", NO_LABEL), time.time())
+
+    def row() -> dict:
+        if isinstance(req, ChatRequest):
+            prompt = json.dumps([m.model_dump(exclude_none=True) for m in req.messages], ensure_ascii=False)
+        else:
+            prompt = prompts[0] if len(prompts) == 1 and isinstance(prompts[0], str) else json.dumps(prompts)
+        return {
+            "endpoint": "chat" if isinstance(req, ChatRequest) else "completions",
+            "prompt": prompt,
+            "completion": texts[0] if len(texts) == 1 else json.dumps(texts, ensure_ascii=False),
+            "finish_reason": finishes[0] if len(finishes) == 1 else json.dumps(finishes),
+            **counts,
+            "params": {k: v for k, v in req.sampling().items() if v is not None and k != "seed"},
+            "user": req.user or request.headers.get("x-oikyo-user"),
+        }
+
+    try:
+        svc.traffic.answered(rid, info, row)
+    except Exception:  # noqa: BLE001 - capture must never fail an answer that is made
+        log.exception("traffic: recording answer %s failed", rid)
 
 
 async def _stream(
-    svc: Service, req: GenerationRequest, adapter: str, prompt, prompt_tokens: int, chat: bool
+    svc: Service, req: GenerationRequest, adapter: str, prompt, prompt_tokens: int, request: Request, chat: bool
 ) -> StreamingResponse:
     pieces = svc.backend.stream(adapter, prompt, req.sampling()).__aiter__()
     # wait for the first piece: an unknown adapter or a full queue answers as JSON, not as SSE
     first = await anext(pieces, None)
     if isinstance(first, dict) and "error" in first:
         raise APIError.from_dict(first)
-    events = _events(svc, req, first, pieces, chat, prompt_tokens)
+    events = _events(svc, req, first, pieces, chat, prompt_tokens, request, prompt)
     return StreamingResponse(events, media_type="text/event-stream")
 
 
 async def _events(
-    svc: Service, req: GenerationRequest, first, rest: AsyncIterator, chat: bool, prompt_tokens: int
+    svc: Service,
+    req: GenerationRequest,
+    first,
+    rest: AsyncIterator,
+    chat: bool,
+    prompt_tokens: int,
+    request: Request,
+    prompt,
 ) -> AsyncIterator[str]:
     """The stream's events: text (chat: content and tool-call deltas), then the finish reason, the
     usage when asked for, [DONE]. A generation error midway ends it with an error event."""
@@ -378,6 +477,7 @@ async def _events(
         yield sse(usage_chunk(rid, model, chat, counts))
     yield "data: [DONE]\n\n"
     svc.metrics.tokens(model, [counts])
+    _keep(svc, req, request, rid, [prompt], [text], [finish], counts)
 
 
 async def _chain(first: list, rest: AsyncIterator) -> AsyncIterator:

@@ -61,6 +61,16 @@ class Unauthorized(APIError):
         super().__init__(401, "missing or invalid bearer token", "authentication_error", {"WWW-Authenticate": "Bearer"})
 
 
+class NotFound(APIError):
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(404, message, "not_found_error", param=param)
+
+
+class TooManyRequests(APIError):
+    def __init__(self, message: str, retry_after_s: int = 60):
+        super().__init__(429, message, "rate_limit_exceeded", {"Retry-After": str(retry_after_s)})
+
+
 class ServerBusy(APIError):
     def __init__(self) -> None:
         super().__init__(

@@ -21,16 +21,19 @@ from ray.serve.handle import DeploymentHandle
 from oikyo_ray.config import OikyoConfig, load_config
 from oikyo_ray.errors import ConfigError
 from oikyo_ray.model.load import load_tokenizer, resolve_model_path
+from oikyo_ray.runs import store
 from oikyo_ray.serve.adapters import AdapterNotFound, BadAdapterName
 from oikyo_ray.serve.app import NO_LABEL, Service, create_app
 from oikyo_ray.serve.auth import load_token
 from oikyo_ray.serve.continuous import ContinuousEngine
 from oikyo_ray.serve.demo_call import ask, ephemeral_token
 from oikyo_ray.serve.engine import Engine
+from oikyo_ray.serve.feedback import Answered
 from oikyo_ray.serve.http_errors import ServerBusy
 from oikyo_ray.serve.labels import ModelLabels
 from oikyo_ray.serve.published import Published
 from oikyo_ray.serve.replica import ModelReplica, load_adapter
+from oikyo_ray.serve.traffic import Traffic
 
 LATENCY_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 COUNTS = [1, 2, 4, 8, 16, 32, 64]
@@ -63,11 +66,30 @@ class RequestMetrics:
         self.requests.inc(1, tags=tags)
         self.latency.observe(seconds * 1000, tags=tags)
 
+        self.feedback_count = metrics.Counter(
+            "oikyo_feedback",
+            description="Feedback posts by the answering model, route, role, kind and verdict.",
+            tag_keys=("model", "route", "role", "kind", "verdict"),
+        )
+        self.capture_rows = metrics.Counter(
+            "oikyo_capture_rows",
+            description="Captured answers and feedback rows by stream and outcome "
+            "(written, dropped_full, dropped_error, dropped_redaction).",
+            tag_keys=("stream", "outcome"),
+        )
+
     def tokens(self, model: str, outs: list[dict]) -> None:
         for o in outs:
             for kind in ("prompt", "completion"):
                 if o.get(f"{kind}_tokens"):
                     self.token_count.inc(o[f"{kind}_tokens"], tags={"model": self.label(model, 200), "kind": kind})
+
+    def feedback(self, answered: Answered, kind: str, verdict: str) -> None:
+        tags = {"model": self.label(answered.model, 200), "route": answered.route, "role": answered.role}
+        self.feedback_count.inc(1, tags={**tags, "kind": kind, "verdict": verdict})
+
+    def captured(self, stream: str, outcome: str, rows: int) -> None:
+        self.capture_rows.inc(rows, tags={"stream": stream, "outcome": outcome})
 
 
 class BatchMetrics:
@@ -196,16 +218,26 @@ class OpenAIIngress:
 
     def __init__(self, config: dict, model_path: str, model: DeploymentHandle):
         cfg = OikyoConfig.model_validate(config)
+        request_metrics = RequestMetrics(
+            ModelLabels({cfg.serve.base_model_name, *cfg.serve.adapters, *_variants(cfg.serve)})
+        )
         self.service = Service(
             cfg.serve,
             load_tokenizer(cfg.model, model_path),
             load_token(cfg.serve),
             ModelClient(model),
-            RequestMetrics(ModelLabels({cfg.serve.base_model_name, *cfg.serve.adapters, *_variants(cfg.serve)})),
+            request_metrics,
             Published(cfg.run.root, cfg.serve.registry_models, cfg.serve.registry_poll_s)
             if cfg.serve.registry_models
             else None,
+            Traffic(cfg.serve, capture_root(cfg), request_metrics.captured)
+            if cfg.serve.capture.enabled or cfg.serve.feedback.enabled
+            else None,
         )
+
+    def __del__(self):  # Serve calls it when the replica shuts down: write what capture queued
+        if getattr(self, "service", None) is not None and self.service.traffic is not None:
+            self.service.traffic.close()
 
     def __serve_build_asgi_app__(self):  # Serve calls this after __init__, in the replica
         return create_app(self.service)
@@ -214,12 +246,20 @@ class OpenAIIngress:
 # ---- applications -------------------------------------------------------------------------------
 
 
+def capture_root(cfg: OikyoConfig) -> str:
+    """Where captured answers and feedback go: serve.capture.root, else <run.root>/capture."""
+    return cfg.serve.capture.root or store.join(cfg.run.root, "capture")
+
+
 def build(cfg: OikyoConfig, model_path: str):
     """The bound application for `serve.run` (deployment options come from `serve.*`)."""
     sc = cfg.serve
     conf = cfg.model_dump(mode="json")
     if not cfg.run.root.startswith("s3://"):  # replicas may run elsewhere: the registry's place, absolute
         conf["run"]["root"] = str(Path(cfg.run.root).expanduser().resolve())
+    root = sc.capture.root
+    if root and not root.startswith("s3://"):
+        conf["serve"]["capture"]["root"] = str(Path(root).expanduser().resolve())
     autoscaling = None
     if sc.max_replicas > 1 or sc.min_replicas != 1:
         autoscaling = {
