@@ -107,9 +107,9 @@ def _worker(rank: int, world: int, port: int, tiny_model: str, cache_dir: str, o
         WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world),
-        # DeepSpeed JIT-builds its CPU shm-comm op (~1 min): keep it across sessions
-        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR")
-        or str(Path("~/.cache/oikyo/torch_extensions").expanduser()),
+        # DeepSpeed JIT-builds its CPU shm-comm op (~1 min): in the directory Ray Train workers use
+        # (ray_train.train_func: model.cache_dir/torch_extensions), so a session builds it once
+        TORCH_EXTENSIONS_DIR=str(Path(cache_dir) / "torch_extensions"),
     )
     dist.init_process_group("gloo", rank=rank, world_size=world)
     for name, overrides in CASES.items():
