@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_config)
 
     from oikyo_ray.deploy.cli import add_deploy_commands
+    from oikyo_ray.drift.cli import add_drift_commands
     from oikyo_ray.eval.cli import add_eval_commands
     from oikyo_ray.registry.cli import add_registry_commands
     from oikyo_ray.runs.cli import add_runs_commands
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_runs_commands(sub)
     add_registry_commands(sub)
     add_deploy_commands(sub)
+    add_drift_commands(sub)
     return p
 
 

@@ -541,6 +541,9 @@ class CaptureConfig(_Section):
     retention_days: int | None = Field(
         90, ge=1, description="Date partitions older than this are deleted (None: kept for ever)."
     )
+    drift_poll_s: float = Field(
+        60, gt=0, description="How often the app re-reads <root>/drift/*/report.json for its drift gauges."
+    )
 
     @model_validator(mode="after")
     def _redact_function_runs_with_redaction(self) -> CaptureConfig:
@@ -712,7 +715,9 @@ class DriftConfig(_Section):
     trained on; a check drifts when its figure is over its threshold."""
 
     window_days: int = Field(7, ge=1, description="Captured traffic of the last this many days is compared.")
-    min_live_rows: int = Field(50, ge=1, description="Fewer captured prompts than this: no verdict, only figures.")
+    min_live_rows: int = Field(
+        200, ge=1, description="Fewer captured prompts than this: no verdict, only figures (PSI is noisy on few)."
+    )
     reference_rows: int = Field(2000, ge=10, description="Training prompts sampled as the reference (seeded).")
     psi_max: float = Field(0.25, gt=0, description="Prompt token-length PSI above this drifts (0.25: major shift).")
     ks_max: float = Field(0.3, gt=0, le=1, description="Prompt token-length KS statistic above this drifts.")

@@ -144,6 +144,7 @@ def server(ray_session, adapter_root, cache_dir, capture_root, tmp_path_factory)
             "serve.capture.enabled=true",
             f"serve.capture.root={capture_root}",
             "serve.capture.flush_s=0.5",
+            "serve.capture.drift_poll_s=1",
             "serve.feedback.enabled=true",
         ],
     )
@@ -458,6 +459,24 @@ def test_answers_are_captured_redacted_and_rated(server, ray_session, capture_ro
         return positive and [x for x in written if x.labels.get("outcome") == "written" and x.value > 0]
 
     assert _eventually(counted)
+
+
+def test_drift_reports_are_exported_as_gauges(server, ray_session, capture_root):
+    """The latest `oikyo drift` report beside the capture becomes ray_oikyo_drift_* gauges."""
+    report = {"drifted": True, "checks": [{"check": "script_tv", "value": 0.5, "threshold": 0.2, "drifted": True}]}
+    (capture_root / "drift" / "alpha").mkdir(parents=True)
+    (capture_root / "drift" / "alpha" / "report.json").write_text(json.dumps(report))
+
+    def exported() -> dict:
+        detected = _samples(ray_session["metrics"], "ray_oikyo_drift_detected")
+        ratio = _samples(ray_session["metrics"], "ray_oikyo_drift_ratio")
+        return {
+            **{("detected", x.labels["model"]): x.value for x in detected},
+            **{(x.labels["check"], x.labels["model"]): x.value for x in ratio},
+        }
+
+    got = _eventually(lambda: (e := exported()).get(("detected", "alpha")) == 1.0 and e)
+    assert got and got[("script_tv", "alpha")] == pytest.approx(2.5), exported()
 
 
 def test_replica_killed_app_recovers(server):

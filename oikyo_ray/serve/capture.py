@@ -5,7 +5,8 @@ capped and written as parquet by one background thread, never in the request's p
     w.offer(row)        # False (and counted as dropped) when the bounded queue is full
     w.close()           # flushes what is queued
 
-Layout (hive partitions, readable by `pyarrow.dataset` and Ray Data):
+Layout (hive partitions, readable by `pyarrow.dataset` and Ray Data; a row's served name, e.g.
+`bot-v2`, is its `served` column, its registry model and version the partitions):
     <root>/completions/date=YYYY-MM-DD/model=NAME/version=V/part-<ms>-<id>.parquet
     <root>/feedback/date=YYYY-MM-DD/model=NAME/version=V/part-<ms>-<id>.parquet
 A write that fails (storage down) drops its rows and counts them: serving goes on either way.
@@ -26,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from oikyo_ray.runs import store
@@ -156,7 +158,8 @@ class ParquetWriter:
                 f"part-{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}.parquet",
             )
             try:
-                write_rows(path, part)
+                # the served name (NAME-vN) as `served`: `model` and `version` are the partitions
+                write_rows(path, [{**{k: v for k, v in r.items() if k != "model"}, "served": r["model"]} for r in part])
                 self.counts("written", len(part))
             except Exception:  # noqa: BLE001 - storage errors of any kind: serving goes on without it
                 self.counts("dropped_error", len(part))
@@ -183,7 +186,15 @@ def write_rows(path: str, rows: list[dict]) -> None:
     fs, p = store.filesystem(path)
     parent = p.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
-    pq.write_table(pa.Table.from_pylist(flat), p, filesystem=fs)
+    table = pa.Table.from_pylist(flat)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        pq.write_table(table, p, filesystem=fs)  # an S3 object appears only once it is complete
+        return
+    # a local file is visible while it is written: write a hidden name (datasets skip "." names)
+    # and rename it, so a reader never opens half a file
+    tmp = f"{parent}/.{p.rsplit('/', 1)[1]}.tmp"
+    pq.write_table(table, tmp, filesystem=fs)
+    fs.move(tmp, p)
 
 
 def read_rows(root: str) -> list[dict]:

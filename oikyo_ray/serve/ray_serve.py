@@ -8,6 +8,7 @@ Run as:  RAY_AUTH_MODE=token serve run serve/oikyo.yaml   (import path oikyo_ray
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,7 @@ from oikyo_ray.serve.app import NO_LABEL, Service, create_app
 from oikyo_ray.serve.auth import load_token
 from oikyo_ray.serve.continuous import ContinuousEngine
 from oikyo_ray.serve.demo_call import ask, ephemeral_token
+from oikyo_ray.serve.drift_view import drift_values
 from oikyo_ray.serve.engine import Engine
 from oikyo_ray.serve.feedback import Answered
 from oikyo_ray.serve.http_errors import ServerBusy
@@ -90,6 +92,30 @@ class RequestMetrics:
 
     def captured(self, stream: str, outcome: str, rows: int) -> None:
         self.capture_rows.inc(rows, tags={"stream": stream, "outcome": outcome})
+
+
+class DriftGauges:
+    """`oikyo drift`'s latest verdicts as gauges, re-read every serve.capture.drift_poll_s by a
+    daemon thread: ray_oikyo_drift_detected{model} (1 drifted, 0 not, -1 too few rows) and
+    ray_oikyo_drift_ratio{model, check} (a check's figure over its threshold)."""
+
+    def __init__(self, capture_root: str, every_s: float) -> None:
+        self.root, self.every_s, self.stop = capture_root, every_s, threading.Event()
+        self.detected = metrics.Gauge(
+            "oikyo_drift_detected", description="Latest drift verdict per model.", tag_keys=("model",)
+        )
+        self.ratio = metrics.Gauge(
+            "oikyo_drift_ratio", description="Drift check figure over its threshold.", tag_keys=("model", "check")
+        )
+        threading.Thread(target=self._run, name="oikyo-drift-gauges", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for model, values in drift_values(self.root).items():
+                self.detected.set(values.pop("detected"), tags={"model": model})
+                for check, v in values.items():
+                    self.ratio.set(v, tags={"model": model, "check": check})
+            self.stop.wait(self.every_s)
 
 
 class BatchMetrics:
@@ -235,7 +261,12 @@ class OpenAIIngress:
             else None,
         )
 
+        capture = cfg.serve.capture
+        self.drift = DriftGauges(capture_root(cfg), capture.drift_poll_s) if capture.enabled else None
+
     def __del__(self):  # Serve calls it when the replica shuts down: write what capture queued
+        if getattr(self, "drift", None) is not None:
+            self.drift.stop.set()
         if getattr(self, "service", None) is not None and self.service.traffic is not None:
             self.service.traffic.close()
 

@@ -1,0 +1,1 @@
+"""Drift: captured traffic against the prompts a served model was trained on."""
