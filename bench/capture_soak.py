@@ -47,12 +47,13 @@ def main() -> None:
             root = work / f"capture-{r}"
             extra = [f"serve.capture.enabled={mode == 'on'}", f"serve.capture.root={root}", "serve.capture.flush_s=1"]
             url, _ = serve_tiny(work, model_path, work / "adapters", extra)
-            asyncio.run(phase(url, 5, 4, 0.0, 0))  # warm-up: loads the adapter
+            warm = asyncio.run(phase(url, 5, 4, 0.0, 0))  # warm-up: loads the adapter (captured too)
             result = asyncio.run(phase(url, args.seconds, args.concurrency, 0.0, 1 + r))
             serve.shutdown()  # the ingress writes what it queued as it stops
             if mode == "on":
                 written = len(read_rows(str(root / "completions")))
-                result.update(rows_written=written, answered=result["valid_requests"] - result["valid_5xx"])
+                answered = sum(x["valid_requests"] - x["valid_5xx"] - x["valid_timeouts"] for x in (warm, result))
+                result.update(rows_written=written, answered_incl_warmup=answered, all_captured=written == answered)
             runs[mode].append(result)
             print(mode, result, flush=True)
     p99 = lambda mode: sum(x["valid_p99_ms"] for x in runs[mode]) / len(runs[mode])  # noqa: E731
@@ -66,6 +67,7 @@ def main() -> None:
         p99("on") / p99("off"),
         "with capture: 5xx = 0 and timeouts = 0; p99 within 1.2x of no capture; every answer captured",
         valid_failures_with_capture=failures,
+        every_answer_captured=all(x["all_captured"] for x in runs["on"]),
         runs=runs,
         settings={"seconds": args.seconds, "concurrency": args.concurrency, "rounds": args.rounds},
     )

@@ -11,6 +11,8 @@ Run as:
     oikyo registry list|show|register|alias ... # named models: versions and aliases
     oikyo deploy RUN --model NAME [--canary PCT] # eval gates + staging load test -> champion/canary
     oikyo ab report|promote|rollback NAME       # a canary's readout, promotion or rollback
+    oikyo drift NAME [--fail-on-drift]          # captured traffic against the training prompts
+    oikyo retrain NAME [--force]                # traffic + feedback -> challenger -> canary, when due
     oikyo config CONFIG.yaml [key=value ...]    # print the resolved config (or --fields)
 """
 
@@ -149,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     from oikyo_ray.drift.cli import add_drift_commands
     from oikyo_ray.eval.cli import add_eval_commands
     from oikyo_ray.registry.cli import add_registry_commands
+    from oikyo_ray.retrain.cli import add_retrain_commands
     from oikyo_ray.runs.cli import add_runs_commands
 
     add_eval_commands(sub)
@@ -156,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_registry_commands(sub)
     add_deploy_commands(sub)
     add_drift_commands(sub)
+    add_retrain_commands(sub)
     return p
 
 

@@ -281,6 +281,12 @@ class MethodConfig(_Section):
         "(undesirable_weight x undesirable rows) in [1, 4/3] (KTO paper).",
     )
     kto_undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable rows' losses.")
+    init_adapter: str | None = Field(
+        None,
+        description="A run's adapter directory (local or s3://) the new adapter starts from instead of "
+        "zeros: incremental training (oikyo retrain sets it to the champion's); its rank, alpha, target "
+        "modules and DoRA flag must match method.lora and method.type.",
+    )
 
     @model_validator(mode="after")
     def _objective_fields(self) -> MethodConfig:
@@ -293,6 +299,8 @@ class MethodConfig(_Section):
                 raise ValueError(
                     f"method.{name} applies to method.objective {' or '.join(objectives)}, not {self.objective!r}"
                 )
+        if self.init_adapter and self.type == "full":
+            raise ValueError("method.init_adapter starts an adapter from another; method.type=full trains no adapter")
         if self.objective in REFERENCE_OBJECTIVES and self.type == "full":
             raise ValueError(
                 f"method.objective={self.objective} with method.type=full needs a reference model: "
@@ -733,6 +741,74 @@ class DriftConfig(_Section):
     max_rows_scored: int = Field(500, ge=1, description="Prompts per side scored for perplexity (seeded sample).")
 
 
+class RetrainConfig(_Section):
+    """`oikyo retrain MODEL`: when a registry model's champion is retrained from its own captured
+    traffic and feedback, on what, and what the challenger must show before it is canaried."""
+
+    on_drift: bool = Field(True, description="Due when the champion's latest drift report (oikyo drift) says drifted.")
+    min_rated_rows: int | None = Field(
+        200,
+        ge=1,
+        description="Due when this many feedback rows arrived since the champion was registered (or the "
+        "last retrain); null: not a trigger.",
+    )
+    every_days: float | None = Field(
+        None,
+        gt=0,
+        description="Due when the champion (or the last retrain) is this many days old: the schedule "
+        "(run `oikyo retrain` from cron or k8s/cronjob-retrain.yaml); null: not a trigger.",
+    )
+    window_days: int = Field(30, ge=1, description="Captured completions and feedback of the last this many days.")
+    objective: Literal["sft", "dpo"] = Field(
+        "sft",
+        description="sft: train on well-rated and corrected answers plus the replay; dpo: on preference "
+        "pairs (a correction over the answer, a comparison, a well- over a badly-rated answer to one "
+        "prompt) plus the champion's own pairs.",
+    )
+    good_score: float = Field(
+        0.75,
+        ge=0,
+        le=1,
+        description="An answer whose every rating is at least this (0..1: thumbs up 1, score 4 is 0.75) "
+        "becomes an SFT row; one whose ratings are all at most 1 - this is a rejected answer.",
+    )
+    replay_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of the champion's training rows trained on again beside the new ones (against "
+        "forgetting); its val and test rows always go in, so they stay in val and test.",
+    )
+    live_eval_fraction: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="Share of the new rows (by prompt hash: one prompt, one side) held out as the live "
+        "slice the challenger and the champion are compared on.",
+    )
+    min_new_rows: int = Field(20, ge=1, description="Fewer usable new rows than this: no retrain, a report says so.")
+    min_live_eval_rows: int = Field(5, ge=1, description="Fewer held-out live rows than this: the retrain fails.")
+    min_live_gain: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="The challenger's loss on the live slice must be below (1 - this) x the champion's.",
+    )
+    max_test_regression: float = Field(
+        0.02,
+        ge=0,
+        description="... and its loss on the champion's test split at most (1 + this) x the champion's.",
+    )
+    canary_percent: float = Field(
+        10.0, gt=0, lt=100, description="Share of the traffic a passing challenger gets (oikyo deploy --canary)."
+    )
+    overrides: list[str] = Field(
+        default_factory=list,
+        description="key=value overrides of the champion's config for the retrain run, e.g. "
+        "[train.epochs=1, train.lr=5e-4] (data.paths, method.init_adapter and run.name are set by retrain).",
+    )
+
+
 class CostConfig(_Section):
     """Prices of the hardware, for what runs cost (lineage, `oikyo runs compare`) and the cost per
     million tokens of a deploy's staging test."""
@@ -838,6 +914,9 @@ class OikyoConfig(_Section):
     )
     cost: CostConfig = Field(default_factory=CostConfig, description="Hardware prices, for what runs cost.")
     drift: DriftConfig = Field(default_factory=DriftConfig, description="Drift checks of captured traffic.")
+    retrain: RetrainConfig = Field(
+        default_factory=RetrainConfig, description="Retraining from captured traffic (oikyo retrain)."
+    )
 
     @model_validator(mode="after")
     def _objective_fits(self) -> OikyoConfig:

@@ -50,7 +50,8 @@ def _resume_dir(cfg: OikyoConfig) -> Path:
     return run_dir
 
 
-def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False) -> Path:
+def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False, lineage: dict | None = None) -> Path:
+    """`lineage`: more to record in the run's lineage.json (a retrain's parent and data)."""
     # Everything a user can get wrong is checked here, before Ray starts and before a run dir exists.
     check_before_ray(cfg)
     done = _step(log, "base model")
@@ -74,7 +75,7 @@ def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False) -> Path:
             done = _step(log, "data: read, normalise, validate, split, tokenise (Ray Data)")
             manifest = prepare(cfg, model_path, run_dir / "data")
             done(json.dumps(manifest["counts"]))
-            write_lineage(run_dir, cfg, manifest, model_path, licenses=found_licenses)
+            write_lineage(run_dir, cfg, manifest, model_path, licenses=found_licenses, **(lineage or {}))
             publish()
 
         done = _step(log, "train (Ray Train)")

@@ -83,7 +83,8 @@ def test_every_module_is_core_or_named_ray_layer():
     adapters = {m for m in _modules() if m.rsplit(".", 1)[-1].startswith("ray_")}
     stages = [m.split(".")[1] for m in adapters]
     assert adapters <= layer and len(stages) == len(set(stages)), (sorted(adapters), sorted(layer))
-    assert set(stages) == {"data", "train", "eval", "sweep", "serve", "deploy", "drift"}  # one adapter per stage
+    # one adapter per stage
+    assert set(stages) == {"data", "train", "eval", "sweep", "serve", "deploy", "drift", "retrain"}
 
 
 def test_core_imports_without_ray():

@@ -216,6 +216,12 @@ def structural_errors(doc: dict) -> list[str]:
             errs.append("spec.accessModes must be a list")
         if "storage" not in spec.get("resources", {}).get("requests", {}):
             errs.append("spec.resources.requests.storage missing")
+    elif kind == "CronJob":
+        if not isinstance(spec.get("schedule"), str) or len(spec["schedule"].split()) != 5:
+            errs.append(f"spec.schedule must be a 5-field cron string, got {spec.get('schedule')!r}")
+        pod = spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec", {})
+        if pod.get("restartPolicy") not in ("Never", "OnFailure"):
+            errs.append("a Job's pod needs restartPolicy Never or OnFailure")
     else:
         errs.append(f"no structural check for kind {kind}")
     return errs
@@ -261,6 +267,8 @@ def test_expected_manifests_present():
         "RayCluster/oikyo-ha",
         "RayJob/oikyo-finetune-demo",
         "RayJob/oikyo-deploy-demo",
+        "RayJob/oikyo-retrain-demo",
+        "CronJob/oikyo-retrain-nightly",
         "RayService/oikyo-serve",
         "NetworkPolicy/oikyo-ray-pods",
         "NetworkPolicy/oikyo-ray-head-control",
@@ -296,7 +304,7 @@ def test_groups_and_resources_are_consistent(doc):
         assert res["requests"] == res["limits"], f"{c['name']}: requests must equal limits"
 
 
-@pytest.mark.parametrize("name", ["oikyo-finetune-demo", "oikyo-deploy-demo"])
+@pytest.mark.parametrize("name", ["oikyo-finetune-demo", "oikyo-deploy-demo", "oikyo-retrain-demo"])
 def test_rayjob_cleans_up_after_itself(name):
     spec = _one("RayJob", name)["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
@@ -902,3 +910,49 @@ def test_deployment_check_catches_unknown_name():
     cfg["applications"][0]["import_path"] = "oikyo_ray.serve.ray_serve:no_such_builder"
     with pytest.raises(AssertionError, match="does not resolve"):
         deployment_problems(cfg)
+
+
+def _retrain_job_args(entrypoint: str):
+    """The `oikyo retrain` arguments jobs/retrain.py runs for an entrypoint."""
+    import importlib.util
+
+    from oikyo_ray.cli import parse_args
+
+    spec = importlib.util.spec_from_file_location("retrain_job", ROOT / "jobs" / "retrain.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return parse_args(job.retrain_argv(job.parse(shlex.split(entrypoint)[2:])))
+
+
+def test_retrain_job_and_schedule_retrain_what_the_rayservice_serves():
+    """The RayJob and the nightly CronJob run jobs/retrain.py for a model the RayService serves,
+    on its config and run root (where its registry and capture are); the schedule's pod reaches
+    the head's Jobs API through the NetworkPolicy, with the cluster token from its Secret."""
+    from oikyo_ray.config import load_config
+
+    cron = _one("CronJob", "oikyo-retrain-nightly")
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]
+    (c,) = pod["spec"]["containers"]
+    assert c["command"][:4] == ["ray", "job", "submit", "--address"] and c["command"][-1] == "--"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    token = [e for e in c["env"] if e["name"] == "RAY_AUTH_TOKEN"]
+    assert token and token[0]["valueFrom"]["secretKeyRef"]["name"] == "oikyo-ray-auth"
+    (app,) = _serve_config(_one("RayService", "oikyo-serve"))["applications"]
+    served = load_config(_repo_path(app["args"]["config"]), app["args"].get("overrides") or [])
+    for entrypoint in (shlex.join(c["args"]), _one("RayJob", "oikyo-retrain-demo")["spec"]["entrypoint"]):
+        assert entrypoint_problems(entrypoint) == []
+        args = _retrain_job_args(entrypoint)
+        assert args.cmd == "retrain" and args.model in served.serve.registry_models
+        assert load_config(_repo_path(args.config), args.overrides).run.root == served.run.root
+    label = pod["metadata"]["labels"]["app.kubernetes.io/component"]
+    head = _one("NetworkPolicy", "oikyo-ray-head-control")["spec"]["ingress"]
+    admitted = [
+        r
+        for r in head
+        if 8265 in {p["port"] for p in r["ports"]}
+        and any(
+            p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == label
+            for p in r["from"]
+        )
+    ]
+    assert admitted, "the retrain schedule's pod cannot reach the Jobs API"

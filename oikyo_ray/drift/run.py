@@ -57,7 +57,7 @@ def local_live(completions: str, model: str, first_day: str, load_tokenizer) -> 
     return summarize(texts, tokenizer), texts
 
 
-def _local_run(run: str, dest: Path) -> Path:
+def local_run(run: str, dest: Path) -> Path:
     """The run's files this needs, here (an s3:// run is downloaded: config, data, adapter)."""
     if not store.is_remote(run):
         return Path(run)
@@ -93,7 +93,7 @@ def drift(cfg: OikyoConfig, root: str, model: str, version: str = "champion", li
     served = state.version(version)
     cap = capture_root(cfg, root)
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = _local_run(served["run"], Path(tmp) / "run")
+        run_dir = local_run(served["run"], Path(tmp) / "run")
         run_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else None
         if run_text is None:
             raise OikyoError(f"{served['run']} has no config.yaml", hint="drift compares against the run's data")

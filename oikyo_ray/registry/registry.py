@@ -207,6 +207,8 @@ def run_summary(run: str) -> dict:
         "base_model": info.get("base_model"),
         "data_content_hash": info.get("data_content_hash"),
         "config_hash": info.get("config_hash"),
+        # a retrained run: the version it was trained from and the data it was trained on
+        "parent": (info.get("retrain") or {}).get("parent"),
         "eval": None
         if report is None
         else {

@@ -85,6 +85,16 @@ def read_text(uri: str) -> str | None:
             return None
 
 
+def write_text(uri: str, text: str) -> None:
+    """A small file, parent directories created (local or s3://)."""
+    fs, path = filesystem(uri)
+    with _errors(uri):
+        if "/" in path:
+            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(text.encode("utf-8"))
+
+
 def _names(uri: str, kind: pafs.FileType) -> list[str]:
     fs, path = filesystem(uri)
     with _errors(uri):

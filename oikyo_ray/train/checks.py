@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from oikyo_ray.config import PAIRWISE, PREFERENCE, OikyoConfig
+import json
+
+from oikyo_ray.config import PAIRWISE, PREFERENCE, MethodConfig, OikyoConfig
 from oikyo_ray.errors import OikyoError
 from oikyo_ray.model.methods import check_method
+from oikyo_ray.runs import store
 from oikyo_ray.train.steps import rows_per_worker, train_units
 
 TRAINED_OBJECTIVES = ("sft", *PREFERENCE)  # objectives ray_train.fit runs (config.Objective lists all)
@@ -13,6 +16,7 @@ TRAINED_OBJECTIVES = ("sft", *PREFERENCE)  # objectives ray_train.fit runs (conf
 def check_before_ray(cfg: OikyoConfig) -> None:
     """What the config alone gets wrong."""
     check_method(cfg.method)
+    check_init_adapter(cfg.method)
     if cfg.method.objective not in TRAINED_OBJECTIVES:
         raise OikyoError(
             f"method.objective={cfg.method.objective} runs in the Ray-free loop (train/objective.py) but not "
@@ -78,3 +82,42 @@ def has_val_split(cfg: OikyoConfig, manifest: dict) -> bool:
             hint="raise data.val_fraction or turn off checkpoint.score / early stopping",
         )
     return False
+
+
+def check_init_adapter(method: MethodConfig) -> None:
+    """method.init_adapter is an adapter whose shape is the one this run trains: its weights load
+    into the fresh adapter one for one (a rank or module mismatch would fail in every worker)."""
+    if not method.init_adapter:
+        return
+    where = method.init_adapter
+    text = store.read_text(store.join(where, "adapter_config.json"))
+    if text is None or not store.exists(store.join(where, "adapter_model.safetensors")):
+        raise OikyoError(
+            f"method.init_adapter={where}: no adapter_config.json and adapter_model.safetensors there",
+            hint="point it at a finished run's adapter/ directory",
+        )
+    saved, lora = json.loads(text), method.lora
+    targets = saved.get("target_modules")
+    want = {
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "use_dora": method.type == "dora",
+        "target_modules": lora.target_modules if isinstance(lora.target_modules, str) else sorted(lora.target_modules),
+    }
+    have = {
+        "r": saved.get("r"),
+        "lora_alpha": saved.get("lora_alpha"),
+        "use_dora": bool(saved.get("use_dora")),
+        # peft writes "all-linear" resolved to the module names: compare names only when both list them
+        "target_modules": want["target_modules"]
+        if isinstance(want["target_modules"], str) or targets is None
+        else sorted(targets if isinstance(targets, list) else [targets]),
+    }
+    field = {"r": "method.lora.r", "lora_alpha": "method.lora.alpha", "use_dora": "method.type"}
+    field["target_modules"] = "method.lora.target_modules"
+    wrong = [f"{field[k]}: the adapter has {have[k]!r}, this run {want[k]!r}" for k in want if have[k] != want[k]]
+    if wrong:
+        raise OikyoError(
+            f"method.init_adapter={where} does not fit this run's adapter: " + "; ".join(wrong),
+            hint="set those fields as the adapter was trained (its adapter_config.json)",
+        )

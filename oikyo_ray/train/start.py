@@ -4,6 +4,7 @@ weights of the checkpoint it resumes from."""
 from __future__ import annotations
 
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from oikyo_ray.config import OikyoConfig
 from oikyo_ray.model.load import load_model
 from oikyo_ray.model.methods import apply_method, quantization_config
+from oikyo_ray.runs import store
 from oikyo_ray.train.checkpoint import load_weights
 
 
@@ -23,9 +25,22 @@ def seed_everything(seed: int) -> None:
 
 def load_model_to_train(cfg: OikyoConfig, model_path: str, ckpt_dir: Path | None = None):
     """The base model with the method applied; with `ckpt_dir`, that checkpoint's weights restored
-    (the whole model for method full, else the adapter), before any strategy wraps it."""
+    (the whole model for method full, else the adapter), before any strategy wraps it; a fresh
+    adapter starts from method.init_adapter's weights when set."""
     base = load_model(cfg.model, model_path, quantization_config(cfg.method, cfg.scaling.use_gpu))
     model = apply_method(base, cfg.method, cfg.train.gradient_checkpointing)
+    if cfg.method.init_adapter and ckpt_dir is None:
+        load_init_adapter(model, cfg.method.init_adapter)
     if ckpt_dir is not None:
         load_weights(model, ckpt_dir, full=cfg.method.type == "full")
     return model
+
+
+def load_init_adapter(model, where: str) -> None:
+    """The weights of a saved adapter (local or s3://) into the fresh one (shapes checked on the
+    driver: train.checks.check_init_adapter)."""
+    if not store.is_remote(where):
+        load_weights(model, Path(where), full=False)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        load_weights(model, store.download(where, Path(tmp)), full=False)

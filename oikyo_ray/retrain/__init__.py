@@ -1,0 +1,1 @@
+"""Retraining: a registry model's captured traffic and feedback become a challenger that must beat its champion."""
