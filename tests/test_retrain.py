@@ -368,26 +368,29 @@ def test_shifted_traffic_drifts_retrains_and_the_challenger_is_canaried(loop, ra
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_retrain_that_fails_its_bar_deploys_nothing(loop):
+    """Forced (nothing is due since the last retrain), on DPO pairs (each correction over the
+    answer it corrects), one step: the challenger cannot beat the champion by 90%."""
     from oikyo_ray.cli import main
 
     root, config = loop["root"], str(loop["config"])
     before = registry.load(str(root), "bot")
-    # nothing new since the last retrain: not due; forced, a one-step challenger cannot win by 90%
-    assert main(["retrain", "bot", "--config", config]) == 0
-    overrides = ["retrain.min_live_gain=0.9", "retrain.overrides=[train.max_steps=1,eval.enabled=false]"]
+    assert main(["retrain", "bot", "--config", config]) == 0  # not due
+    assert len(list((root / "retrain" / "bot").iterdir())) == 1
+    overrides = ["retrain.objective=dpo", "retrain.min_live_gain=0.9"]
+    overrides.append("retrain.overrides=[train.max_steps=1,eval.enabled=false]")
     assert main(["retrain", "bot", "--config", config, "--force", *overrides]) == 4
     reports = sorted((root / "retrain" / "bot").iterdir())
     report = json.loads((reports[-1] / "report.json").read_text())
     assert report["outcome"] == "failed" and "deployed" not in report
+    assert report["dataset"]["pairs_from_correction"] == 80 and report["dataset"]["replay_rows"] == 0  # no pairs
+    trained = load_config(Path(report["run"]) / "config.yaml")
+    assert trained.method.objective == "dpo" and trained.method.init_adapter == str(loop["run"] / "adapter")
     text = "\n".join(report["failures"])
     assert "retrain.min_live_gain" in text and "no eval report" in text, text
     assert "FAILED: nothing deployed" in (reports[-1] / "report.md").read_text()
     after = registry.load(str(root), "bot")
-    assert (after.versions.keys(), after.aliases, after.traffic) == (
-        before.versions.keys(),
-        before.aliases,
-        before.traffic,
-    )
+    assert after.versions.keys() == before.versions.keys()  # not even registered
+    assert (after.aliases, after.traffic) == (before.aliases, before.traffic)
 
 
 @pytest.mark.ray
