@@ -31,7 +31,7 @@ from oikyo_ray.drift.check import (
     summarize,
 )
 from oikyo_ray.errors import OikyoError
-from oikyo_ray.eval.scoring import ModelPair, row_nll
+from oikyo_ray.eval.scoring import ModelPair, mean_nll
 from oikyo_ray.model.load import load_tokenizer, resolve_model_path
 from oikyo_ray.registry import registry
 from oikyo_ray.runs import store
@@ -68,11 +68,8 @@ def prompt_perplexity(model, tokenizer, texts: list[str], batch_size: int = 16, 
     """exp(mean next-token NLL) of the model over the prompts' own tokens."""
     ids = [x for x in tokenizer(texts, add_special_tokens=False)["input_ids"] if len(x) >= 2]
     ids = [x[:max_tokens] for x in ids]
-    total, count = 0.0, 0
-    for i in range(0, len(ids), batch_size):
-        for nll, n in row_nll(model, ids[i : i + batch_size], ids[i : i + batch_size], tokenizer.pad_token_id):
-            total, count = total + nll, count + n
-    return math.exp(total / count) if count else float("nan")
+    nll = mean_nll(model, ids, ids, tokenizer.pad_token_id, batch_size)
+    return math.exp(nll) if nll is not None else float("nan")
 
 
 def _perplexities(run_cfg: OikyoConfig, run_dir: Path, live: list[str], limit: int) -> dict:

@@ -104,6 +104,17 @@ def row_nll(model, input_ids: list[list[int]], labels: list[list[int]], pad_id: 
     return list(zip(ce.sum(1).tolist(), (tgt != IGNORE).sum(1).tolist()))
 
 
+def mean_nll(
+    model, input_ids: list[list[int]], labels: list[list[int]], pad_id: int, batch_size: int = 16
+) -> float | None:
+    """Token-weighted mean of `row_nll` over rows, `batch_size` at a time; None without labels."""
+    total, count = 0.0, 0
+    for i in range(0, len(input_ids), batch_size):
+        for nll, n in row_nll(model, input_ids[i : i + batch_size], labels[i : i + batch_size], pad_id):
+            total, count = total + nll, count + n
+    return total / count if count else None
+
+
 def score_batch(pair, items: list[Item], ec, models=MODELS) -> list[ItemScore]:
     """Per item and model: NLL and token count (items with labels) and generated text (items with
     a prompt); generation is seeded identically for each model and each group of prompts."""

@@ -205,8 +205,8 @@ def build(
     parts = Parts()
     found = answers(completions, feedback, redactor, parts.counts)
     parts.counts["captured_answers"] = len(completions)
-    rows = pair_rows(found, cfg.good_score, parts.counts) if cfg.objective == "dpo" else None
-    rows = rows if rows is not None else sft_rows(found, cfg.good_score, parts.counts)
+    make = pair_rows if cfg.objective == "dpo" else sft_rows
+    rows = make(found, cfg.good_score, parts.counts)
     for row in rows:
         prompt = row["prompt"] if "prompt" in row else row["messages"][:-1]
         (parts.live_eval if held_out(_key(prompt), cfg.live_eval_fraction) else parts.live).append(row)

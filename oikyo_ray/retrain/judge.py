@@ -21,7 +21,7 @@ from oikyo_ray.config import DataConfig, OikyoConfig, RetrainConfig
 from oikyo_ray.data.formats import RowError, normaliser
 from oikyo_ray.data.prepared import load_split_rows
 from oikyo_ray.data.tokenize import encode_messages
-from oikyo_ray.eval.scoring import row_nll
+from oikyo_ray.eval.scoring import mean_nll
 from oikyo_ray.model.load import load_model, load_tokenizer
 
 Item = tuple[list[int], list[int]]  # input ids, labels
@@ -44,16 +44,6 @@ def row_items(rows: list[dict], tokenizer, data: DataConfig) -> list[Item]:
     return out
 
 
-def _mean_loss(model, items: list[Item], pad_id: int, batch_size: int) -> float | None:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(items), batch_size):
-            batch = items[i : i + batch_size]
-            for nll, n in row_nll(model, [a for a, _ in batch], [b for _, b in batch], pad_id):
-                total, count = total + nll, count + n
-    return total / count if count else None
-
-
 def losses(
     cfg: OikyoConfig, model_path: str, adapters: dict[str, str], items: dict[str, list[Item]], batch_size: int = 16
 ) -> dict:
@@ -69,7 +59,7 @@ def losses(
     for adapter in adapters:
         model.set_adapter(adapter)
         for name, rows in items.items():
-            loss = _mean_loss(model, rows, tokenizer.pad_token_id, batch_size)
+            loss = mean_nll(model, [a for a, _ in rows], [b for _, b in rows], tokenizer.pad_token_id, batch_size)
             out[name][adapter] = None if loss is None else round(loss, 5)
     return out
 

@@ -97,25 +97,17 @@ def check_init_adapter(method: MethodConfig) -> None:
             hint="point it at a finished run's adapter/ directory",
         )
     saved, lora = json.loads(text), method.lora
+    # field -> (the adapter's, this run's)
+    pairs: dict[str, tuple[object, object]] = {
+        "method.lora.r": (saved.get("r"), lora.r),
+        "method.lora.alpha": (saved.get("lora_alpha"), lora.alpha),
+        "method.type": ("dora" if saved.get("use_dora") else "lora", "dora" if method.type == "dora" else "lora"),
+    }
     targets = saved.get("target_modules")
-    want = {
-        "r": lora.r,
-        "lora_alpha": lora.alpha,
-        "use_dora": method.type == "dora",
-        "target_modules": lora.target_modules if isinstance(lora.target_modules, str) else sorted(lora.target_modules),
-    }
-    have = {
-        "r": saved.get("r"),
-        "lora_alpha": saved.get("lora_alpha"),
-        "use_dora": bool(saved.get("use_dora")),
-        # peft writes "all-linear" resolved to the module names: compare names only when both list them
-        "target_modules": want["target_modules"]
-        if isinstance(want["target_modules"], str) or targets is None
-        else sorted(targets if isinstance(targets, list) else [targets]),
-    }
-    field = {"r": "method.lora.r", "lora_alpha": "method.lora.alpha", "use_dora": "method.type"}
-    field["target_modules"] = "method.lora.target_modules"
-    wrong = [f"{field[k]}: the adapter has {have[k]!r}, this run {want[k]!r}" for k in want if have[k] != want[k]]
+    # peft writes "all-linear" resolved to module names: names are compared only when both list them
+    if isinstance(lora.target_modules, list) and isinstance(targets, list):
+        pairs["method.lora.target_modules"] = (sorted(targets), sorted(lora.target_modules))
+    wrong = [f"{k}: the adapter has {a!r}, this run {b!r}" for k, (a, b) in pairs.items() if a != b]
     if wrong:
         raise OikyoError(
             f"method.init_adapter={where} does not fit this run's adapter: " + "; ".join(wrong),
