@@ -3,7 +3,7 @@
 oikyo runs list [--root DIR|s3://...]
 oikyo runs show RUN
 oikyo runs compare RUN_A RUN_B [...] [--out compare.md]
-oikyo runs export RUN --out DIR [--merge]
+oikyo runs export RUN --out DIR [--merge] [--format gguf [--quant f16|q8_0]]
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def cmd_export(args) -> int:
     # `oikyo` command that builds this parser
     from oikyo_ray.runs.export import export_run  # noqa: PLC0415
 
-    out = export_run(args.run, args.out, merge=args.merge)
-    print(f"[oikyo] exported {'merged model' if args.merge else 'adapter'} to {out}")
+    out = export_run(args.run, args.out, merge=args.merge, fmt=args.format, quant=args.quant)
+    what = "GGUF + Ollama Modelfile" if args.format == "gguf" else "merged model" if args.merge else "adapter"
+    print(f"[oikyo] exported {what} to {out}")
     return 0
 
 
@@ -82,4 +83,11 @@ def add_runs_commands(sub) -> None:
     p.add_argument("run")
     p.add_argument("--out", required=True, help="new directory to write")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base weights")
+    p.add_argument(
+        "--format",
+        choices=["safetensors", "gguf"],
+        default="safetensors",
+        help="gguf: one merged GGUF file for llama.cpp/Ollama, with an Ollama Modelfile",
+    )
+    p.add_argument("--quant", choices=["f16", "q8_0"], default="f16", help="GGUF tensor type (with --format gguf)")
     p.set_defaults(fn=cmd_export)

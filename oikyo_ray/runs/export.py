@@ -16,6 +16,7 @@ from oikyo_ray.config import OikyoConfig
 from oikyo_ray.errors import OikyoError
 from oikyo_ray.model.load import load_model, load_tokenizer, resolve_model_path
 from oikyo_ray.runs import store
+from oikyo_ray.runs.gguf import QUANTS, modelfile, write_gguf
 
 EXPORT_PARTS = ("config.yaml", "lineage.json", "eval/report.json", "adapter", "model")  # all export reads
 
@@ -85,8 +86,27 @@ def model_card(run: Path, cfg: OikyoConfig, merged: bool) -> str:
     return "\n".join(lines)
 
 
-def export_run(run: str | Path, out: str | Path, merge: bool = False) -> Path:
-    """Export a local run directory, or an s3:// run (the files export needs, fetched to a temp dir)."""
+def _merged(cfg: OikyoConfig, src: Path):
+    """The run's final weights as one transformers model (a LoRA/DoRA adapter merged into its base)
+    and the tokenizer that goes with them."""
+    base_path = resolve_model_path(cfg.model)
+    if (src / "adapter_config.json").is_file():
+        model = PeftModel.from_pretrained(load_model(cfg.model, base_path), str(src)).merge_and_unload()
+    else:
+        model = load_model(cfg.model, str(src))
+    tokenizer_path = str(src) if (src / "tokenizer_config.json").exists() else base_path
+    return model, load_tokenizer(cfg.model, tokenizer_path)
+
+
+def export_run(
+    run: str | Path, out: str | Path, merge: bool = False, fmt: str = "safetensors", quant: str = "f16"
+) -> Path:
+    """Export a local run directory, or an s3:// run (the files export needs, fetched to a temp dir).
+    `fmt="gguf"` writes the merged model as `model-<quant>.gguf` with an Ollama `Modelfile`."""
+    if fmt not in ("safetensors", "gguf"):
+        raise OikyoError(f"--format {fmt!r} is not one of safetensors, gguf")
+    if fmt == "gguf" and quant not in QUANTS:
+        raise OikyoError(f"--quant {quant!r} is not one of {', '.join(QUANTS)}")
     out = Path(out).expanduser().resolve()
     if out.exists() and any(out.iterdir()):
         raise OikyoError(f"export target {out} is not empty", hint="choose a new directory")
@@ -95,19 +115,23 @@ def export_run(run: str | Path, out: str | Path, merge: bool = False) -> Path:
             raise OikyoError(f"{run} is not a run directory (no config.yaml)")
         with tempfile.TemporaryDirectory(prefix="oikyo-export-") as tmp:
             local = store.download(str(run), Path(tmp) / store.run_name(run), only=EXPORT_PARTS)
-            return export_run(local, out, merge)
+            return export_run(local, out, merge, fmt, quant)
     run = Path(run).expanduser().resolve()
     if not (run / "config.yaml").is_file():
         raise OikyoError(f"{run} is not a run directory (no config.yaml)")
     cfg = OikyoConfig.model_validate(yaml.safe_load((run / "config.yaml").read_text()))
     src = _final_dir(run)
     out.mkdir(parents=True, exist_ok=True)
-    if merge and (src / "adapter_config.json").is_file():
-        base_path = resolve_model_path(cfg.model)
-        merged = PeftModel.from_pretrained(load_model(cfg.model, base_path), str(src)).merge_and_unload()
-        merged.save_pretrained(out, safe_serialization=True)
-        tokenizer_path = str(src) if (src / "tokenizer_config.json").exists() else base_path
-        load_tokenizer(cfg.model, tokenizer_path).save_pretrained(out)
+    if fmt == "gguf":
+        model, tokenizer = _merged(cfg, src)
+        name = f"model-{quant}.gguf"
+        write_gguf(model, tokenizer, out / name, quant, name=run.name)
+        (out / "Modelfile").write_text(modelfile(name, tokenizer))
+        merge = True
+    elif merge and (src / "adapter_config.json").is_file():
+        model, tokenizer = _merged(cfg, src)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
     else:
         for f in src.iterdir():
             if f.is_file() and f.suffix not in (".bin", ".pt", ".pkl") and f.name != "trainer_state.json":
