@@ -157,3 +157,30 @@ def test_full_fine_tune_run_exports_its_own_weights(tiny_model, cache_dir, tmp_p
     ids = tok(tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)).input_ids
     got = _logits(_from_gguf(out / "model-f16.gguf")[0], ids)
     torch.testing.assert_close(got, _logits(model.eval(), ids), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_other_supported_shapes_round_trip(kind, tiny_model, tmp_path):
+    """Qwen 2 (q/k/v biases, no rotary permutation) and Mistral (written as llama), both with
+    grouped-query attention (2 kv heads for 4): the same logits back."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    cfg = AutoConfig.for_model(kind, vocab_size=len(tok), num_key_value_heads=2, tie_word_embeddings=False, **shape)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    path = write_gguf(model, tok, tmp_path / f"{kind}.gguf")
+    assert [p.name for p in tmp_path.iterdir()] == [f"{kind}.gguf"]  # the partial file was renamed
+    ids = tok(tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)).input_ids
+    torch.testing.assert_close(_logits(_from_gguf(path)[0], ids), _logits(model, ids), atol=2e-2, rtol=2e-2)
+
+
+def test_a_tensor_llama_cpp_has_no_name_for_fails_and_leaves_no_file(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.model.register_buffer("router_bias", torch.zeros(4))  # not a Llama tensor
+    with pytest.raises(OikyoError, match="no llama.cpp name for tensor 'model.router_bias'"):
+        write_gguf(model, AutoTokenizer.from_pretrained(tiny_model), tmp_path / "x.gguf")
+    assert list(tmp_path.iterdir()) == []

@@ -67,7 +67,7 @@ def _vocab(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]
         or (tok.get("decoder") or {}).get("type") != "ByteLevel"
     ):
         raise OikyoError(
-            "GGUF export supports byte-level BPE tokenizers only (GPT-2, Llama 3, Qwen 2 style)",
+            "GGUF export supports byte-level BPE tokenizers with GPT-2 pre-tokenization only",
             hint="export safetensors with --merge and convert with llama.cpp's convert_hf_to_gguf.py",
         )
     tokens: list[str | None] = [None] * vocab_size
@@ -93,7 +93,7 @@ def _rope_theta(cfg) -> float:
     return float(params.get("rope_theta") or getattr(cfg, "rope_theta", None) or 10000.0)
 
 
-def _tensor_type(gguf, name: str, data: np.ndarray, quant: str):
+def _tensor_type(gguf, data: np.ndarray, quant: str):
     """llama.cpp's choice: 1-D tensors (norms, biases) stay f32; q8_0 needs rows in 32-wide blocks,
     a tensor whose rows are not falls back to f16 as llama.cpp's converter does."""
     q = gguf.GGMLQuantizationType
@@ -120,9 +120,22 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "f16", name: str = "mod
     tok_json = _tokenizer_json(tokenizer)
     pre = _pre_tokenizer(tok_json)
     tokens, types, merges = _vocab(tokenizer, cfg.vocab_size)
+    # written under a temporary name and renamed once whole: a failed export leaves no half file
+    partial = out.with_name(out.name + ".partial")
+    try:
+        _write(gguf, model, tokenizer, partial, quant, name, arch, pre, (tokens, types, merges))
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.rename(out)
+    return out
+
+
+def _write(gguf, model, tokenizer, out: Path, quant: str, name: str, arch: str, pre: str, vocab) -> None:
+    cfg = model.config
+    tokens, types, merges = vocab
     n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-
     w = gguf.GGUFWriter(str(out), arch)
     w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
@@ -169,7 +182,7 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "f16", name: str = "mod
         elif arch == "llama" and hf_name.endswith("k_proj.weight"):
             t = _permute(t, n_head, n_kv)
         data = t.numpy()
-        qtype = _tensor_type(gguf, gg_name, data, quant)
+        qtype = _tensor_type(gguf, data, quant)
         if qtype == gguf.GGMLQuantizationType.F32:
             w.add_tensor(gg_name, data.astype(np.float32))
         elif qtype == gguf.GGMLQuantizationType.F16:
@@ -181,7 +194,6 @@ def write_gguf(model, tokenizer, out: Path, quant: str = "f16", name: str = "mod
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return out
 
 
 # Ollama's templates are Go templates, not Jinja: the ChatML layout oikyo's default template (and
