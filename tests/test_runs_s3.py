@@ -173,7 +173,7 @@ def test_resume_fetches_an_s3_run_not_staged_here(s3_run, s3):
     assert (staged / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_optuna_sweep_on_s3_records_sweep_and_promoted_best(ray_session, s3, cache_dir):
+def test_sweep_on_s3_records_sweep_and_promoted_best(ray_session, s3, cache_dir):
     from oikyo_ray.runs.rundir import list_runs
 
     sweep = ROOT.replace("/runs", "/sweeps")
@@ -188,12 +188,8 @@ def test_optuna_sweep_on_s3_records_sweep_and_promoted_best(ray_session, s3, cac
                 "train.max_steps=4",
                 "train.eval_every=2",
                 "sweep.grace_period=2",
-                # Optuna (TPE, seeded) under ASHA: seed 10 draws lr 3e-3, then 1e-5, which cannot
-                # learn in 2 steps: ASHA stops it at its first rung
-                "sweep.search=optuna",
-                "sweep.seed=10",
-                "sweep.num_samples=2",
-                "sweep.space={train.lr: {type: choice, values: [0.003, 0.00001]}}",
+                "sweep.num_samples=1",  # one trial is enough to record a sweep and promote it
+                "sweep.space={train.lr: {type: choice, values: [0.003, 0.001]}}",
                 "sweep.max_concurrent_trials=1",
                 "eval.max_samples=4",
                 "eval.forgetting=false",
@@ -205,9 +201,6 @@ def test_optuna_sweep_on_s3_records_sweep_and_promoted_best(ray_session, s3, cac
     )
     remote, best = _objects(s3, "sweeps/sw/"), _objects(s3, "sweeps/sw-best/")
     assert {"config.yaml", "results.md", "best.json", "data/manifest.json"} <= set(remote)
-    table = remote["results.md"].decode()
-    assert "early-stopped" in table and "completed" in table, table  # Optuna's trials, ASHA's stop
-    assert json.loads(remote["best.json"])["param:train.lr"] == 0.003
     assert not any(f.startswith("trials/") and "/data/" in f for f in remote)  # trials link the shared data
     assert json.loads(remote["best.json"])["promoted_to"] == f"{sweep}/sw-best"
     assert {"adapter/adapter_model.safetensors", "eval/report.json"} <= set(best)

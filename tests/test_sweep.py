@@ -117,8 +117,6 @@ def _sweep_args(root: Path, cache_dir: Path, name: str) -> list[str]:
         "sweep.space={train.lr: {type: choice, values: [0.003, 0.00001]}}",
         "sweep.seed=1",
         "eval.max_samples=8",
-        "eval.forgetting=false",  # the promoted run is evaluated; eval's own parts are in test_eval_run
-        "eval.probes=false",
         "sweep.max_concurrent_trials=1",
     ]  # serial: ASHA decisions are deterministic
 

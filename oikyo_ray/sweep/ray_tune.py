@@ -57,24 +57,23 @@ def tune_domains(cfg: OikyoConfig) -> dict[str, Any]:
     return {path: _domain(d) for path, d in cfg.sweep.space.items()}
 
 
-def _trial(tc: dict, base: dict, model_path: str, sweep_dir: str, manifest: dict) -> None:
-    """One Tune trial: a whole training run in sweep_dir/trials/<trial id>, reporting to Tune.
-    Only the sampled `params` are the trial's config; the rest is passed by `tune.with_parameters`,
-    so a searcher (Optuna) sees just the space (it flattens the config by `/`, which paths hold)."""
-    cfg = with_params(base, tc["params"])
+def _trial(tc: dict) -> None:
+    """One Tune trial: a whole training run in sweep_dir/trials/<trial id>, reporting to Tune."""
+    cfg = with_params(tc["base"], tc["params"])
     # ASHA compares the metric at each report: make every report an evaluation
     cfg.train.log_every = cfg.train.checkpoint_every = cfg.train.eval_every
-    run_dir = Path(sweep_dir) / "trials" / tune.get_context().get_trial_id()
+    sweep_dir = Path(tc["sweep_dir"])
+    run_dir = sweep_dir / "trials" / tune.get_context().get_trial_id()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "data").exists():
-        (run_dir / "data").symlink_to(Path(sweep_dir) / "data", target_is_directory=True)
+        (run_dir / "data").symlink_to(sweep_dir / "data", target_is_directory=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     (run_dir / "params.json").write_text(json.dumps(tc["params"], indent=2))
     fit(
         cfg,
         run_dir,
-        model_path,
-        manifest,
+        tc["model_path"],
+        tc["manifest"],
         log=lambda s: None,
         callbacks=(TuneReportCallback(),),
         show_progress=False,  # a trial runs in a Tune actor: Tune reports its progress
@@ -155,8 +154,7 @@ def _tune(cfg: OikyoConfig, sweep_dir: Path, model_path: str, resume: bool, publ
     # budgets count what the objective trains on, as each trial's fit does
     manifest = objective_counts(cfg, json.loads((sweep_dir / "data" / "manifest.json").read_text()), sweep_dir / "data")
 
-    constants = {"base": cfg.model_dump(mode="json"), "model_path": model_path, "sweep_dir": str(sweep_dir)}
-    trainable = tune.with_resources(tune.with_parameters(_trial, **constants, manifest=manifest), {"cpu": TRIAL_CPU})
+    trainable = tune.with_resources(_trial, {"cpu": TRIAL_CPU})
     if resume and tune.Tuner.can_restore(str(tune_dir)):
         log(f"[oikyo] sweep: resuming {tune_dir}")
         tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -169,7 +167,13 @@ def _tune(cfg: OikyoConfig, sweep_dir: Path, model_path: str, resume: bool, publ
         )
         tuner = tune.Tuner(
             trainable,
-            param_space={"params": tune_domains(cfg)},
+            param_space={
+                "params": tune_domains(cfg),
+                "base": cfg.model_dump(mode="json"),
+                "model_path": model_path,
+                "sweep_dir": str(sweep_dir),
+                "manifest": manifest,
+            },
             tune_config=tune.TuneConfig(
                 metric=cfg.sweep.metric,
                 mode=cfg.sweep.mode,
