@@ -132,8 +132,11 @@ def test_asha_sweep_survives_its_driver_and_promotes_the_best(ray_session, cache
     cmd = [sys.executable, "-m", "oikyo_ray.cli", "sweep", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     sweep, deadline = tmp_path / "s", time.time() + 300
-    while time.time() < deadline and not any(p.stat().st_size for p in (sweep / "trials").glob("*/metrics.jsonl")):
-        time.sleep(2)
+    # killed once the first trial has started (its config is written before Ray Train starts): a
+    # later kill on a fast machine let that trial finish before its actors died, so the resumed
+    # Tune never saw its results and ASHA had nothing to stop the weak trial against
+    while time.time() < deadline and not list((sweep / "trials").glob("*/config.yaml")):
+        time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-sweep
     proc.wait()
     assert not (sweep / "best.json").exists()
