@@ -893,6 +893,58 @@ class SweepConfig(_Section):
     )
 
 
+class TrackingConfig(_Section):
+    """Experiment trackers the driver logs a run to (tracking/). Where logs go, not what a run
+    computes: left out of the config hash, so turning a tracker on keeps `--resume` working."""
+
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking server (http(s)://host:port, databricks, or a local sqlite:/file: store): "
+        "each run logs its params, per-step metrics, eval report and charts, and its adapter as a registered "
+        "model version; registry aliases are mirrored there; sweeps log trials as nested runs. null: off. "
+        "Credentials come from MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN, "
+        "never from the URI.",
+    )
+    mlflow_experiment: str = Field(
+        "oikyo", min_length=1, description="MLflow experiment of the runs (created when missing)."
+    )
+    mlflow_model_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="MLflow registered model the run's adapter becomes a version of (null: named like "
+        "tracking.mlflow_experiment). `oikyo registry register` and `oikyo deploy` also make it a version of "
+        "the registered model named like the oikyo registry model, whose aliases then follow oikyo's.",
+    )
+    wandb: Literal["off", "offline", "online"] = Field(
+        "off",
+        description="Weights & Biases: offline writes the run under <run>/wandb/ and sends nothing (upload "
+        "later with `wandb sync`); online sends it live (key from WANDB_API_KEY only, server from "
+        "WANDB_BASE_URL).",
+    )
+    wandb_project: str = Field("oikyo", min_length=1, description="W&B project of the runs.")
+    wandb_entity: str | None = Field(None, description="W&B entity (user or team); null: the key's default.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_off(cls, data: Any) -> Any:
+        # YAML 1.1 reads a bare `wandb: off` as false
+        if isinstance(data, dict) and data.get("wandb") is False:
+            data = {**data, "wandb": "off"}
+        return data
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        # the config is written into the run directory (config.yaml) and logged as params: the
+        # message must not repeat the URI either
+        if v is not None and "@" in v.partition("://")[2].split("/", 1)[0]:
+            raise ValueError(
+                "holds credentials (user:password@host): remove them and set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead"
+            )
+        return v
+
+
 class OikyoConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     data: DataConfig = Field(default_factory=DataConfig, description="Data sources and curation.")
@@ -916,6 +968,9 @@ class OikyoConfig(_Section):
     drift: DriftConfig = Field(default_factory=DriftConfig, description="Drift checks of captured traffic.")
     retrain: RetrainConfig = Field(
         default_factory=RetrainConfig, description="Retraining from captured traffic (oikyo retrain)."
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Experiment tracking: MLflow and Weights & Biases."
     )
 
     @model_validator(mode="after")
@@ -941,8 +996,9 @@ class OikyoConfig(_Section):
         return self
 
     def config_hash(self) -> str:
-        """Stable hash of every setting except where the run is written."""
+        """Stable hash of every setting except where the run is written and tracked."""
         dump = self.model_dump(mode="json")
+        del dump["tracking"]  # where logs go: turning tracking on must not change a run's hash
         dump["run"] = {k: v for k, v in dump["run"].items() if k not in ("root", "name")}
         return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -25,6 +25,7 @@ from oikyo_ray.runs import store
 from oikyo_ray.runs.cost import add_cost, train_cost
 from oikyo_ray.runs.rundir import create_run_dir, existing_run_dir, publishing, write_lineage
 from oikyo_ray.serve.ray_serve import serve_and_ask
+from oikyo_ray.tracking.tracker import Tracker, check_installed
 from oikyo_ray.train.checks import check_before_ray
 from oikyo_ray.train.ray_train import fit
 
@@ -62,36 +63,54 @@ def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False, lineage: dic
         log(f"[oikyo] serving estimate: {memory['total_gb']:.2f} GiB (model.max_serve_memory_gb)")
     expand_paths(cfg.data.paths)
     found_licenses = check_licenses(cfg, model_path, warn=log)  # policy: refused before Ray starts
+    check_installed(cfg)  # a configured tracker's package
     run_dir = _resume_dir(cfg) if resume else create_run_dir(cfg)
     where = store.join(cfg.run.root, run_dir.name)
     staged = f" (staged in {run_dir})" if store.is_remote(cfg.run.root) else ""
     log(f"[oikyo] run directory: {where}{staged}{' (resuming from its newest checkpoint)' if resume else ''}")
-    with publishing(cfg, run_dir, log) as publish:  # s3 run.root: uploaded after each stage
-        init_ray()
+    tracker = Tracker.start(cfg, run_dir, log)  # MLflow / W&B as tracking.* asks (a no-op without)
+    status = "FAILED"
+    try:
+        with publishing(cfg, run_dir, log) as publish:  # s3 run.root: uploaded after each stage
+            _stages(cfg, run_dir, model_path, resume, found_licenses, lineage, tracker, publish, log)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.finish(status)
+    return run_dir
 
-        if resume and (run_dir / "data" / "manifest.json").is_file():
-            manifest = json.loads((run_dir / "data" / "manifest.json").read_text())  # the same rows
-        else:
-            done = _step(log, "data: read, normalise, validate, split, tokenise (Ray Data)")
-            manifest = prepare(cfg, model_path, run_dir / "data")
-            done(json.dumps(manifest["counts"]))
-            write_lineage(run_dir, cfg, manifest, model_path, licenses=found_licenses, **(lineage or {}))
-            publish()
 
-        done = _step(log, "train (Ray Train)")
-        started = time.perf_counter()
-        final = fit(cfg, run_dir, model_path, manifest, log=log)
-        spent = add_cost(run_dir / "lineage.json", train_cost(cfg.scaling, time.perf_counter() - started, cfg.cost))
-        done(f"-> {final} ({spent['cost']:.4f} {spent['currency']} so far)")
+def _stages(cfg, run_dir, model_path, resume, found_licenses, lineage, tracker, publish, log) -> None:
+    """data -> train -> evaluate (-> serve), each reported to the trackers as it ends."""
+    init_ray()
+
+    if resume and (run_dir / "data" / "manifest.json").is_file():
+        manifest = json.loads((run_dir / "data" / "manifest.json").read_text())  # the same rows
+    else:
+        done = _step(log, "data: read, normalise, validate, split, tokenise (Ray Data)")
+        manifest = prepare(cfg, model_path, run_dir / "data")
+        done(json.dumps(manifest["counts"]))
+        write_lineage(run_dir, cfg, manifest, model_path, licenses=found_licenses, **(lineage or {}))
         publish()
 
-        if cfg.eval.enabled:
-            done = _step(log, "evaluate base vs fine-tuned on the test split")
-            rows = load_split_rows(run_dir / "data", "test")
-            report = write_report(cfg, model_path, str(final), rows, run_dir / "eval", scorer=ray_eval.score)
-            done()
-            log(report["table"])
+    done = _step(log, "train (Ray Train)")
+    started = time.perf_counter()
+    final = fit(cfg, run_dir, model_path, manifest, log=log, on_metrics=tracker.log_metrics)
+    spent = add_cost(run_dir / "lineage.json", train_cost(cfg.scaling, time.perf_counter() - started, cfg.cost))
+    done(f"-> {final} ({spent['cost']:.4f} {spent['currency']} so far)")
+    tracker.log_file(run_dir / "loss.png")
+    tracker.log_model(final)
+    publish()
 
-        if cfg.run.serve_after:
-            serve_and_ask(cfg, model_path, final, log=log)
-    return run_dir
+    if cfg.eval.enabled:
+        done = _step(log, "evaluate base vs fine-tuned on the test split")
+        rows = load_split_rows(run_dir / "data", "test")
+        report = write_report(cfg, model_path, str(final), rows, run_dir / "eval", scorer=ray_eval.score)
+        done()
+        log(report["table"])
+        tracker.log_eval(report, run_dir / "eval")
+
+    if cfg.run.serve_after:
+        serve_and_ask(cfg, model_path, final, log=log)

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ os.environ["RAY_AUTH_MODE"] = "token"  # drivers joining the session's head need
 
 ROOT = Path(__file__).resolve().parent.parent
 S3_SECRET = "oikyo-test-SECRET-7f3a91"  # a known string: tests assert it is written nowhere
+WANDB_SECRET = "oikyo-wandb-SECRET-" + "0" * 21  # a fake W&B key (40 characters), written nowhere either
 # Logical CPUs of the session head (the machine has 2 cores). Ray Data's internal tasks (file
 # listing, block metadata) each want a whole CPU; Ray Train worker placement groups of trials
 # that Tune stopped are released late. Two spare logical CPUs keep sweeps and Serve apps from
@@ -60,6 +62,18 @@ def tiny_model(cache_dir) -> Path:
     from oikyo_ray.model.tiny import ensure_tiny_model
 
     return ensure_tiny_model(cache_dir)
+
+
+def python_tool(module: str, extra: str) -> None:
+    """A Python package a test needs: absent, the test skips saying what to install, except under
+    .ci/run (OIKYO_CI=1), which installs the test extra, so there its absence fails."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is not None:
+        return
+    if os.environ.get("OIKYO_CI") == "1":
+        pytest.fail(f"{module} is missing although .ci/run installs it (pip install -e '.[{extra}]')")
+    pytest.skip(f"{module} is not installed: pip install -e '.[{extra}]'")
 
 
 def _free_port() -> int:
@@ -115,6 +129,37 @@ def s3_server():
     yield endpoint
     server.shutdown()
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (sqlite backend, proxied artifacts) on 127.0.0.1: its URI."""
+    import httpx
+
+    python_tool("mlflow", "test")
+    d = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    cmd = ["mlflow", "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination"]
+    cmd += [str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = open(d / "server.log", "wb")  # noqa: SIM115 (open for the server's whole life)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
+                    break
+            assert proc.poll() is None, (d / "server.log").read_text()
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"mlflow server did not answer in 120 s:\n{(d / 'server.log').read_text()}")
+        yield uri
+    finally:
+        import psutil
+
+        with contextlib.suppress(psutil.Error):
+            kill_processes([psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)])
+        log.close()
 
 
 def _stop_ray_head(temp_dir: str, address: str) -> None:

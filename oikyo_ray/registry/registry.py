@@ -10,6 +10,8 @@ Writers append the next entry with a create-if-absent write (`log.append_at`), s
 writers one wins. The other re-reads: when the entries it missed leave its change as meant (a
 version registered meanwhile, another alias moved) it retries; when they do not (the alias it was
 moving was moved by someone else) it gets `RegistryConflict` and writes nothing.
+
+Versions of runs tracked in MLflow, and their aliases, are mirrored there (tracking/mirror.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 from oikyo_ray.errors import RegistryConflict, RegistryError
 from oikyo_ray.registry.log import append_at, read_log
 from oikyo_ray.runs import store
+from oikyo_ray.tracking import mirror
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 LATEST = "latest"  # a reference, not an alias: the newest version
@@ -114,11 +117,13 @@ def _stamp(entry: dict) -> dict:
 def register(root: str, model: str, run: str, note: str | None = None) -> dict:
     """Add the run's adapter as the model's next version; returns the version's entry."""
     summary = run_summary(run)
-    return _commit(
+    entry = _commit(
         root,
         model,
         lambda state: {"kind": "version", "version": max(state.versions, default=0) + 1, **summary, "note": note},
     )
+    mirror.version_registered(model, entry)  # a run tracked in MLflow: a version there too
+    return entry
 
 
 AS_READ = object()  # `expect`'s default: whatever the alias (or traffic) was when this call read it
@@ -145,7 +150,10 @@ def set_alias(root: str, model: str, alias: str, ref: str | int | None, expect=A
             )
         return {"kind": "alias", "alias": alias, "version": want, "previous": now}
 
-    return _commit(root, model, build)
+    entry = _commit(root, model, build)
+    pointed = want if want is not None else entry["previous"]
+    mirror.alias_moved(model, alias, want, first.versions.get(pointed, {}).get("run") if pointed else None)
+    return entry
 
 
 def set_traffic(root: str, model: str, weights: dict[str, float], expect=AS_READ) -> dict:

@@ -33,8 +33,9 @@ from oikyo_ray.model.load import load_tokenizer, resolve_model_path
 from oikyo_ray.runs import store
 from oikyo_ray.runs.rundir import create_run_dir, existing_run_dir, publishing, run_exists
 from oikyo_ray.sweep.budget import max_t
-from oikyo_ray.sweep.report import summarise
+from oikyo_ray.sweep.report import summarise, trial_rows
 from oikyo_ray.sweep.space import validate_space, with_params
+from oikyo_ray.tracking.tracker import Tracker, check_installed
 from oikyo_ray.train.ray_train import fit
 from oikyo_ray.train.steps import objective_counts
 
@@ -125,6 +126,7 @@ def run_sweep(cfg: OikyoConfig, resume: bool = False, log=print) -> Path:
     load_tokenizer(cfg.model, model_path)
     expand_paths(cfg.data.paths)
     check_licenses(cfg, model_path, warn=log)  # policy: refused before Ray starts
+    check_installed(cfg)
     name = cfg.run.name or f"sweep-{cfg.config_hash()[:8]}"
     where = store.join(cfg.run.root, name)
     if not resume and run_exists(cfg, name):
@@ -135,11 +137,22 @@ def run_sweep(cfg: OikyoConfig, resume: bool = False, log=print) -> Path:
     if resume and not tune_dir.exists():
         raise OikyoError(f"nothing to resume in {where}")
     (sweep_dir / "config.yaml").write_text(dump_yaml(cfg))
-    with publishing(cfg, sweep_dir, log) as publish:
-        return _tune(cfg, sweep_dir, model_path, resume, publish, log)
+    # the sweep as an MLflow parent run, its trials as nested runs (logged once Tune is done)
+    tracker = Tracker.start(cfg, sweep_dir, log, wandb=False)
+    status = "FAILED"
+    try:
+        with publishing(cfg, sweep_dir, log) as publish:
+            out = _tune(cfg, sweep_dir, model_path, resume, publish, tracker, log)
+        status = "FINISHED"
+        return out
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.finish(status)
 
 
-def _tune(cfg: OikyoConfig, sweep_dir: Path, model_path: str, resume: bool, publish, log) -> Path:
+def _tune(cfg: OikyoConfig, sweep_dir: Path, model_path: str, resume: bool, publish, tracker: Tracker, log) -> Path:
     tune_dir = sweep_dir / "tune"
     init_ray()
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -184,4 +197,8 @@ def _tune(cfg: OikyoConfig, sweep_dir: Path, model_path: str, resume: bool, publ
             run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir)),
         )
     grid = tuner.fit()
-    return summarise(cfg, sweep_dir, grid, manifest, model_path, evaluate=_evaluate, log=log)
+    tracker.log_trials(cfg, trial_rows(cfg, sweep_dir, grid, manifest))
+    summarise(cfg, sweep_dir, grid, manifest, model_path, evaluate=_evaluate, log=log)
+    for name in ("results.md", "results.csv", "best.json", f"{cfg.sweep.metric}_vs_step.png"):
+        tracker.log_file(sweep_dir / name)
+    return sweep_dir

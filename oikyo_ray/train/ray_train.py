@@ -214,11 +214,13 @@ def fit(
     callbacks: tuple = (),
     step_hook: StepHookFactory | None = None,
     show_progress: bool = True,
+    on_metrics=None,
 ) -> Path:
     """Train on the prepared splits under run_dir/data; return the final checkpoint dir.
     `callbacks`: extra Ray Train UserCallbacks (a sweep passes Tune's report callback).
     `step_hook(rank)`: each worker's LoopHooks.on_step (loop.StepHookFactory; picklable).
-    `show_progress`: a progress bar of optimizer steps (loss, steps/s, ETA) on stderr."""
+    `show_progress`: a progress bar of optimizer steps (loss, steps/s, ETA) on stderr.
+    `on_metrics(row)`: each metrics line as it is written (the run's trackers)."""
     check_before_ray(cfg)
     check_objective_data(cfg, manifest)
     manifest = objective_counts(cfg, manifest, run_dir / "data")  # the rows the objective trains on
@@ -274,6 +276,8 @@ def fit(
             if show_progress:
                 bar = shown.enter_context(progress(steps, "train"))
                 shown.enter_context(following(run_dir / "metrics.jsonl", partial(_show_step, bar)))
+            if on_metrics is not None:
+                shown.enter_context(following(run_dir / "metrics.jsonl", on_metrics))
             result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise OikyoError(
