@@ -5,6 +5,7 @@ give clear errors, and nothing uploaded holds the S3 secret."""
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,12 @@ def s3(s3_server):
     return client
 
 
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _objects(s3, prefix: str) -> dict[str, bytes]:
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     keys = [o["Key"] for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]  # files
@@ -52,7 +59,11 @@ def s3_run(ray_session, s3, cache_dir):
     """One short real finetune (curate, Ray Train, eval) with run.root on s3."""
     from oikyo_ray.finetune import run_finetune
 
-    cfg = load_config(DEMO_CONFIG, [f"model.cache_dir={cache_dir}", f"run.root={ROOT}", "run.name=s3ft", *FAST])
+    # tracked in an MLflow server that is not there: the run only warns
+    unreachable = f"tracking.mlflow_uri=http://127.0.0.1:{_closed_port()}"
+    cfg = load_config(
+        DEMO_CONFIG, [f"model.cache_dir={cache_dir}", f"run.root={ROOT}", "run.name=s3ft", unreachable, *FAST]
+    )
     logs: list[str] = []
     staged = run_finetune(cfg, log=logs.append)
     return cfg, staged, f"{ROOT}/s3ft", logs
@@ -79,6 +90,13 @@ def test_s3_run_is_uploaded_in_full_without_secrets(s3_run, s3):
     assert load_config(staged / "config.yaml").run.root == ROOT
     for name, body in remote.items():
         assert S3_SECRET.encode() not in body and b"oikyo-test-access" not in body, name
+
+
+def test_unreachable_mlflow_server_only_warns(s3_run, s3):
+    cfg, staged, remote, logs = s3_run
+    (warning,) = [line for line in logs if "MLflow" in line]
+    assert "MLflow tracking is off for this run: no MLflow server answers at http://127.0.0.1:" in warning
+    assert "tracking.json" not in _objects(s3, "runs/s3ft/")  # nothing to continue: nothing was tracked
 
 
 def test_list_and_show_read_s3(s3_run, capsys):
@@ -173,7 +191,10 @@ def test_resume_fetches_an_s3_run_not_staged_here(s3_run, s3):
     assert (staged / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_sweep_on_s3_records_sweep_and_promoted_best(ray_session, s3, cache_dir):
+def test_sweep_on_s3_records_sweep_and_promoted_best(ray_session, s3, cache_dir, mlflow_server):
+    """... and is tracked in MLflow: the sweep a parent run, its trial a nested run."""
+    from mlflow import MlflowClient
+
     from oikyo_ray.runs.rundir import list_runs
 
     sweep = ROOT.replace("/runs", "/sweeps")
@@ -195,11 +216,26 @@ def test_sweep_on_s3_records_sweep_and_promoted_best(ray_session, s3, cache_dir)
                 "eval.forgetting=false",
                 "eval.probes=false",
                 "eval.backend=local",
+                f"tracking.mlflow_uri={mlflow_server}",
+                "tracking.mlflow_experiment=sweeps",
             ]
         )
         == 0
     )
     remote, best = _objects(s3, "sweeps/sw/"), _objects(s3, "sweeps/sw-best/")
+    state = json.loads(remote["tracking.json"])["mlflow"]
+    c = MlflowClient(mlflow_server)
+    parent = c.get_run(state["run_id"])
+    assert parent.info.run_name == "sw" and parent.info.status == "FINISHED"
+    assert json.loads(parent.data.params["sweep.space"])["train.lr"]["values"] == [0.003, 0.001]
+    assert {"results.md", "best.json", "val_loss_vs_step.png"} <= {a.path for a in c.list_artifacts(parent.info.run_id)}
+    (child,) = c.search_runs([state["experiment_id"]], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    trial = json.loads(remote["best.json"])["trial"]
+    assert child.info.run_name == trial and state["trials"] == {trial: child.info.run_id}
+    assert child.data.tags["oikyo.status"] == "completed" and float(child.data.params["train.lr"]) in (0.003, 0.001)
+    trial_rows = [json.loads(line) for line in remote[f"trials/{trial}/metrics.jsonl"].splitlines()]
+    history = c.get_metric_history(child.info.run_id, "val_loss")
+    assert sorted(m.step for m in history) == [r["step"] for r in trial_rows if "val_loss" in r] != []
     assert {"config.yaml", "results.md", "best.json", "data/manifest.json"} <= set(remote)
     assert not any(f.startswith("trials/") and "/data/" in f for f in remote)  # trials link the shared data
     assert json.loads(remote["best.json"])["promoted_to"] == f"{sweep}/sw-best"

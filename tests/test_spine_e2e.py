@@ -10,6 +10,8 @@ import pytest
 from oikyo_ray.cli import main
 from oikyo_ray.config import load_config
 from oikyo_ray.demo.run import DEMO_CONFIG
+from tests.conftest import WANDB_SECRET, python_tool
+from tests.test_tracking import wandb_logged
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -21,16 +23,23 @@ def _port() -> int:
 
 
 @pytest.fixture(scope="module")
-def demo_run(ray_session, cache_dir, tmp_path_factory):
-    """The demo pipeline (curate, train with 2 DDP workers, evaluate), once for this module."""
+def demo_run(ray_session, cache_dir, tmp_path_factory, mlflow_server):
+    """The demo pipeline (curate, train with 2 DDP workers, evaluate), once for this module;
+    tracked in the session's MLflow server and in W&B offline (no network, a fake key)."""
     from oikyo_ray.finetune import run_finetune
 
+    python_tool("wandb", "test")
     root = tmp_path_factory.mktemp("runs")
+    tracking = [f"tracking.mlflow_uri={mlflow_server}", "tracking.mlflow_experiment=spine", "tracking.wandb=offline"]
     cfg = load_config(
-        DEMO_CONFIG, [f"model.cache_dir={cache_dir}", f"run.root={root}", "run.name=demo", "run.serve_after=false"]
+        DEMO_CONFIG,
+        [f"model.cache_dir={cache_dir}", f"run.root={root}", "run.name=demo", "run.serve_after=false", *tracking],
     )
     logs: list[str] = []
-    run_dir = run_finetune(cfg, log=logs.append)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_port()}")  # nothing listens: a send would fail
+        env.setenv("WANDB_API_KEY", WANDB_SECRET)
+        run_dir = run_finetune(cfg, log=logs.append)
     return cfg, run_dir, logs
 
 
@@ -78,6 +87,47 @@ def test_fine_tuned_beats_base(demo_run):
     md = (run / "eval/report.md").read_text()
     assert "| exact_match |" in md and "fine-tuned" in md
     assert any("| exact_match |" in line for line in logs)  # the table is printed
+
+
+def test_run_is_tracked_in_mlflow_and_wandb(demo_run, mlflow_server):
+    """Params, every logged step's losses, the eval numbers and files, the adapter as a registered
+    model version (aliases following oikyo's registry) in MLflow; the same numbers in W&B offline."""
+    from mlflow import MlflowClient
+
+    from oikyo_ray.registry import registry
+
+    cfg, run, logs = demo_run
+    assert not [line for line in logs if "warning" in line]
+    state = json.loads((run / "tracking.json").read_text())
+    c, run_id = MlflowClient(mlflow_server), state["mlflow"]["run_id"]
+    logged = c.get_run(run_id)
+    assert logged.info.status == "FINISHED" and logged.info.run_name == "demo"
+    params = logged.data.params
+    assert params["train.lr"] == json.dumps(cfg.train.lr) and params["method.lora.r"] == str(cfg.method.lora.r)
+    assert params["data.paths"] == json.dumps(cfg.data.paths) and not any(k.startswith("tracking.") for k in params)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "val_loss"):  # one point per logged step
+        got = sorted(c.get_metric_history(run_id, key), key=lambda m: m.step)
+        assert [m.step for m in got] == [r["step"] for r in rows if key in r], key
+        assert [m.value for m in got] == pytest.approx([r[key] for r in rows if key in r]), key
+    report = json.loads((run / "eval/report.json").read_text())
+    assert logged.data.metrics["eval/tuned/exact_match"] == report["tuned"]["exact_match"]
+    files = {a.path for d in ("", "eval", "adapter") for a in c.list_artifacts(run_id, d or None)}
+    assert {"loss.png", "eval/report.json", "eval/report.md", "eval/metrics.png"} <= files
+    assert "adapter/adapter_model.safetensors" in files
+    v = c.get_model_version("spine", state["mlflow"]["model"]["version"])
+    assert v.run_id == run_id and v.tags == {"oikyo.run": "demo", "oikyo.config_hash": cfg.config_hash()}
+    # oikyo's registry on this run: the same version and alias in MLflow, under the registry's name
+    registry.register(cfg.run.root, "spine-bot", str(run))
+    registry.set_alias(cfg.run.root, "spine-bot", "champion", 1)
+    assert c.get_model_version_by_alias("spine-bot", "champion").run_id == run_id
+
+    config, history, summary = wandb_logged(run)
+    assert config["train.lr"] == cfg.train.lr and config["run.name"] == "demo"
+    assert [s for s, _ in history["loss"]] == [r["step"] for r in rows if "loss" in r]
+    assert [v for _, v in history["loss"]] == pytest.approx([r["loss"] for r in rows if "loss" in r])
+    assert summary["eval/tuned/exact_match"] == report["tuned"]["exact_match"]
+    assert not [p for p in run.rglob("*") if p.is_file() and WANDB_SECRET.encode() in p.read_bytes()]
 
 
 @pytest.fixture(scope="module")

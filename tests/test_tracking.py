@@ -75,6 +75,18 @@ def test_credentials_in_the_mlflow_uri_are_refused():
         load_config(None, ["tracking.wandb_api_key=x"])  # keys come from WANDB_API_KEY only
 
 
+def test_a_missing_tracker_package_is_refused_before_ray(monkeypatch):
+    import importlib.util
+
+    from oikyo_ray.tracking.tracker import check_installed
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find(name, *a))
+    check_installed(load_config(None, ["tracking.mlflow_uri=http://127.0.0.1:5000"]))
+    with pytest.raises(ConfigError, match=r"tracking.wandb needs wandb: pip install 'oikyo-ray\[wandb\]'"):
+        check_installed(load_config(None, ["tracking.wandb=online"]))
+
+
 def test_tracking_is_left_out_of_the_config_hash_and_params():
     plain = load_config(None, [])
     tracked = load_config(None, ["tracking.mlflow_uri=http://127.0.0.1:5000", "tracking.wandb=offline"])
