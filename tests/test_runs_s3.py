@@ -236,6 +236,11 @@ def test_sweep_on_s3_records_sweep_and_promoted_best(ray_session, s3, cache_dir,
     trial_rows = [json.loads(line) for line in remote[f"trials/{trial}/metrics.jsonl"].splitlines()]
     history = c.get_metric_history(child.info.run_id, "val_loss")
     assert sorted(m.step for m in history) == [r["step"] for r in trial_rows if "val_loss" in r] != []
+    # the promoted best: its eval and adapter on the trial's run, a registered version, its tracking.json
+    assert json.loads(best["tracking.json"])["mlflow"]["run_id"] == child.info.run_id
+    assert "eval/tuned/loss" in c.get_run(child.info.run_id).data.metrics
+    (version,) = c.search_model_versions(f"name='sweeps' and run_id='{child.info.run_id}'")
+    assert version.tags["oikyo.run"] == trial and parent.data.tags["oikyo.best_trial"] == trial
     assert {"config.yaml", "results.md", "best.json", "data/manifest.json"} <= set(remote)
     assert not any(f.startswith("trials/") and "/data/" in f for f in remote)  # trials link the shared data
     assert json.loads(remote["best.json"])["promoted_to"] == f"{sweep}/sw-best"

@@ -16,8 +16,8 @@ import pytest
 from oikyo_ray.config import load_config
 from oikyo_ray.errors import ConfigError
 from oikyo_ray.registry import registry
-from oikyo_ray.tracking.tracker import Tracker, read_state
-from oikyo_ray.tracking.values import flatten
+from oikyo_ray.tracking.tracker import Tracker
+from oikyo_ray.tracking.values import flatten, read_state
 from tests.conftest import WANDB_SECRET, python_tool
 
 

@@ -32,6 +32,7 @@ from oikyo_ray.eval.report import write_report
 from oikyo_ray.model.load import load_tokenizer, resolve_model_path
 from oikyo_ray.runs import store
 from oikyo_ray.runs.rundir import create_run_dir, existing_run_dir, publishing, run_exists
+from oikyo_ray.runs.rundir import publish as publish_run
 from oikyo_ray.sweep.budget import max_t
 from oikyo_ray.sweep.report import summarise, trial_rows
 from oikyo_ray.sweep.space import validate_space, with_params
@@ -201,4 +202,8 @@ def _tune(cfg: OikyoConfig, sweep_dir: Path, model_path: str, resume: bool, publ
     summarise(cfg, sweep_dir, grid, manifest, model_path, evaluate=_evaluate, log=log)
     for name in ("results.md", "results.csv", "best.json", f"{cfg.sweep.metric}_vs_step.png"):
         tracker.log_file(sweep_dir / name)
+    if tracker.sinks:  # the promoted run's tracking.json, so registering it mirrors to MLflow
+        promoted = sweep_dir.parent / f"{sweep_dir.name}-best"
+        tracker.log_promoted(json.loads((sweep_dir / "best.json").read_text())["trial"], promoted)
+        publish_run(cfg, promoted)
     return sweep_dir

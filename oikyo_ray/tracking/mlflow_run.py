@@ -4,6 +4,7 @@
     run.log_metrics(row); run.log_file(path); run.log_eval(report, eval_dir)
     run.log_model(adapter_dir)   artifact + version of the registered model (tags: run, config hash)
     run.log_trials(cfg, rows)    a sweep's trials as nested runs (tag mlflow.parentRunId)
+    run.log_promoted(trial, best_dir)   the promoted best trial's eval and adapter on its nested run
     run.finish(status)
 
 Metrics are sent in batches (`log_batch`), at most every FLUSH_S seconds while a run trains.
@@ -26,7 +27,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
 from oikyo_ray.config import OikyoConfig
-from oikyo_ray.tracking.values import eval_numbers, flatten, numbers
+from oikyo_ray.tracking.values import eval_numbers, flatten, numbers, read_state, write_state
 
 FLUSH_S = 2.0
 BATCH = 1000  # MLflow's most metrics per log_batch
@@ -195,6 +196,20 @@ class MlflowRun:
             self.client.set_terminated(child, "FAILED" if row["status"].startswith("failed") else "FINISHED")
             done[row["trial"]] = child
             self._save("mlflow", self.state)
+
+    def log_promoted(self, trial: str, run_dir: Path) -> None:
+        """The promoted best trial: its evaluation and adapter on the trial's nested run, and a
+        tracking.json in run_dir, so that registering it mirrors to MLflow as a finetune run does."""
+        child = self.state.get("trials", {}).get(trial)
+        if child is None or read_state(run_dir).get("mlflow", {}).get("run_id") == child:
+            return
+        self.client.set_tag(self.run_id, "oikyo.best_trial", trial)
+        trial_cfg = OikyoConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        state = {"uri": self.state["uri"], "experiment_id": self.state["experiment_id"], "run_id": child}
+        best = MlflowRun(self.client, trial_cfg, child, state, lambda name, s: write_state(run_dir, {name: s}))
+        if (run_dir / "eval" / "report.json").is_file():
+            best.log_eval(json.loads((run_dir / "eval" / "report.json").read_text()), run_dir / "eval")
+        best.log_model(run_dir / ("adapter" if (run_dir / "adapter").is_dir() else "model"))
 
     def finish(self, status: str) -> None:
         self._flush(force=True)

@@ -5,6 +5,7 @@
     tracker.log_file(run_dir / "loss.png")
     tracker.log_eval(report, run_dir / "eval")   the report's numbers; its files as artifacts
     tracker.log_model(run_dir / "adapter")       artifact + registered model version (MLflow)
+    tracker.log_trials(cfg, rows); tracker.log_promoted(trial, best_dir)   a sweep (MLflow)
     tracker.finish("FINISHED")                   or "FAILED" / "KILLED"
 
 Tracking must never fail a run: a tracker that raises is reported once and dropped for the rest
@@ -15,14 +16,13 @@ of the run. What each tracker needs to continue (its run id; never a secret) is 
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from oikyo_ray.config import OikyoConfig
 from oikyo_ray.errors import ConfigError
-from oikyo_ray.tracking.values import STATE_FILE
+from oikyo_ray.tracking.values import read_state, write_state
 
 
 def check_installed(cfg: OikyoConfig) -> None:
@@ -32,15 +32,6 @@ def check_installed(cfg: OikyoConfig) -> None:
         if wanted and importlib.util.find_spec(package) is None:
             field = "tracking.mlflow_uri" if package == "mlflow" else "tracking.wandb"
             raise ConfigError(f"{field} needs {package}: pip install 'oikyo-ray[{extra}]'", hint=f"or unset {field}")
-
-
-def read_state(run_dir: Path) -> dict:
-    f = Path(run_dir) / STATE_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
-
-
-def write_state(run_dir: Path, state: dict) -> None:
-    (Path(run_dir) / STATE_FILE).write_text(json.dumps(state, indent=2))
 
 
 class Tracker:
@@ -99,6 +90,10 @@ class Tracker:
     def log_trials(self, cfg: OikyoConfig, rows: list[dict]) -> None:
         """Sweep trials (sweep/report.trial_rows) as nested runs of this one."""
         self._each("log_trials", cfg, rows)
+
+    def log_promoted(self, trial: str, run_dir: Path) -> None:
+        """The sweep's promoted best trial (run_dir: <sweep>-best): its eval and adapter."""
+        self._each("log_promoted", trial, Path(run_dir))
 
     def finish(self, status: str = "FINISHED") -> None:
         self._each("finish", status)

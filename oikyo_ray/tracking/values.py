@@ -7,7 +7,9 @@ eval_numbers(report)  {"eval/tuned/loss": ..., "eval/base/exact_match": ..., "ev
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -46,3 +48,12 @@ def eval_numbers(report: dict) -> dict[str, float]:
     if f := report.get("forgetting"):
         out |= {f"eval/forgetting/{k}": v for k, v in numbers(f).items()}
     return out
+
+
+def read_state(run_dir: Path) -> dict:
+    f = Path(run_dir) / STATE_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def write_state(run_dir: Path, state: dict) -> None:
+    (Path(run_dir) / STATE_FILE).write_text(json.dumps(state, indent=2))

@@ -69,6 +69,9 @@ class WandbRun:
     def log_trials(self, cfg: OikyoConfig, rows: list[dict]) -> None:
         """Sweeps are tracked in MLflow only."""
 
+    def log_promoted(self, trial: str, run_dir: Path) -> None:
+        """Sweeps are tracked in MLflow only."""
+
     def finish(self, status: str) -> None:
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
         # finish() returns before wandb's service has written the run's files (offline: all of
