@@ -49,16 +49,23 @@ class Tracker:
             state[name] = section
             write_state(run_dir, state)
 
+        # imported only when configured: both packages are optional and slow to import
+        def open_mlflow() -> Any:
+            from oikyo_ray.tracking.mlflow_run import MlflowRun  # noqa: PLC0415
+
+            return MlflowRun.open(cfg, run_dir, state.get("mlflow"), save)
+
+        def open_wandb() -> Any:
+            from oikyo_ray.tracking.wandb_run import WandbRun  # noqa: PLC0415
+
+            return WandbRun.open(cfg, run_dir, state.get("wandb"), save)
+
         sinks: list = []
         openers: list[tuple[str, Callable[[], Any]]] = []
         if tc.mlflow_uri:
-            from oikyo_ray.tracking.mlflow_run import MlflowRun  # noqa: PLC0415 (mlflow is optional and slow to import)
-
-            openers.append(("MLflow", lambda: MlflowRun.open(cfg, run_dir, state.get("mlflow"), save)))
+            openers.append(("MLflow", open_mlflow))
         if tc.wandb != "off" and wandb:
-            from oikyo_ray.tracking.wandb_run import WandbRun  # noqa: PLC0415 (wandb is optional and slow to import)
-
-            openers.append(("W&B", lambda: WandbRun.open(cfg, run_dir, state.get("wandb"), save)))
+            openers.append(("W&B", open_wandb))
         for label, open_ in openers:
             try:
                 sinks.append(open_())
