@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from oikyo_ray.config import load_config
+from oikyo_ray.config import dump_yaml, load_config
 from oikyo_ray.errors import ConfigError
 from oikyo_ray.registry import registry
 from oikyo_ray.tracking.tracker import Tracker
@@ -197,3 +197,51 @@ def test_wandb_offline_writes_files_sends_nothing_keeps_no_key(tmp_path, monkeyp
     leaked = [p for p in run.rglob("*") if p.is_file() and WANDB_SECRET.encode() in p.read_bytes()]
     assert leaked == []
     assert os.environ["WANDB_API_KEY"] == WANDB_SECRET
+
+
+def test_a_failing_tracker_is_dropped_with_one_warning_the_others_go_on():
+    class Broken:
+        label = "Broken"
+
+        def log_metrics(self, row):
+            raise RuntimeError("server said no")
+
+    class Kept:
+        label, rows = "Kept", []
+
+        def log_metrics(self, row):
+            self.rows.append(row)
+
+    logs: list[str] = []
+    kept = Kept()
+    t = Tracker([Broken(), kept], logs.append)
+    t.log_metrics({"step": 1})
+    t.log_metrics({"step": 2})
+    assert t.sinks == [kept] and kept.rows == [{"step": 1}, {"step": 2}]
+    assert logs == ["[oikyo] warning: Broken tracking stopped for this run (log_metrics: server said no)"]
+
+
+def test_sweep_trials_are_nested_runs_logged_once(mlflow_server, tmp_path):
+    from mlflow import MlflowClient
+
+    cfg = load_config(None, [f"tracking.mlflow_uri={mlflow_server}", "tracking.mlflow_experiment=unit-sweeps"])
+    sweep = tmp_path / "sw"
+    rows = []
+    for i, status in enumerate(["completed", "early-stopped", "failed: boom"]):
+        trial = sweep / "trials" / f"abcde_0000{i}"
+        trial.mkdir(parents=True)
+        (trial / "config.yaml").write_text(dump_yaml(load_config(None, [f"train.lr={0.001 * (i + 1)}"])))
+        (trial / "metrics.jsonl").write_text(json.dumps({"step": 2, "val_loss": 1.0 + i}) + "\n")
+        rows.append({"trial": trial.name, "status": status, "dir": str(trial)})
+    t = Tracker.start(cfg, sweep, lambda s: pytest.fail(s), wandb=False)
+    t.log_trials(cfg, rows[:2])
+    t.log_trials(cfg, rows)  # a resumed sweep: the first two are not logged again
+    t.finish()
+    c, state = MlflowClient(mlflow_server), read_state(sweep)["mlflow"]
+    children = c.search_runs([state["experiment_id"]], f"tags.mlflow.parentRunId = '{state['run_id']}'")
+    assert len(children) == 3
+    by_name = {r.info.run_name: r for r in children}
+    assert sorted(by_name) == sorted(state["trials"]) == [r["trial"] for r in rows]
+    assert by_name["abcde_00002"].info.status == "FAILED" and by_name["abcde_00000"].info.status == "FINISHED"
+    assert by_name["abcde_00001"].data.params["train.lr"] == "0.002"
+    assert by_name["abcde_00001"].data.metrics["val_loss"] == 2.0
