@@ -157,10 +157,12 @@ def test_run_logs_to_mlflow_resumes_and_mirrors_the_registry(mlflow_server, tmp_
     assert mv.run_id == state["run_id"] and mv.tags["oikyo.registry_version"] == "2"
     assert c.get_model_version_by_alias("support-bot", "champion").version == mv.version
     registry.set_alias(root, "support-bot", "challenger", 2)
-    registry.set_alias(root, "support-bot", "champion", 1)  # moved to the untracked version: ...
+    assert c.get_registered_model("support-bot").aliases == {"champion": mv.version, "challenger": mv.version}
     registry.set_alias(root, "support-bot", "challenger", None)
-    assert "challenger" not in c.get_registered_model("support-bot").aliases
-    assert c.get_registered_model("support-bot").aliases == {"champion": mv.version}  # ... left as it was
+    registry.set_alias(root, "support-bot", "champion", 1)  # onto the untracked version: removed in MLflow
+    assert c.get_registered_model("support-bot").aliases == {}
+    registry.set_alias(root, "support-bot", "champion", 2)  # and back
+    assert c.get_registered_model("support-bot").aliases == {"champion": mv.version}
     assert "warning" not in capsys.readouterr().err
 
 

@@ -151,8 +151,8 @@ def set_alias(root: str, model: str, alias: str, ref: str | int | None, expect=A
         return {"kind": "alias", "alias": alias, "version": want, "previous": now}
 
     entry = _commit(root, model, build)
-    pointed = want if want is not None else entry["previous"]
-    mirror.alias_moved(model, alias, want, first.versions.get(pointed, {}).get("run") if pointed else None)
+    run_of = lambda v: first.versions.get(v, {}).get("run") if v is not None else None
+    mirror.alias_moved(model, alias, run_of(want), run_of(entry["previous"]))  # runs tracked in MLflow
     return entry
 
 

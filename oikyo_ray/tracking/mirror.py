@@ -39,10 +39,10 @@ def _version(c, model: str, run: str, tracked: dict) -> str:
 
 
 def version_registered(model: str, entry: dict) -> None:
-    tracked = _tracked(entry.get("run"))
-    if tracked is None:
-        return
     try:
+        tracked = _tracked(entry.get("run"))
+        if tracked is None:
+            return
         from oikyo_ray.tracking.mlflow_run import client  # noqa: PLC0415 (mlflow is optional and slow to import)
 
         c = client(tracked["uri"])
@@ -52,18 +52,24 @@ def version_registered(model: str, entry: dict) -> None:
         _warn(f"{model} v{entry['version']} is not in MLflow ({e})")
 
 
-def alias_moved(model: str, alias: str, version: int | None, run: str | None) -> None:
-    """`run`: the run of the version the alias now points to (or, removed, pointed to)."""
-    tracked = _tracked(run)
-    if tracked is None or run is None:
-        return
+def alias_moved(model: str, alias: str, run: str | None, previous_run: str | None) -> None:
+    """`run`: the run of the version the alias now points to (None: removed); `previous_run`:
+    of the one it pointed to. Moved onto a version MLflow does not have (an untracked run), the
+    alias is removed there rather than left on an older version."""
     try:
+        tracked, before = _tracked(run), _tracked(previous_run)
+        if tracked is None and before is None:
+            return
         from oikyo_ray.tracking.mlflow_run import client  # noqa: PLC0415 (mlflow is optional and slow to import)
 
-        c = client(tracked["uri"])
-        if version is None:
-            c.delete_registered_model_alias(model, alias)
-        else:
+        if tracked is not None and run is not None:
+            c = client(tracked["uri"])
             c.set_registered_model_alias(model, alias, _version(c, model, run, tracked))
+        if before is not None and (tracked is None or before["uri"] != tracked["uri"]):
+            try:
+                client(before["uri"]).delete_registered_model_alias(model, alias)
+            except Exception as e:
+                if getattr(e, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
+                    raise
     except Exception as e:
         _warn(f"alias {alias!r} of {model} is not mirrored ({e})")
