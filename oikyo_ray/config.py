@@ -874,6 +874,14 @@ class SearchDim(_Section):
         return self
 
 
+TrialMetric = Literal["val_loss", "loss", "tokens_per_s", "mem_peak_mb"]  # in every report of a trial
+
+
+class SweepObjective(_Section):
+    metric: TrialMetric = Field(..., description="A metric every trial report carries.")
+    mode: Literal["min", "max"] = Field(..., description="Whether lower or higher is better.")
+
+
 class SweepConfig(_Section):
     space: dict[str, SearchDim] = Field(
         default_factory=dict,
@@ -882,6 +890,13 @@ class SweepConfig(_Section):
     )
     metric: str = Field("val_loss", description="Trial metric ASHA and the promotion compare.")
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher metric is better.")
+    objectives: list[SweepObjective] = Field(
+        default_factory=list,
+        description="More objectives beside sweep.metric, e.g. [{metric: tokens_per_s, mode: max}]: "
+        "search=optuna then searches for the Pareto front of all of them (each trial's values at its "
+        "last report); results mark the completed trials on that front. ASHA still stops on "
+        "sweep.metric and the promoted trial is the best on it.",
+    )
     num_samples: int = Field(4, ge=1, description="Trials drawn from the space.")
     search: Literal["random", "optuna"] = Field("random", description="Search algorithm (optuna if installed).")
     seed: int = Field(0, description="Seed of the search algorithm's sampling.")
@@ -891,6 +906,15 @@ class SweepConfig(_Section):
     max_concurrent_trials: int | None = Field(
         None, ge=1, description="Trials at once (default: as many as the cluster's CPUs/GPUs fit)."
     )
+
+    @model_validator(mode="after")
+    def _objectives_differ(self) -> SweepConfig:
+        names = [self.metric, *(o.metric for o in self.objectives)]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"sweep.objectives: each metric once, and not sweep.metric ({self.metric}) again; got {names}"
+            )
+        return self
 
 
 class OikyoConfig(_Section):
