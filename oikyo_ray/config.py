@@ -631,6 +631,13 @@ class ServeConfig(_Section):
     auth: bool = Field(True, description="Require a bearer token; may be off only when host is a loopback address.")
     token_env: str = Field("OIKYO_API_TOKEN", description="Env var holding the bearer token.")
     token_file: str | None = Field(None, description="File holding the bearer token (env wins).")
+    reasoning_parser: Literal["think", "none"] = Field(
+        "think",
+        description="Chat answers: 'think' returns a <think>...</think> block that opens an answer (how "
+        "models trained on reasoning traces answer) as message.reasoning_content, streamed as "
+        "delta.reasoning_content, apart from content, as vLLM's reasoning parsers do; 'none' leaves it "
+        "in content.",
+    )
     max_prompt_tokens: int = Field(2048, ge=1, description="Longer prompts are refused with 400.")
     max_tokens_limit: int = Field(512, ge=1, description="Largest accepted max_tokens.")
     max_body_bytes: int = Field(

@@ -197,3 +197,21 @@ def test_runs_compare_side_by_side(tmp_path, capsys):
     assert "no evaluation report" in capsys.readouterr().err
     with pytest.raises(OikyoError, match="no evaluation report"):
         compare_runs([a, tmp_path / "missing"])
+
+
+def test_answers_are_scored_without_their_reasoning_trace():
+    """A tuned model that thinks before it answers is scored on the answer: with its trace it
+    would never match the reference exactly."""
+    from oikyo_ray.eval.compare import summarise
+    from oikyo_ray.eval.items import Item, ItemKind
+    from oikyo_ray.eval.scoring import ItemScore
+
+    cfg = load_config(None, ["eval.metrics=[exact_match]"])
+    items = [Item(f"t{i}", ItemKind.TASK, prompt="q", reference=ref) for i, ref in enumerate(["Five.", "Lima"])]
+    texts = [
+        {"base": "Four.", "tuned": "<think>\ntwo and three make five\n</think>\n\nFive."},
+        {"base": "Lima", "tuned": "<think>\ncapital of Peru\n</think>\n\nLima"},
+    ]
+    scores = [ItemScore(it.id, 0, {"base": 0.0, "tuned": 0.0}, t) for it, t in zip(items, texts)]
+    report = summarise(cfg, items, scores)
+    assert (report["base"]["exact_match"], report["tuned"]["exact_match"]) == (0.5, 1.0)

@@ -21,6 +21,7 @@ from oikyo_ray.eval.metrics import choose_metrics, score
 from oikyo_ray.eval.probes import ProbeScorer, probe_rates
 from oikyo_ray.eval.scoring import MODELS, ItemScore, Scorer, SingleModel, score_in_process, score_items
 from oikyo_ray.model.load import load_tokenizer
+from oikyo_ray.model.reasoning import answer as reasoning_answer
 
 PREFERENCE_METRICS = ("preference_accuracy", "preference_margin")  # with preference pairs in the test split
 
@@ -46,7 +47,8 @@ def summarise(cfg: OikyoConfig, items: list[Item], item_scores: list[ItemScore])
     report: dict = {"metrics": names}
     for which in MODELS:
         loss, _ = _loss(task, scores, which)
-        got = score(names, [scores[it.id].text[which] for it in task], refs, tools)
+        # a reasoning trace opening an answer is not the answer: scored without it
+        got = score(names, [reasoning_answer(scores[it.id].text[which]) for it in task], refs, tools)
         report[which] = {
             "loss": loss,
             "perplexity": _ppl(loss),
@@ -172,5 +174,5 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg: OikyoConfig) -> tupl
     preds = [s.text["tuned"] for s in scores]
     refs, tools = [it.reference for it in items], [it.tool_call for it in items]
     names = choose_metrics(cfg.eval.metrics, refs, tools)
-    got = score(names, preds, refs, tools)
+    got = score(names, [reasoning_answer(p) for p in preds], refs, tools)
     return {"loss": loss, "perplexity": _ppl(loss), **{k: v["value"] for k, v in got.items()}, "n": len(items)}, preds
