@@ -924,6 +924,11 @@ class SweepConfig(_Section):
         return self
 
 
+class CvConfig(_Section):
+    folds: int = Field(5, ge=2, le=20, description="k of k-fold cross-validation (oikyo cv).")
+    salt: str = Field("oikyo-cv", min_length=1, description="Salt of the prompt hash that assigns rows to folds.")
+
+
 class OikyoConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     data: DataConfig = Field(default_factory=DataConfig, description="Data sources and curation.")
@@ -940,6 +945,7 @@ class OikyoConfig(_Section):
         default_factory=PolicyConfig, description="Usage rights: which licences data and base model may have."
     )
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Hyperparameter sweep (oikyo sweep).")
+    cv: CvConfig = Field(default_factory=CvConfig, description="k-fold cross-validation (oikyo cv).")
     deploy: DeployConfig = Field(
         default_factory=DeployConfig, description="Gated deploys (oikyo deploy): staging load and budgets."
     )
