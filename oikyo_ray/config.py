@@ -929,6 +929,30 @@ class CvConfig(_Section):
     salt: str = Field("oikyo-cv", min_length=1, description="Salt of the prompt hash that assigns rows to folds.")
 
 
+MethodType = Literal["lora", "dora", "qlora", "full"]
+
+
+class CompareMethodsConfig(_Section):
+    methods: list[MethodType] = Field(
+        default_factory=lambda: ["full", "lora", "dora", "qlora"],
+        min_length=1,
+        description="Methods `oikyo compare-methods` trains on the same data and step budget (qlora only "
+        "where bitsandbytes is installed; skipped with the reason otherwise).",
+    )
+    lr: dict[MethodType, float] = Field(
+        default_factory=dict,
+        description="Learning rate per method instead of train.lr, e.g. {full: 1e-4}: full fine-tuning "
+        "usually wants a smaller one than adapters.",
+    )
+
+    @field_validator("methods")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each method once, got {v}")
+        return v
+
+
 class OikyoConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     data: DataConfig = Field(default_factory=DataConfig, description="Data sources and curation.")
@@ -946,6 +970,9 @@ class OikyoConfig(_Section):
     )
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Hyperparameter sweep (oikyo sweep).")
     cv: CvConfig = Field(default_factory=CvConfig, description="k-fold cross-validation (oikyo cv).")
+    compare_methods: CompareMethodsConfig = Field(
+        default_factory=CompareMethodsConfig, description="Full fine-tuning vs PEFT (oikyo compare-methods)."
+    )
     deploy: DeployConfig = Field(
         default_factory=DeployConfig, description="Gated deploys (oikyo deploy): staging load and budgets."
     )
