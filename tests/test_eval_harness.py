@@ -167,11 +167,28 @@ def test_bad_entries_name_the_field_before_a_model_loads(runs, tmp_path, capsys)
     msg = err("eval.lm_eval_tasks=[oikyo_demo_mc]", "eval.lm_eval_max_drop={hellaswag: 0.1}")
     assert "eval.lm_eval_max_drop: 'hellaswag' names task 'hellaswag'" in msg and "oikyo_demo_mc" in msg
     assert "eval.lm_eval_tasks is empty" in err("eval.lm_eval_max_drop={oikyo_demo_mc: 0.1}")
+    from oikyo_ray.eval.harness import ASSETS
+
+    shipped = ASSETS / "oikyo_demo_mc.yaml"
+    assert "lists oikyo_demo_mc more than once" in err(f"eval.lm_eval_tasks=[oikyo_demo_mc, {shipped}]")
     # through the CLI: exit 2, and no report written (nothing was evaluated)
     run = runs["fresh"]
     (run / "eval" / "report.json").unlink(missing_ok=True)
     assert main([str(run), f"eval.lm_eval_tasks=[{missing}]"]) == 2
     assert "eval.lm_eval_tasks" in capsys.readouterr().err and not (run / "eval" / "report.json").exists()
+
+
+def test_finetune_checks_the_tasks_before_anything_runs(tmp_path, cache_dir, monkeypatch):
+    from oikyo_ray import finetune
+
+    def too_late(*a, **k):
+        raise AssertionError("the pipeline went on past a bad eval.lm_eval_tasks")
+
+    monkeypatch.setattr(finetune, "resolve_model_path", too_late)
+    monkeypatch.setattr(finetune, "init_ray", too_late)
+    cfg = load_config(None, [f"model.cache_dir={cache_dir}", f"eval.lm_eval_tasks=[{tmp_path / 'none.yaml'}]"])
+    with pytest.raises(ConfigError, match="eval.lm_eval_tasks: .*none.yaml does not exist"):
+        finetune.run_finetune(cfg, log=lambda s: None)
 
 
 def test_local_task_yaml_runs_offline_from_another_folder(runs, tiny_model, tmp_path, monkeypatch):

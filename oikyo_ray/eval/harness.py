@@ -123,6 +123,7 @@ def _local_spec(path: Path, entry: str) -> str | dict:
     def absolute(f: str) -> str:
         return f if Path(f).expanduser().is_absolute() or "://" in f else str(path.parent / f)
 
+    fixed: str | list[str] | dict[str, str | list[str]]
     if isinstance(files, str):
         fixed = absolute(files)
     elif isinstance(files, list):
@@ -167,9 +168,9 @@ def _declared(spec: str | dict, tm: TaskManager) -> tuple[set[str], bool]:
     return {str(cfg.get("task"))}, False
 
 
-def check_tasks(ec) -> None:
+def check_tasks(ec, tm: TaskManager | None = None) -> None:
     """What eval.lm_eval_tasks and eval.lm_eval_max_drop get wrong, found before Ray starts or a
-    model loads: missing files, unknown names, gates on tasks not asked for."""
+    model loads: missing files, unknown names, tasks listed twice, gates on tasks not asked for."""
     if not ec.lm_eval_tasks:
         if ec.lm_eval_max_drop:
             raise ConfigError(
@@ -177,7 +178,7 @@ def check_tasks(ec) -> None:
                 hint="list the tasks in eval.lm_eval_tasks, or drop eval.lm_eval_max_drop",
             )
         return
-    tm = _task_manager(ec)
+    tm = tm or _task_manager(ec)
     declared = [_declared(s, tm) for _, s in _specs(ec, tm)]
     known = set().union(*(names for names, _ in declared))
     if len(known) < len(declared):  # lm-eval refuses one task twice in a run
@@ -410,8 +411,8 @@ def evaluate_tasks(cfg: OikyoConfig, model_path: str, tuned_dir: str, log=print)
     """The report's "lm_eval" section: per task and metric, base, tuned, delta and stderr; which
     results came from the cache; the settings they were computed with."""
     ec = cfg.eval
-    check_tasks(ec)
     tm = _task_manager(ec)
+    check_tasks(ec, tm)
     entries = _build(ec, tm)
     cache = default_cache_dir(cfg)
     memo_path = cache / "file_hashes.json"
