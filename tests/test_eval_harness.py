@@ -40,6 +40,16 @@ def runs(one_torch_thread, tiny_model, cache_dir, tmp_path_factory):
     return {
         "lora": _make_run(root, "lora", tiny_model, cache_dir, recs, ["train.lr=3e-3"], 300),
         "fresh": _make_run(root, "fresh", tiny_model, cache_dir, recs, [], 0),  # B = 0: tuned is the base
+        # a full fine-tune (as in test_eval_run): its model/ dir is the tuned model, loaded on its own
+        "full": _make_run(
+            root,
+            "full",
+            tiny_model,
+            cache_dir,
+            recs,
+            ["method.type=full", "train.lr=1e-2", "train.warmup_ratio=0", "train.lr_schedule=constant"],
+            100,
+        ),
     }
 
 
@@ -224,3 +234,31 @@ def test_local_task_yaml_runs_offline_from_another_folder(runs, tiny_model, tmp_
     assert got["tasks"]["my_qa"]["n"] == 3 and got["tasks"]["my_qa"]["entry"] == str(tasks)
     assert em["base"] == 0.0 and em["tuned"] >= 2 / 3, em  # the tuned model answers the demo look-ups
     assert len(list((tmp_path / "cache").glob("*.json"))) == 3  # base, tuned and the file-hash memo
+
+
+def test_full_fine_tune_dir_is_the_tuned_model(runs, tiny_model, tmp_path, monkeypatch):
+    """A model/ dir (method.type=full) is evaluated as itself: the tuned side is what lm-eval's own
+    `hf` model reports for that dir."""
+    import lm_eval
+
+    from oikyo_ray.eval.harness import ASSETS, evaluate_tasks
+
+    run = runs["full"]
+    cfg = load_config(run / "config.yaml", ["eval.lm_eval_tasks=[oikyo_demo_mc]", f"eval.lm_eval_cache_dir={tmp_path}"])
+    acc = evaluate_tasks(cfg, str(tiny_model), str(run / "model"), log=lambda s: None)["tasks"]["oikyo_demo_mc"]
+    acc = acc["metrics"]["acc"]
+    monkeypatch.chdir(ASSETS)  # lm-eval reads data_files from the working directory
+    own = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={
+            "pretrained": str(run / "model"),
+            "tokenizer": str(tiny_model),
+            "device": "cpu",
+            "dtype": "float32",
+        },
+        tasks=["oikyo_demo_mc"],
+        task_manager=lm_eval.tasks.TaskManager(include_path=str(ASSETS), include_defaults=False),
+        log_samples=False,
+    )
+    assert own["results"]["oikyo_demo_mc"]["acc,none"] == pytest.approx(acc["tuned"])
+    assert acc["tuned"] >= acc["base"] + 0.2, acc  # it learned the look-ups: not the base evaluated twice
