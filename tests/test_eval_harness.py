@@ -262,3 +262,11 @@ def test_full_fine_tune_dir_is_the_tuned_model(runs, tiny_model, tmp_path, monke
     )
     assert own["results"]["oikyo_demo_mc"]["acc,none"] == pytest.approx(acc["tuned"])
     assert acc["tuned"] >= acc["base"] + 0.2, acc  # it learned the look-ups: not the base evaluated twice
+
+
+def test_shipped_task_data_is_what_the_builder_writes():
+    from oikyo_ray.demo.tasks import MC_ASSET, build_mc_docs
+
+    docs = [json.loads(line) for line in MC_ASSET.read_text().splitlines()]
+    assert docs == build_mc_docs()  # rebuilt by `python -m oikyo_ray.demo.tasks`
+    assert len(docs) == 40 and all(len(set(d["choices"])) == 4 and 0 <= d["answer"] < 4 for d in docs)

@@ -42,12 +42,14 @@ from oikyo_ray.model.load import load_model, load_tokenizer
 ASSETS = Path(__file__).parent / "assets"  # oikyo_demo_mc.yaml: the shipped demo task, found by name
 FIELD = "eval.lm_eval_tasks"
 CACHE_FORMAT = 1  # bump when what a cache file holds changes
-# stderr draws for metrics without a closed form (lm-eval's default of 100000 takes minutes on BLEU-like metrics)
+# stderr draws for metrics without a closed form: lm-eval's default, 100000, re-scores a corpus metric
+# such as BLEU that many times
 BOOTSTRAP_ITERS = 1000
 LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")  # datasets' file builders: data_files are paths
 
 
 def default_cache_dir(cfg: OikyoConfig) -> Path:
+    """eval.lm_eval_cache_dir, or <model.cache_dir>/lm_eval."""
     return Path(cfg.eval.lm_eval_cache_dir or Path(cfg.model.cache_dir) / "lm_eval").expanduser()
 
 
@@ -440,7 +442,7 @@ def evaluate_tasks(cfg: OikyoConfig, model_path: str, tuned_dir: str, log=print)
                 _write_json(
                     files[k], {"format": CACHE_FORMAT, "model": which, "entry": k.split("\0")[0], "result": result}
                 )
-    return _side_by_side(ec, got, cached, cache)
+    return _side_by_side(ec, list(task_ids), got, cached, cache)
 
 
 def _tasks_identity(e: _Entry, memo: dict) -> str:
@@ -452,9 +454,10 @@ def _tasks_identity(e: _Entry, memo: dict) -> str:
     return h.hexdigest()
 
 
-def _side_by_side(ec, got: dict, cached: dict, cache: Path) -> dict:
+def _side_by_side(ec, keys: list[str], got: dict, cached: dict, cache: Path) -> dict:
+    """The report section, tasks in the order eval.lm_eval_tasks lists them (cached or not)."""
     tasks: dict = {}
-    for k in got["base"]:
+    for k in keys:
         b, t = got["base"][k], got["tuned"][k]
         for task, metrics in b["tasks"].items():
             row = {}
