@@ -514,6 +514,28 @@ class EvalConfig(_Section):
         description="Gate: metric -> least value the fine-tuned model must reach "
         "(most, for loss and perplexity), e.g. {token_f1: 0.5}.",
     )
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks run on base and fine-tuned side by side: registered names "
+        "(e.g. hellaswag; their datasets must be downloadable or cached), the shipped demo task "
+        "oikyo_demo_mc, or paths of task YAML files or folders of them (relative data_files are read from "
+        "the YAML's folder). Empty: off.",
+    )
+    lm_eval_limit: int | None = Field(None, ge=1, description="Documents per lm-eval task (the first N; null: all).")
+    lm_eval_num_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples per lm-eval prompt (null: each task's own default)."
+    )
+    lm_eval_batch_size: int = Field(8, ge=1, description="Requests per lm-eval model batch.")
+    lm_eval_max_drop: dict[str, float] = Field(
+        default_factory=dict,
+        description="Gate: 'task' (each of its metrics) or 'task/metric' -> most the fine-tuned score may "
+        "fall below the base's (base - tuned; tuned - base for lower-is-better metrics), e.g. "
+        "{hellaswag/acc_norm: 0.02}; negative values demand a gain.",
+    )
+    lm_eval_cache_dir: str | None = Field(
+        None,
+        description="Where lm-eval results are cached as JSON, per model and task (null: <model.cache_dir>/lm_eval).",
+    )
 
 
 CaptureField = Literal["prompt", "completion", "params", "user"]

@@ -2,10 +2,12 @@
 
     compare(cfg, model_path, tuned_dir, rows, scorer=score_in_process) -> report dict
     evaluate_model(model, tokenizer, rows, cfg) -> (metrics, predictions)
+    check_eval(cfg)     what the eval config gets wrong (eval.lm_eval_tasks), before Ray starts
 
 `compare` builds the items (`items`), has `scorer` score them with both models (in this process
 by default; the Ray layer passes `ray_eval.score`, which may use a Ray Data actor pool) and turns
-the scores into the report: metrics per model, deltas, forgetting, probes, samples and gates.
+the scores into the report: metrics per model, deltas, forgetting, probes, samples and gates;
+with eval.lm_eval_tasks, lm-evaluation-harness scores both models in this process too (`harness`).
 """
 
 from __future__ import annotations
@@ -148,6 +150,20 @@ def _probes(ec, probes: list[Item], scores: dict[str, ItemScore]) -> dict:
     }
 
 
+def _harness():
+    # lm-eval takes a second to import and only eval.lm_eval_tasks needs it
+    from oikyo_ray.eval import harness  # noqa: PLC0415
+
+    return harness
+
+
+def check_eval(cfg: OikyoConfig) -> None:
+    """What the eval config alone gets wrong (eval.lm_eval_tasks: files, names, gates), before Ray
+    starts and before any model loads."""
+    if cfg.eval.lm_eval_tasks or cfg.eval.lm_eval_max_drop:
+        _harness().check_tasks(cfg.eval)
+
+
 def compare(
     cfg: OikyoConfig, model_path: str, tuned_dir: str | Path, rows: list[dict], scorer: Scorer = score_in_process
 ) -> dict:
@@ -157,6 +173,8 @@ def compare(
     items = build_items(cfg, load_tokenizer(cfg.model, model_path), rows)
     scoring = scorer(cfg, model_path, str(tuned_dir), items)
     report = summarise(cfg, items, scoring.scores)
+    if cfg.eval.lm_eval_tasks:
+        report["lm_eval"] = _harness().evaluate_tasks(cfg, model_path, str(tuned_dir))
     report["gates"] = evaluate_gates(report, cfg.eval)
     report["passed"] = all(g["passed"] for g in report["gates"])
     report["backend"] = scoring.backend
