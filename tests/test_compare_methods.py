@@ -69,6 +69,8 @@ def test_compare_methods_full_vs_lora_table(ray_session, base_overrides, tiny_mo
         "eval.forgetting=false",
         "eval.probes=false",
         "eval.backend=local",
+        "eval.lm_eval_tasks=[]",  # the demo's lm-eval task: tested in test_eval_harness
+        "eval.lm_eval_max_drop={}",
         "run.serve_after=false",
     ]
     assert main(args) == 0

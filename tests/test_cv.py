@@ -99,6 +99,8 @@ def test_oikyo_cv_trains_each_fold_and_reports_mean_and_std(ray_session, base_ov
         "eval.forgetting=false",
         "eval.probes=false",
         "eval.backend=local",
+        "eval.lm_eval_tasks=[]",  # the demo's lm-eval task: tested in test_eval_harness
+        "eval.lm_eval_max_drop={}",
         "run.serve_after=false",
     ]
     assert main(args) == 0

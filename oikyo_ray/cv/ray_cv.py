@@ -22,6 +22,7 @@ from oikyo_ray.data.prepared import load_split_rows
 from oikyo_ray.data.ray_data import prepare
 from oikyo_ray.errors import ConfigError
 from oikyo_ray.eval import ray_eval
+from oikyo_ray.eval.compare import check_eval
 from oikyo_ray.eval.report import write_report
 from oikyo_ray.model.load import load_tokenizer, resolve_model_path
 from oikyo_ray.runs import store
@@ -33,6 +34,8 @@ from oikyo_ray.train.ray_train import fit
 
 def _check(cfg: OikyoConfig) -> None:
     check_before_ray(cfg)
+    if cfg.eval.enabled:
+        check_eval(cfg)  # eval.lm_eval_tasks: before the folds train, not after
     if cfg.data.packing:
         raise ConfigError(
             "data.packing: oikyo cv cuts folds out of the tokenised rows and does not pack them again yet",

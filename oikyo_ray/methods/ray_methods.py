@@ -24,6 +24,7 @@ from oikyo_ray.data.prepared import load_split_rows
 from oikyo_ray.data.ray_data import prepare
 from oikyo_ray.errors import ConfigError, ModelError, OikyoError
 from oikyo_ray.eval import ray_eval
+from oikyo_ray.eval.compare import check_eval
 from oikyo_ray.eval.report import write_report
 from oikyo_ray.methods.table import method_row, write_table
 from oikyo_ray.model.load import load_tokenizer, resolve_model_path
@@ -42,6 +43,7 @@ def method_configs(cfg: OikyoConfig) -> tuple[dict[str, OikyoConfig], dict[str, 
     cm = cfg.compare_methods
     if not cfg.eval.enabled:
         raise ConfigError("eval.enabled=false: oikyo compare-methods compares methods by their evaluation")
+    check_eval(cfg)  # eval.lm_eval_tasks: before the methods train, not after
     base = cfg.model_dump(mode="json")
     out, skipped = {}, {}
     for m in cm.methods:
