@@ -5,6 +5,8 @@ Run as:
     oikyo finetune CONFIG.yaml [key=value ...]  # curate -> train -> evaluate (-> serve)
     oikyo data prepare CONFIG.yaml [key=value ...] / oikyo data inspect DIR
     oikyo sweep CONFIG.yaml [key=value ...] [--resume]   # ASHA on Ray Tune, best trial promoted
+    oikyo cv CONFIG.yaml [key=value ...]        # k-fold cross-validation: metrics as mean ± std
+    oikyo compare-methods CONFIG.yaml [...]     # full FT vs LoRA/DoRA/QLoRA: quality, memory, speed, cost
     oikyo serve CONFIG.yaml [key=value ...]     # OpenAI-compatible server until Ctrl-C
     oikyo eval RUN_DIR [key=value ...] [--fail-on-regression]   # base vs fine-tuned report
     oikyo runs list|show|compare|export ...     # the runs registry
@@ -55,6 +57,20 @@ def cmd_sweep(args) -> int:
 
     run_sweep(_load(args), resume=args.resume)
     return 0
+
+
+def cmd_cv(args) -> int:
+    from oikyo_ray.cv.ray_cv import run_cv
+
+    run_cv(_load(args))
+    return 0
+
+
+def cmd_compare_methods(args) -> int:
+    from oikyo_ray.methods.ray_methods import run_compare
+
+    _, failed = run_compare(_load(args))
+    return 1 if failed else 0
 
 
 def cmd_serve(args) -> int:
@@ -122,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn, help_ in [
         ("finetune", cmd_finetune, "curate, train, evaluate one config"),
         ("sweep", cmd_sweep, "ASHA hyperparameter sweep over the config's sweep.space"),
+        ("cv", cmd_cv, "k-fold cross-validation (cv.folds): each metric as mean ± std over the folds"),
+        ("compare-methods", cmd_compare_methods, "full fine-tuning vs LoRA/DoRA/QLoRA on one data and step budget"),
         ("serve", cmd_serve, "serve base + adapters (OpenAI API)"),
     ]:
         s = sub.add_parser(name, help=help_)

@@ -514,6 +514,28 @@ class EvalConfig(_Section):
         description="Gate: metric -> least value the fine-tuned model must reach "
         "(most, for loss and perplexity), e.g. {token_f1: 0.5}.",
     )
+    lm_eval_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks run on base and fine-tuned side by side: registered names "
+        "(e.g. hellaswag; their datasets must be downloadable or cached), the shipped demo task "
+        "oikyo_demo_mc, or paths of task YAML files or folders of them (relative data_files are read from "
+        "the YAML's folder). Empty: off.",
+    )
+    lm_eval_limit: int | None = Field(None, ge=1, description="Documents per lm-eval task (the first N; null: all).")
+    lm_eval_num_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples per lm-eval prompt (null: each task's own default)."
+    )
+    lm_eval_batch_size: int = Field(8, ge=1, description="Requests per lm-eval model batch.")
+    lm_eval_max_drop: dict[str, float] = Field(
+        default_factory=dict,
+        description="Gate: 'task' (each of its metrics) or 'task/metric' -> most the fine-tuned score may "
+        "fall below the base's (base - tuned; tuned - base for lower-is-better metrics), e.g. "
+        "{hellaswag/acc_norm: 0.02}; negative values demand a gain.",
+    )
+    lm_eval_cache_dir: str | None = Field(
+        None,
+        description="Where lm-eval results are cached as JSON, per model and task (null: <model.cache_dir>/lm_eval).",
+    )
 
 
 CaptureField = Literal["prompt", "completion", "params", "user"]
@@ -631,6 +653,13 @@ class ServeConfig(_Section):
     auth: bool = Field(True, description="Require a bearer token; may be off only when host is a loopback address.")
     token_env: str = Field("OIKYO_API_TOKEN", description="Env var holding the bearer token.")
     token_file: str | None = Field(None, description="File holding the bearer token (env wins).")
+    reasoning_parser: Literal["think", "none"] = Field(
+        "think",
+        description="Chat answers: 'think' returns a <think>...</think> block that opens an answer (how "
+        "models trained on reasoning traces answer) as message.reasoning_content, streamed as "
+        "delta.reasoning_content, apart from content, as vLLM's reasoning parsers do; 'none' leaves it "
+        "in content.",
+    )
     max_prompt_tokens: int = Field(2048, ge=1, description="Longer prompts are refused with 400.")
     max_tokens_limit: int = Field(512, ge=1, description="Largest accepted max_tokens.")
     max_body_bytes: int = Field(
@@ -874,6 +903,14 @@ class SearchDim(_Section):
         return self
 
 
+TrialMetric = Literal["val_loss", "loss", "tokens_per_s", "mem_peak_mb"]  # in every report of a trial
+
+
+class SweepObjective(_Section):
+    metric: TrialMetric = Field(..., description="A metric every trial report carries.")
+    mode: Literal["min", "max"] = Field(..., description="Whether lower or higher is better.")
+
+
 class SweepConfig(_Section):
     space: dict[str, SearchDim] = Field(
         default_factory=dict,
@@ -882,6 +919,13 @@ class SweepConfig(_Section):
     )
     metric: str = Field("val_loss", description="Trial metric ASHA and the promotion compare.")
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher metric is better.")
+    objectives: list[SweepObjective] = Field(
+        default_factory=list,
+        description="More objectives beside sweep.metric, e.g. [{metric: tokens_per_s, mode: max}]: "
+        "search=optuna then searches for the Pareto front of all of them (each trial's values at its "
+        "last report); results mark the completed trials on that front. ASHA still stops on "
+        "sweep.metric and the promoted trial is the best on it.",
+    )
     num_samples: int = Field(4, ge=1, description="Trials drawn from the space.")
     search: Literal["random", "optuna"] = Field("random", description="Search algorithm (optuna if installed).")
     seed: int = Field(0, description="Seed of the search algorithm's sampling.")
@@ -891,6 +935,44 @@ class SweepConfig(_Section):
     max_concurrent_trials: int | None = Field(
         None, ge=1, description="Trials at once (default: as many as the cluster's CPUs/GPUs fit)."
     )
+
+    @model_validator(mode="after")
+    def _objectives_differ(self) -> SweepConfig:
+        names = [self.metric, *(o.metric for o in self.objectives)]
+        if len(set(names)) != len(names):
+            raise ValueError(
+                f"sweep.objectives: each metric once, and not sweep.metric ({self.metric}) again; got {names}"
+            )
+        return self
+
+
+class CvConfig(_Section):
+    folds: int = Field(5, ge=2, le=20, description="k of k-fold cross-validation (oikyo cv).")
+    salt: str = Field("oikyo-cv", min_length=1, description="Salt of the prompt hash that assigns rows to folds.")
+
+
+MethodType = Literal["lora", "dora", "qlora", "full"]
+
+
+class CompareMethodsConfig(_Section):
+    methods: list[MethodType] = Field(
+        default_factory=lambda: ["full", "lora", "dora", "qlora"],
+        min_length=1,
+        description="Methods `oikyo compare-methods` trains on the same data and step budget (qlora only "
+        "where bitsandbytes is installed; skipped with the reason otherwise).",
+    )
+    lr: dict[MethodType, float] = Field(
+        default_factory=dict,
+        description="Learning rate per method instead of train.lr, e.g. {full: 1e-4}: full fine-tuning "
+        "usually wants a smaller one than adapters.",
+    )
+
+    @field_validator("methods")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each method once, got {v}")
+        return v
 
 
 class TrackingConfig(_Section):
@@ -961,6 +1043,10 @@ class OikyoConfig(_Section):
         default_factory=PolicyConfig, description="Usage rights: which licences data and base model may have."
     )
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="Hyperparameter sweep (oikyo sweep).")
+    cv: CvConfig = Field(default_factory=CvConfig, description="k-fold cross-validation (oikyo cv).")
+    compare_methods: CompareMethodsConfig = Field(
+        default_factory=CompareMethodsConfig, description="Full fine-tuning vs PEFT (oikyo compare-methods)."
+    )
     deploy: DeployConfig = Field(
         default_factory=DeployConfig, description="Gated deploys (oikyo deploy): staging load and budgets."
     )

@@ -6,7 +6,7 @@ and progress bars for long steps (Ray-free).
     with progress(total, "train") as bar: bar.update(n, loss=...)
 
 Noise is removed with the switches the libraries offer where they offer one (environment
-variables, `warnings` filters); lines that Ray's, DeepSpeed's and bitsandbytes' loggers, and
+variables, `warnings` filters); lines that Ray's, DeepSpeed's, bitsandbytes' and lm-eval's loggers, and
 Ray's raylet log stream, print with no switch to turn them off are dropped by exact pattern
 (`NOISE`, each with the reason it is noise). Anything not listed is printed as before, so a new
 warning is never hidden. `oikyo --verbose` prints everything.
@@ -64,6 +64,12 @@ NOISE: tuple[tuple[str, str, str], ...] = (
         r"maximum expected startup concurrency",
         "ray (raylet)",
         "fractional-CPU Ray Data and Train workers on a small machine start together",
+    ),
+    (
+        r"`pretrained` model kwarg is not of type `str`\. Many other model arguments may be ignored"
+        r"|Passed an already-initialized model through `pretrained`, assuming single-process call",
+        "lm_eval",
+        "eval.lm_eval_tasks hands lm-eval the models oikyo loaded itself, on purpose",
     ),
 )
 # (category, message regex, why): warnings whose source is a third-party library's own call

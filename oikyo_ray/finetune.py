@@ -18,6 +18,7 @@ from oikyo_ray.data.prepared import load_split_rows
 from oikyo_ray.data.ray_data import prepare
 from oikyo_ray.errors import OikyoError
 from oikyo_ray.eval import ray_eval
+from oikyo_ray.eval.compare import check_eval
 from oikyo_ray.eval.report import write_report
 from oikyo_ray.model.budget import check_serve_memory
 from oikyo_ray.model.load import load_tokenizer, resolve_model_path
@@ -55,6 +56,8 @@ def run_finetune(cfg: OikyoConfig, log=print, resume: bool = False, lineage: dic
     """`lineage`: more to record in the run's lineage.json (a retrain's parent and data)."""
     # Everything a user can get wrong is checked here, before Ray starts and before a run dir exists.
     check_before_ray(cfg)
+    if cfg.eval.enabled:
+        check_eval(cfg)  # eval.lm_eval_tasks: files, names and gates, before training rather than after
     done = _step(log, "base model")
     model_path = resolve_model_path(cfg.model)
     load_tokenizer(cfg.model, model_path)

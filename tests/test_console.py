@@ -28,6 +28,10 @@ SEEN = [
     "INFO 2026-12-02 07:27:21,712 serve 16011 -- Application 'oikyo' is ready at http://127.0.0.1:8000/.",
     "\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started on node: fd59 with address: "
     "192.0.2.2, which is 4x the maximum expected startup concurrency (2). This could be a result of",
+    "`pretrained` model kwarg is not of type `str`. Many other model arguments may be ignored. Please do not "
+    "launch via accelerate or use `parallelize=True` if passing an existing model this way.",
+    "Passed an already-initialized model through `pretrained`, assuming single-process call to evaluate() or "
+    "custom distributed integration",
 ]
 KEPT = [
     "[oikyo] train (Ray Train) done in 68.5s -> runs/x/adapter",

@@ -84,7 +84,7 @@ def test_every_module_is_core_or_named_ray_layer():
     stages = [m.split(".")[1] for m in adapters]
     assert adapters <= layer and len(stages) == len(set(stages)), (sorted(adapters), sorted(layer))
     # one adapter per stage
-    assert set(stages) == {"data", "train", "eval", "sweep", "serve", "deploy", "drift", "retrain"}
+    assert set(stages) == {"data", "train", "eval", "sweep", "cv", "methods", "serve", "deploy", "drift", "retrain"}
 
 
 def test_core_imports_without_ray():

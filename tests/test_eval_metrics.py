@@ -157,7 +157,7 @@ def test_eval_config_fields_are_described_and_strict():
     assert cfg.eval.metrics == ["rouge_l", "tool_call"] and cfg.eval.backend == "ray"
 
 
-def _write_run(root, name, base, tuned, passed=True, forgetting=0.05):
+def _write_run(root, name, base, tuned, passed=True, forgetting=0.05, lm_eval=None):
     run = root / name
     (run / "eval").mkdir(parents=True)
     (run / "eval" / "report.json").write_text(
@@ -169,6 +169,7 @@ def _write_run(root, name, base, tuned, passed=True, forgetting=0.05):
                 "forgetting": {"relative_increase": forgetting},
                 "probes": {"kinds": {"refuse": {"tuned": 0.5, "delta": -0.25}}},
                 "passed": passed,
+                **({"lm_eval": lm_eval} if lm_eval else {}),
             }
         )
     )
@@ -180,7 +181,8 @@ def test_runs_compare_side_by_side(tmp_path, capsys):
     from oikyo_ray.runs.compare import compare_runs, format_comparison
 
     a = _write_run(tmp_path, "run-a", 0.1, 0.5)
-    b = _write_run(tmp_path, "run-b", 0.2, 0.3, passed=False, forgetting=0.6)
+    lm = {"tasks": {"oikyo_demo_mc": {"metrics": {"acc": {"tuned": 0.8, "delta": 0.55}}}}}
+    b = _write_run(tmp_path, "run-b", 0.2, 0.3, passed=False, forgetting=0.6, lm_eval=lm)
     text = format_comparison(compare_runs([a, b]))
     lines = text.splitlines()
     assert lines[0] == "| metric | run-a | run-b |"
@@ -188,6 +190,7 @@ def test_runs_compare_side_by_side(tmp_path, capsys):
     assert "| perplexity | inf | inf |" in lines
     assert "| general-text perplexity rise | 0.0500 | 0.6000 |" in lines
     assert "| probe pass rate: refuse | 0.5000 (-0.2500) | 0.5000 (-0.2500) |" in lines
+    assert "| lm-eval oikyo_demo_mc: acc | – | 0.8000 (+0.5500) |" in lines  # run-a ran no lm-eval task
     assert "| gates | passed | FAILED |" in lines
     out = tmp_path / "cmp.md"
     capsys.readouterr()
@@ -197,3 +200,21 @@ def test_runs_compare_side_by_side(tmp_path, capsys):
     assert "no evaluation report" in capsys.readouterr().err
     with pytest.raises(OikyoError, match="no evaluation report"):
         compare_runs([a, tmp_path / "missing"])
+
+
+def test_answers_are_scored_without_their_reasoning_trace():
+    """A tuned model that thinks before it answers is scored on the answer: with its trace it
+    would never match the reference exactly."""
+    from oikyo_ray.eval.compare import summarise
+    from oikyo_ray.eval.items import Item, ItemKind
+    from oikyo_ray.eval.scoring import ItemScore
+
+    cfg = load_config(None, ["eval.metrics=[exact_match]"])
+    items = [Item(f"t{i}", ItemKind.TASK, prompt="q", reference=ref) for i, ref in enumerate(["Five.", "Lima"])]
+    texts = [
+        {"base": "Four.", "tuned": "<think>\ntwo and three make five\n</think>\n\nFive."},
+        {"base": "Lima", "tuned": "<think>\ncapital of Peru\n</think>\n\nLima"},
+    ]
+    scores = [ItemScore(it.id, 0, {"base": 0.0, "tuned": 0.0}, t) for it, t in zip(items, texts)]
+    report = summarise(cfg, items, scores)
+    assert (report["base"]["exact_match"], report["tuned"]["exact_match"]) == (0.5, 1.0)

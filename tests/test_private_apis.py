@@ -1,4 +1,4 @@
-"""Private APIs of peft and deepspeed that oikyo relies on: when an upgrade moves one, this fails
+"""Private APIs of peft, deepspeed and lm-eval that oikyo relies on: when an upgrade moves one, this fails
 first, naming the API, the installed version and the oikyo code that needs it (pyproject bounds
 both packages at the versions tested)."""
 
@@ -12,6 +12,12 @@ from peft import LoraConfig, get_peft_model
 
 # (module, dotted attribute, the oikyo code that uses it)
 PRIVATE = [
+    (
+        "lm_eval",
+        "lm_eval.tasks._yaml_loader",
+        "load_yaml",
+        "oikyo_ray/eval/harness.py (task YAMLs read with their includes; relative data_files made absolute)",
+    ),
     (
         "peft",
         "peft.tuners.lora.layer",

@@ -3,6 +3,8 @@ is staged locally, uploaded after each stage, and then listed, shown, compared w
 evaluated and exported through pyarrow; names are not reused, failed runs are recorded, bad roots
 give clear errors, and nothing uploaded holds the S3 secret."""
 
+import csv
+import io
 import json
 import shutil
 import socket
@@ -191,8 +193,11 @@ def test_resume_fetches_an_s3_run_not_staged_here(s3_run, s3):
     assert (staged / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_sweep_on_s3_records_sweep_and_promoted_best(ray_session, s3, cache_dir, mlflow_server):
-    """... and is tracked in MLflow: the sweep a parent run, its trial a nested run."""
+def test_optuna_sweep_on_s3_stops_weak_trial_and_promotes_best(ray_session, s3, cache_dir, mlflow_server):
+    """A multi-objective Optuna search (val_loss down, tokens/s up) under ASHA, its trials one at
+    a time: seed 10 draws lr 3e-3, then 1e-5, which has not learnt by the first rung, so ASHA stops
+    it there. The sweep and its promoted best land on S3, and it is tracked in MLflow: the sweep a
+    parent run, each trial a nested run."""
     from mlflow import MlflowClient
 
     from oikyo_ray.runs.rundir import list_runs
@@ -206,11 +211,16 @@ def test_sweep_on_s3_records_sweep_and_promoted_best(ray_session, s3, cache_dir,
                 f"model.cache_dir={cache_dir}",
                 f"run.root={sweep}",
                 "run.name=sw",
-                "train.max_steps=4",
-                "train.eval_every=2",
-                "sweep.grace_period=2",
-                "sweep.num_samples=1",  # one trial is enough to record a sweep and promote it
-                "sweep.space={train.lr: {type: choice, values: [0.003, 0.001]}}",
+                # the weak trial trains on while ASHA's stop travels to it: a budget of 16 steps
+                # keeps it from finishing (and counting as completed) before the stop lands
+                "train.max_steps=16",
+                "train.eval_every=4",
+                "sweep.grace_period=4",
+                "sweep.search=optuna",
+                "sweep.seed=10",
+                "sweep.objectives=[{metric: tokens_per_s, mode: max}]",
+                "sweep.num_samples=2",
+                "sweep.space={train.lr: {type: choice, values: [0.003, 0.00001]}}",
                 "sweep.max_concurrent_trials=1",
                 "eval.max_samples=4",
                 "eval.forgetting=false",
@@ -227,12 +237,16 @@ def test_sweep_on_s3_records_sweep_and_promoted_best(ray_session, s3, cache_dir,
     c = MlflowClient(mlflow_server)
     parent = c.get_run(state["run_id"])
     assert parent.info.run_name == "sw" and parent.info.status == "FINISHED"
-    assert json.loads(parent.data.params["sweep.space"])["train.lr"]["values"] == [0.003, 0.001]
+    assert json.loads(parent.data.params["sweep.space"])["train.lr"]["values"] == [0.003, 0.00001]
     assert {"results.md", "best.json", "val_loss_vs_step.png"} <= {a.path for a in c.list_artifacts(parent.info.run_id)}
-    (child,) = c.search_runs([state["experiment_id"]], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = c.search_runs([state["experiment_id"]], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {r.info.run_name: r for r in children}
     trial = json.loads(remote["best.json"])["trial"]
-    assert child.info.run_name == trial and state["trials"] == {trial: child.info.run_id}
-    assert child.data.tags["oikyo.status"] == "completed" and float(child.data.params["train.lr"]) in (0.003, 0.001)
+    assert len(children) == 2 and state["trials"] == {n: r.info.run_id for n, r in by_name.items()}
+    child = by_name[trial]
+    assert child.data.tags["oikyo.status"] == "completed" and float(child.data.params["train.lr"]) == 0.003
+    (weak_child,) = [r for n, r in by_name.items() if n != trial]
+    assert weak_child.data.tags["oikyo.status"] == "early-stopped"
     trial_rows = [json.loads(line) for line in remote[f"trials/{trial}/metrics.jsonl"].splitlines()]
     history = c.get_metric_history(child.info.run_id, "val_loss")
     assert sorted(m.step for m in history) == [r["step"] for r in trial_rows if "val_loss" in r] != []
@@ -242,8 +256,16 @@ def test_sweep_on_s3_records_sweep_and_promoted_best(ray_session, s3, cache_dir,
     (version,) = c.search_model_versions(f"name='sweeps' and run_id='{child.info.run_id}'")
     assert version.tags["oikyo.run"] == trial and parent.data.tags["oikyo.best_trial"] == trial
     assert {"config.yaml", "results.md", "best.json", "data/manifest.json"} <= set(remote)
+    rows = {r["param:train.lr"]: r for r in csv.DictReader(io.StringIO(remote["results.csv"].decode()))}
+    assert rows.keys() == {"0.003", "1e-05"}, rows
+    strong, weak = rows["0.003"], rows["1e-05"]
+    assert (strong["status"], weak["status"]) == ("completed", "early-stopped"), rows
+    assert int(weak["steps"]) < int(weak["budget"]) == 16
+    assert float(strong["last_tokens_per_s"]) > 0 and strong["pareto"] == "yes" and weak["pareto"] == ""
+    best_row = json.loads(remote["best.json"])
+    assert best_row["param:train.lr"] == 0.003 and best_row["pareto_front"] == [best_row["trial"]]
     assert not any(f.startswith("trials/") and "/data/" in f for f in remote)  # trials link the shared data
-    assert json.loads(remote["best.json"])["promoted_to"] == f"{sweep}/sw-best"
+    assert best_row["promoted_to"] == f"{sweep}/sw-best"
     assert {"adapter/adapter_model.safetensors", "eval/report.json"} <= set(best)
     assert json.loads(best["lineage.json"])["parent"]["sweep"] == f"{sweep}/sw"
     assert [r["run"] for r in list_runs(sweep)] == ["sw-best", "sw"]

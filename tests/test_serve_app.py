@@ -17,6 +17,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from oikyo_ray.config import load_config
+from oikyo_ray.model.prompt import render_prompt
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 TOKEN = "serve-test-token-0123456789"
@@ -95,18 +96,29 @@ def _glaive_rows() -> list[dict]:
     return [{**rows[i], "conversations": rows[i]["conversations"][:4]} for i in GLAIVE_ROWS]
 
 
+# a conversation whose answer opens with a thinking trace (OpenAI/DeepSeek's reasoning_content),
+# learned by heart beside the tool calls: the served answer must split it back out
+REASONING_ROW = {
+    "messages": [
+        {"role": "user", "content": "Think first: what is two plus three?"},
+        {"role": "assistant", "reasoning_content": "two and three make five", "content": "Five."},
+    ]
+}
+
+
 def _train_tool_caller(cfg, tok, tiny_model, out: Path, tmp: Path) -> None:
-    """A LoRA trained by oikyo's data stage and loop on shared tool-call rows (sharegpt + tools)."""
+    """A LoRA trained by oikyo's data stage and loop on shared tool-call rows (sharegpt + tools),
+    and on REASONING_ROW."""
     from oikyo_ray.data.curate import curate_file
     from oikyo_ray.model.load import load_model
     from oikyo_ray.model.methods import apply_method
     from oikyo_ray.train.loop import LoopHooks, collate, shuffled_batches, train_loop
 
     path = tmp / "glaive.json"
-    path.write_text(json.dumps(_glaive_rows()))
+    path.write_text(json.dumps([*_glaive_rows(), REASONING_ROW]))
     data = cfg.data.model_copy(update={"max_length": 1024})  # the tools block alone is long in the tiny vocab
     recs = [r for r in curate_file(str(path), path.read_bytes(), data, tok) if r["status"] == "ok"]
-    assert len(recs) == len(GLAIVE_ROWS)
+    assert len(recs) == len(GLAIVE_ROWS) + 1
     torch.manual_seed(0)
     model = apply_method(load_model(cfg.model, str(tiny_model)), cfg.method)
     train = cfg.train.model_copy(update={"lr": 1e-2})
@@ -272,6 +284,28 @@ def _streamed_message(stream) -> tuple[str, dict, str]:
             call["arguments"] += (d.function.arguments or "") if d.function else ""
         finish = choice.finish_reason or finish
     return content, calls, finish
+
+
+def test_reasoning_trace_is_returned_apart_from_the_answer(server, tiny_model):
+    """The model answers `<think>\n...\n</think>\n\nFive.`: the openai client gets the trace as
+    reasoning_content and the answer as content, whole and streamed alike."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=TOKEN)
+    kw = {"model": "toolcaller", "messages": REASONING_ROW["messages"][:1], "max_tokens": 40, "temperature": 0}
+    message = client.chat.completions.create(**kw).choices[0].message
+    assert (message.model_extra["reasoning_content"], message.content) == ("two and three make five", "Five.")
+    trace = answer = ""
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        delta = chunk.choices[0].delta
+        trace += (delta.model_extra or {}).get("reasoning_content") or ""
+        answer += delta.content or ""
+    assert (trace, answer) == ("two and three make five", "Five.")
+    from transformers import AutoTokenizer
+
+    prompt = render_prompt(AutoTokenizer.from_pretrained(tiny_model), kw["messages"])
+    raw = client.completions.create(model="toolcaller", prompt=prompt, max_tokens=40, temperature=0)
+    assert raw.choices[0].text.startswith("<think>\ntwo and three make five\n</think>")  # completions: as generated
 
 
 @pytest.mark.parametrize("stream", [False, True])

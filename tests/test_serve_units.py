@@ -583,6 +583,66 @@ def test_tool_calls_are_read_back_from_the_models_text():
     )
 
 
+TRACED = "<think>\nfirst a, then b\n\n</think>\n\nThe answer: <think> is a tag."
+
+
+@pytest.mark.parametrize(
+    "text, parts",
+    [
+        (TRACED, ("first a, then b", "The answer: <think> is a tag.")),  # a later <think> is content
+        ("  <think>x</think>y", ("x", "y")),
+        ("<think>\nran out of tokens while thi", ("ran out of tokens while thi", "")),
+        ("<think>\n</think>\n\nok", ("", "ok")),
+        (" plain <think>answer</think>", (None, " plain <think>answer</think>")),
+        ("<thin", (None, "<thin")),
+        ("", (None, "")),
+    ],
+)
+def test_reasoning_trace_is_split_whole_and_streamed_alike(text, parts):
+    """`split` reads a trace that opens an answer; the stream gives the same two texts however the
+    answer is cut into pieces (one character at a time, in threes, whole)."""
+    import random
+
+    from oikyo_ray.model.reasoning import ReasoningStream, answer, split
+
+    assert split(text) == parts and answer(text) == parts[1]
+    rng = random.Random(0)
+    cuts = [list(text), [text[i : i + 3] for i in range(0, len(text), 3)], [text]]
+    cuts.append([])  # random cuts
+    i = 0
+    while i < len(text):
+        n = rng.randint(1, 6)
+        cuts[-1].append(text[i : i + n])
+        i += n
+    for pieces in cuts:
+        s, trace, content = ReasoningStream(), [], []
+        for p in pieces:
+            r, c = s.feed(p)
+            trace.append(r)
+            content.append(c)
+            assert "<think>" not in r and "</think>" not in r
+        r, c = s.finish()
+        assert ("".join([*trace, r]), "".join([*content, c])) == ((parts[0] or ""), parts[1]), pieces
+
+
+def test_chat_message_returns_the_trace_apart_and_reads_calls_after_it():
+    from oikyo_ray.serve.protocol import chat_message
+
+    call = '<tool_call>\n{"name": "search", "arguments": {"q": "x"}}\n</tool_call>'
+    out = {"text": "<think>\nlook it up\n</think>\n\n" + call, "finish_reason": "stop"}
+    message, finish = chat_message(out, {"search"}, reasoning=True)
+    assert message["reasoning_content"] == "look it up" and message["content"] is None and finish == "tool_calls"
+    assert message["tool_calls"][0]["function"] == {"name": "search", "arguments": '{"q": "x"}'}
+    plain, _ = chat_message({"text": TRACED, "finish_reason": "length"}, set(), reasoning=True)
+    assert plain == {
+        "role": "assistant",
+        "content": "The answer: <think> is a tag.",
+        "reasoning_content": "first a, then b",
+    }
+    assert chat_message({"text": TRACED, "finish_reason": "stop"}, set())[0] == {"role": "assistant", "content": TRACED}
+    assert "reasoning_content" not in chat_message({"text": "hi", "finish_reason": "stop"}, set(), reasoning=True)[0]
+
+
 def test_penalties_follow_openais_rule_in_batches_and_streams(tiny_model):
     import torch
 

@@ -87,6 +87,12 @@ def test_fine_tuned_beats_base(demo_run):
     md = (run / "eval/report.md").read_text()
     assert "| exact_match |" in md and "fine-tuned" in md
     assert any("| exact_match |" in line for line in logs)  # the table is printed
+    # the demo config's lm-eval task, in the pipeline's eval step: base at chance, tuned well above
+    acc = rep["lm_eval"]["tasks"]["oikyo_demo_mc"]["metrics"]["acc"]
+    assert acc["base"] <= 0.5 and acc["tuned"] >= acc["base"] + 0.3, acc
+    assert "| lm-eval oikyo_demo_mc: acc (n=40) |" in md and "lm_eval:oikyo_demo_mc/acc_drop" in [
+        g["name"] for g in rep["gates"] if g["passed"]
+    ]
 
 
 def test_run_is_tracked_in_mlflow_and_wandb(demo_run, mlflow_server):

@@ -85,6 +85,66 @@ def test_packed_trial_that_ran_its_steps_is_completed(tmp_path):
     assert max_t(cfg, manifest) == 5 and total_steps(cfg.train, 64) == 32
 
 
+def _trial_result(tmp_path: Path, tid: str, lr: float, reports: list[dict]) -> SimpleNamespace:
+    trial = tmp_path / "trials" / tid
+    trial.mkdir(parents=True)
+    (trial / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reports))
+    return SimpleNamespace(metrics={"trial_id": tid}, config={"params": {"train.lr": lr}}, path=str(trial), error=None)
+
+
+def test_pareto_front_of_completed_trials(tmp_path):
+    """Quality (val_loss, min) against speed (tokens/s, max), each at the trial's last report:
+    a dominated trial and an early-stopped one are off the front, the trade-offs are on it."""
+    cfg = load_config(SWEEP, ["train.max_steps=4", "sweep.objectives=[{metric: tokens_per_s, mode: max}]"])
+    manifest = {"counts": {"train": 64, "val": 16, "test": 8}}
+
+    def done(v, tps):  # a first report that the last one overrides, then the last
+        return [{"step": 2, "val_loss": 9.0, "tokens_per_s": 1.0}, {"step": 4, "val_loss": v, "tokens_per_s": tps}]
+
+    grid = [
+        _trial_result(tmp_path, "aaaaa_00000", 1e-3, done(1.0, 100.0)),  # best quality
+        _trial_result(tmp_path, "aaaaa_00001", 2e-3, done(2.0, 300.0)),  # fastest
+        _trial_result(tmp_path, "aaaaa_00002", 3e-3, done(2.5, 200.0)),  # worse than 00001 on both
+        _trial_result(tmp_path, "aaaaa_00003", 4e-3, [{"step": 2, "val_loss": 0.5, "tokens_per_s": 900.0}]),
+    ]
+    rows = {r["trial"]: r for r in trial_rows(cfg, tmp_path, grid, manifest)}
+    assert {t: (r["status"], r["pareto"]) for t, r in rows.items()} == {
+        "aaaaa_00000": ("completed", "yes"),
+        "aaaaa_00001": ("completed", "yes"),
+        "aaaaa_00002": ("completed", ""),
+        "aaaaa_00003": ("early-stopped", ""),
+    }
+    assert rows["aaaaa_00001"]["last_tokens_per_s"] == 300.0
+    assert "pareto" not in trial_rows(load_config(SWEEP, ["train.max_steps=4"]), tmp_path, grid[:1], manifest)[0]
+
+
+@pytest.mark.parametrize(
+    "objectives, words",
+    [
+        ("[{metric: val_loss, mode: min}]", "not sweep.metric (val_loss) again"),
+        ("[{metric: loss, mode: min}, {metric: loss, mode: max}]", "each metric once"),
+        ("[{metric: cost, mode: min}]", "sweep.objectives.0.metric"),
+        ("[{metric: loss}]", "sweep.objectives.0.mode"),
+    ],
+)
+def test_bad_objectives_name_the_field(objectives, words):
+    with pytest.raises(ConfigError, match="sweep") as e:
+        load_config(SWEEP, [f"sweep.objectives={objectives}"])
+    assert words in str(e.value)
+
+
+def test_optuna_gets_every_objective_and_asha_the_first():
+    from oikyo_ray.sweep.ray_tune import _asha, _search
+
+    cfg = load_config(SWEEP, ["sweep.search=optuna", "sweep.objectives=[{metric: tokens_per_s, mode: max}]"])
+    searcher = _search(cfg, 1).searcher
+    assert (searcher.metric, searcher.mode) == (["val_loss", "tokens_per_s"], ["min", "max"])
+    asha = _asha(cfg, {"counts": {"train": 64, "val": 16, "test": 8}})
+    assert (asha.metric, asha._mode) == ("val_loss", "min")
+    single = _search(load_config(SWEEP, ["sweep.search=optuna"]), 1).searcher
+    assert (single.metric, single.mode) == ("val_loss", "min")
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_packed_sweep_budget_is_the_steps_training_runs(ray_session, tiny_model, cache_dir, tmp_path):

@@ -1,6 +1,7 @@
 """The shipped demo dataset: templated look-up tasks a tiny model learns in about a minute.
 
-Run as: python -m oikyo_ray.demo.tasks   (rewrites assets/demo_tasks.jsonl; the file is committed)
+Run as: python -m oikyo_ray.demo.tasks   (rewrites assets/demo_tasks.jsonl and the lm-eval demo task's
+         eval/assets/oikyo_demo_mc.jsonl; both files are committed)
 
 Each answer depends only on one key word, asked in several phrasings, so a held-out phrasing of a
 key seen in training is answerable: fine-tuning shows a real, measurable gain over the base.
@@ -13,6 +14,8 @@ import random
 from pathlib import Path
 
 ASSET = Path(__file__).parent / "assets" / "demo_tasks.jsonl"
+# the same look-ups as multiple choice, for lm-evaluation-harness (eval/assets/oikyo_demo_mc.yaml)
+MC_ASSET = Path(__file__).parent.parent / "eval" / "assets" / "oikyo_demo_mc.jsonl"
 
 COLOURS_FR = {
     "red": "rouge",
@@ -143,13 +146,33 @@ def build_rows(seed: int = 0) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    rows = build_rows()
-    ASSET.parent.mkdir(parents=True, exist_ok=True)
-    with ASSET.open("w", encoding="utf-8") as f:
+def build_mc_docs(per_task: int = 10, seed: int = 1) -> list[dict]:
+    """`per_task` keys of each task as a question with four answers to choose from: the right one
+    and three other answers of the same task, in a deterministic order."""
+    rng = random.Random(seed)
+    docs = []
+    for task, table in TABLES.items():
+        answers = sorted(set(table.values()))
+        for i, key in enumerate(rng.sample(sorted(table), per_task)):
+            right = table[key]
+            choices = [right, *rng.sample([a for a in answers if a != right], 3)]
+            rng.shuffle(choices)
+            question = TEMPLATES[task][i % len(TEMPLATES[task])].format(k=key)
+            docs.append({"question": question, "choices": choices, "answer": choices.index(right), "task": task})
+    return docs
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    print(f"wrote {len(rows)} rows to {ASSET}")
+    print(f"wrote {len(rows)} rows to {path}")
+
+
+def main() -> None:
+    _write(ASSET, build_rows())
+    _write(MC_ASSET, build_mc_docs())
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, tuned:
     # the model stack and Ray take seconds to import, and Ray must come after default_auth_mode()
     # (`main`): imported when a run is evaluated, not whenever `oikyo` builds its parser
     from oikyo_ray.eval import ray_eval  # noqa: PLC0415
+    from oikyo_ray.eval.compare import check_eval  # noqa: PLC0415
     from oikyo_ray.eval.report import write_report  # noqa: PLC0415
     from oikyo_ray.model.load import resolve_model_path  # noqa: PLC0415
 
@@ -55,6 +56,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] | None = None, tuned:
             f"not a run directory (no config.yaml): {run}", hint="pass runs/<run-id> as written by `oikyo finetune`"
         )
     cfg = load_config(run / "config.yaml", overrides)
+    check_eval(cfg)  # eval.lm_eval_tasks: files and names, before a model loads or Ray starts
     tuned_dir = Path(tuned).expanduser() if tuned else tuned_dir_of(run, cfg)
     if not tuned_dir.is_dir():
         raise OikyoError(
@@ -88,7 +90,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--fail-on-regression",
         action="store_true",
         help=f"exit {GATE_EXIT_CODE} when a gate (eval.min_improvement, eval.min_tuned, "
-        "eval.max_forgetting, eval.max_probe_drop) fails",
+        "eval.max_forgetting, eval.max_probe_drop, eval.lm_eval_max_drop) fails",
     )
     p.add_argument("--tuned", default=None, help="evaluate this adapter or merged-model dir instead of the run's")
     p.set_defaults(fn=cmd_eval)

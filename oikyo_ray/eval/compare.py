@@ -2,10 +2,12 @@
 
     compare(cfg, model_path, tuned_dir, rows, scorer=score_in_process) -> report dict
     evaluate_model(model, tokenizer, rows, cfg) -> (metrics, predictions)
+    check_eval(cfg)     what the eval config gets wrong (eval.lm_eval_tasks), before Ray starts
 
 `compare` builds the items (`items`), has `scorer` score them with both models (in this process
 by default; the Ray layer passes `ray_eval.score`, which may use a Ray Data actor pool) and turns
-the scores into the report: metrics per model, deltas, forgetting, probes, samples and gates.
+the scores into the report: metrics per model, deltas, forgetting, probes, samples and gates;
+with eval.lm_eval_tasks, lm-evaluation-harness scores both models in this process too (`harness`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from oikyo_ray.eval.metrics import choose_metrics, score
 from oikyo_ray.eval.probes import ProbeScorer, probe_rates
 from oikyo_ray.eval.scoring import MODELS, ItemScore, Scorer, SingleModel, score_in_process, score_items
 from oikyo_ray.model.load import load_tokenizer
+from oikyo_ray.model.reasoning import answer as reasoning_answer
 
 PREFERENCE_METRICS = ("preference_accuracy", "preference_margin")  # with preference pairs in the test split
 
@@ -46,7 +49,8 @@ def summarise(cfg: OikyoConfig, items: list[Item], item_scores: list[ItemScore])
     report: dict = {"metrics": names}
     for which in MODELS:
         loss, _ = _loss(task, scores, which)
-        got = score(names, [scores[it.id].text[which] for it in task], refs, tools)
+        # a reasoning trace opening an answer is not the answer: scored without it
+        got = score(names, [reasoning_answer(scores[it.id].text[which]) for it in task], refs, tools)
         report[which] = {
             "loss": loss,
             "perplexity": _ppl(loss),
@@ -146,6 +150,20 @@ def _probes(ec, probes: list[Item], scores: dict[str, ItemScore]) -> dict:
     }
 
 
+def _harness():
+    # lm-eval takes a second to import and only eval.lm_eval_tasks needs it
+    from oikyo_ray.eval import harness  # noqa: PLC0415
+
+    return harness
+
+
+def check_eval(cfg: OikyoConfig) -> None:
+    """What the eval config alone gets wrong (eval.lm_eval_tasks: files, names, gates), before Ray
+    starts and before any model loads."""
+    if cfg.eval.lm_eval_tasks or cfg.eval.lm_eval_max_drop:
+        _harness().check_tasks(cfg.eval)
+
+
 def compare(
     cfg: OikyoConfig, model_path: str, tuned_dir: str | Path, rows: list[dict], scorer: Scorer = score_in_process
 ) -> dict:
@@ -155,6 +173,8 @@ def compare(
     items = build_items(cfg, load_tokenizer(cfg.model, model_path), rows)
     scoring = scorer(cfg, model_path, str(tuned_dir), items)
     report = summarise(cfg, items, scoring.scores)
+    if cfg.eval.lm_eval_tasks:
+        report["lm_eval"] = _harness().evaluate_tasks(cfg, model_path, str(tuned_dir))
     report["gates"] = evaluate_gates(report, cfg.eval)
     report["passed"] = all(g["passed"] for g in report["gates"])
     report["backend"] = scoring.backend
@@ -172,5 +192,5 @@ def evaluate_model(model, tokenizer, rows: list[dict], cfg: OikyoConfig) -> tupl
     preds = [s.text["tuned"] for s in scores]
     refs, tools = [it.reference for it in items], [it.tool_call for it in items]
     names = choose_metrics(cfg.eval.metrics, refs, tools)
-    got = score(names, preds, refs, tools)
+    got = score(names, [reasoning_answer(p) for p in preds], refs, tools)
     return {"loss": loss, "perplexity": _ppl(loss), **{k: v["value"] for k, v in got.items()}, "n": len(items)}, preds

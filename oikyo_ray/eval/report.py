@@ -1,7 +1,7 @@
 """Write a run's evaluation report under eval/:
 
-    report.json   every number: base, tuned, delta, forgetting, probes, gates, samples, decoding
-    report.md     side-by-side table (value, delta, pass/fail per gate), sample generations
+    report.json   every number: base, tuned, delta, forgetting, probes, lm_eval, gates, samples, decoding
+    report.md     side-by-side table (value, delta, pass/fail per gate; lm-eval tasks too), sample generations
     metrics.png   generation metrics, base vs fine-tuned
     perplexity.png  test-split and general-text perplexity, base vs fine-tuned (forgetting)
     probes.png    probe pass rate per kind, base vs fine-tuned
@@ -147,6 +147,7 @@ def format_table(report: dict) -> str:
             f"{p['delta']:+.3f} | {'FAIL' if p['regressed'] else 'pass'} "
             f"(drop <= {report['probes']['threshold']}) |"
         )
+    lines += _lm_eval_rows(report)
     if "preference" in report:
         p = report["preference"]
         lines.append(
@@ -154,6 +155,41 @@ def format_table(report: dict) -> str:
         )
     lines.append(f"\n{b['n']} test rows; gates {'passed' if report.get('passed', True) else 'FAILED'}.")
     return "\n".join(lines)
+
+
+def _lm_eval_rows(report: dict) -> list[str]:
+    """The lm-eval rows of the side-by-side table: one per task and metric, with its drop gates."""
+    lm = report.get("lm_eval")
+    if not lm:
+        return []
+    gates: dict[str, list[dict]] = {}
+    for g in report.get("gates", []):
+        if g.get("lm_eval"):
+            gates.setdefault(g["lm_eval"], []).append(g)
+    rows = []
+    for task, t in lm["tasks"].items():
+        for m, v in t["metrics"].items():
+            gate = ", ".join(f"{'pass' if g['passed'] else 'FAIL'} ({g['rule']})" for g in gates.get(f"{task}/{m}", []))
+            n = f" (n={t['n']})" if t.get("n") else ""  # groups: their tasks' rows give the counts
+            rows.append(
+                f"| lm-eval {task}: {m}{n} | {_fmt(v['base'])} | {_fmt(v['tuned'])} | {_fmt(v['delta'])} | {gate} |"
+            )
+    # a gate whose task or metric did not run has no row of its own: listed so it is not missed
+    shown = {f"{task}/{m}" for task, t in lm["tasks"].items() for m in t["metrics"]}
+    for key, gs in gates.items():
+        if key not in shown:
+            rows.append(f"| lm-eval {key} (not computed) | n/a | n/a | n/a | FAIL ({gs[0]['rule']}) |")
+    return rows
+
+
+def _lm_eval_note(lm: dict) -> str:
+    cached = "; ".join(f"{w}: {', '.join(v)}" for w, v in lm["cached"].items() if v) or "none"
+    limit = f"the first {lm['limit']} documents" if lm["limit"] else "all documents"
+    shots = "each task's own few-shot count" if lm["num_fewshot"] is None else f"{lm['num_fewshot']}-shot"
+    return (
+        f"lm-eval {lm['lm_eval_version']} on {limit} of each task, {shots}; "
+        f"results from the cache (`{lm['cache_dir']}`): {cached}."
+    )
 
 
 def render_markdown(report: dict, table: str) -> str:
@@ -171,6 +207,8 @@ def render_markdown(report: dict, table: str) -> str:
         table,
         "",
     ]
+    if report.get("lm_eval"):
+        lines += [_lm_eval_note(report["lm_eval"]), ""]
     failed = [g for g in report.get("gates", []) if not g["passed"]]
     if failed:
         lines += ["Failed gates:", ""] + [

@@ -77,6 +77,16 @@ def compare_runs(run_dirs: list[str | Path]) -> dict:
             p = (r.get("probes") or {}).get("kinds", {}).get(k)
             cells.append((p["tuned"], p["delta"]) if p else (float("nan"), None))
         rows.append({"metric": f"probe pass rate: {k}", "cells": cells})
+    scores: list[tuple[str, str]] = []  # (lm-eval task, metric) over the union of the runs' tasks
+    for r in reports:
+        for task, t in (r.get("lm_eval") or {}).get("tasks", {}).items():
+            scores += [(task, m) for m in t["metrics"] if (task, m) not in scores]
+    for task, m in scores:
+        cells = []
+        for r in reports:
+            v = ((r.get("lm_eval") or {}).get("tasks", {}).get(task) or {}).get("metrics", {}).get(m)
+            cells.append((_num(v["tuned"]), _num(v["delta"])) if v else (float("nan"), None))
+        rows.append({"metric": f"lm-eval {task}: {m}", "cells": cells})
     costs = [_cost(d) for d in run_dirs]
     for key, label in (("cpu_hours", "train CPU-hours"), ("gpu_hours", "train GPU-hours"), ("cost", "train cost")):
         rows.append({"metric": label, "cells": [(_num(c.get(key)) if c else float("nan"), None) for c in costs]})

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from oikyo_ray.config import ServeConfig
+from oikyo_ray.model.reasoning import ReasoningStream
 from oikyo_ray.serve.adapters import list_root, validate_name
 from oikyo_ray.serve.auth import authorized, bearer
 from oikyo_ray.serve.body import parse_json, read_body
@@ -361,7 +362,7 @@ async def _answer(svc: Service, req: GenerationRequest, prompts: list, request: 
         answer = completion_response(req.model, outs)
     else:
         names = req.tool_names() if isinstance(req, ChatRequest) else set()
-        answer = chat_response(req.model, outs, names, _start(req))
+        answer = chat_response(req.model, outs, names, _start(req), svc.cfg.reasoning_parser == "think")
     texts = [o["text"] for o in outs]
     _keep(svc, req, request, answer["id"], prompts, texts, [o["finish_reason"] for o in outs], _token_counts(outs))
     return answer
@@ -436,13 +437,25 @@ async def _events(
     model, rid = req.model, new_id("chatcmpl" if chat else "cmpl")
     names = req.tool_names() if isinstance(req, ChatRequest) else set()
     calls = ToolCallStream(names, _start(req)) if names else None
+    # a trace opening the answer streams as reasoning_content (not in an answer started inside a call)
+    traces = ReasoningStream() if chat and svc.cfg.reasoning_parser == "think" and not _start(req) else None
     sent_calls, text, final = 0, "", {}
 
-    def chunks(content: str, found: list[dict]) -> list[str]:
+    def chunks(piece: str, end: bool = False) -> list[str]:
         nonlocal sent_calls
         if not chat:
-            return [sse(completion_chunk(rid, model, content))] if content else []
-        out = [sse(chat_chunk(rid, model, {"content": content}))] if content else []
+            return [sse(completion_chunk(rid, model, piece))] if piece else []
+        trace, piece = (traces.finish() if end else traces.feed(piece)) if traces else ("", piece)
+        out = [sse(chat_chunk(rid, model, {"reasoning_content": trace}))] if trace else []
+        if calls:
+            content, found = calls.feed(piece)
+            if end:
+                rest, more = calls.finish()
+                content, found = content + rest, found + more
+        else:
+            content, found = piece, []
+        if content:
+            out.append(sse(chat_chunk(rid, model, {"content": content})))
         for call in found:
             out.append(sse(chat_chunk(rid, model, {"tool_calls": [{"index": sent_calls, **call}]})))
             sent_calls += 1
@@ -461,11 +474,10 @@ async def _events(
             final = piece  # the engine's last word: finish reason and token count
             continue
         text += piece
-        for event in chunks(*(calls.feed(piece) if calls else (piece, []))):
+        for event in chunks(piece):
             yield event
-    if calls:
-        for event in chunks(*calls.finish()):
-            yield event
+    for event in chunks("", end=True):
+        yield event
     completion_tokens = final.get("completion_tokens")
     if completion_tokens is None:
         completion_tokens = await run_in_threadpool(_count_tokens, svc.tokenizer, text)

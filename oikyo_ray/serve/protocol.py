@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 
 from oikyo_ray.data.formats import tool_name
+from oikyo_ray.model.reasoning import split as split_reasoning
 from oikyo_ray.serve.tool_calls import split as split_tool_calls
 
 # Sampling divides the logits by the temperature (in float32): a temperature near 0 multiplies
@@ -221,22 +222,36 @@ def chat_logprobs(lp: dict | None) -> dict | None:
     }
 
 
-def chat_message(out: dict, names: frozenset[str] | set[str], start: str = "") -> tuple[dict, str]:
-    """(message, finish_reason) of one answer: its tool calls read back when tools were offered."""
+def chat_message(
+    out: dict, names: frozenset[str] | set[str], start: str = "", reasoning: bool = False
+) -> tuple[dict, str]:
+    """(message, finish_reason) of one answer: with `reasoning`, a trace that opens it becomes
+    `reasoning_content` (an answer started inside a tool call has none); then its tool calls are
+    read back when tools were offered."""
+    text, trace = out["text"], None
+    if reasoning and not start:
+        trace, text = split_reasoning(text)
+    message: dict = {"role": "assistant", "content": text}
+    if trace is not None:
+        message["reasoning_content"] = trace
     if not names:
-        return {"role": "assistant", "content": out["text"]}, out["finish_reason"]
-    content, calls = split_tool_calls(start + out["text"], names)
+        return message, out["finish_reason"]
+    content, calls = split_tool_calls(start + text, names)
     if not calls:
-        return {"role": "assistant", "content": out["text"] if not start else content}, out["finish_reason"]
-    return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+        return {**message, "content": text if not start else content}, out["finish_reason"]
+    return {**message, "content": content, "tool_calls": calls}, "tool_calls"
 
 
 def chat_response(
-    model: str, outs: list[dict], names: frozenset[str] | set[str] = frozenset(), start: str = ""
+    model: str,
+    outs: list[dict],
+    names: frozenset[str] | set[str] = frozenset(),
+    start: str = "",
+    reasoning: bool = False,
 ) -> dict:
     choices = []
     for i, o in enumerate(outs):
-        message, finish = chat_message(o, names, start)
+        message, finish = chat_message(o, names, start, reasoning)
         choices.append(
             {"index": i, "message": message, "finish_reason": finish, "logprobs": chat_logprobs(o.get("logprobs"))}
         )

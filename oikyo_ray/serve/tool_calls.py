@@ -16,6 +16,8 @@ import json
 import re
 import uuid
 
+from oikyo_ray.model.reasoning import held_back
+
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|\Z)", re.S)
 
@@ -83,7 +85,7 @@ class ToolCallStream:
             if not self._in_block:
                 at = self._buf.find(OPEN)
                 if at < 0:
-                    keep = _partial_suffix(self._buf, OPEN)
+                    keep = held_back(self._buf, OPEN)
                     content += self._buf[: len(self._buf) - keep]
                     self._buf = self._buf[len(self._buf) - keep :]
                     return content, calls
@@ -103,11 +105,3 @@ class ToolCallStream:
         text, calls = split(self._buf, self.names) if self._in_block else (self._buf, [])
         self._buf, self._in_block = "", False
         return text or "", calls
-
-
-def _partial_suffix(text: str, token: str) -> int:
-    """Length of the longest end of `text` that is a beginning of `token`."""
-    for n in range(min(len(text), len(token) - 1), 0, -1):
-        if token.startswith(text[-n:]):
-            return n
-    return 0

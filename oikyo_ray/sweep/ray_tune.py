@@ -59,23 +59,24 @@ def tune_domains(cfg: OikyoConfig) -> dict[str, Any]:
     return {path: _domain(d) for path, d in cfg.sweep.space.items()}
 
 
-def _trial(tc: dict) -> None:
-    """One Tune trial: a whole training run in sweep_dir/trials/<trial id>, reporting to Tune."""
-    cfg = with_params(tc["base"], tc["params"])
+def _trial(tc: dict, base: dict, model_path: str, sweep_dir: str, manifest: dict) -> None:
+    """One Tune trial: a whole training run in sweep_dir/trials/<trial id>, reporting to Tune.
+    Only the sampled `params` are the trial's config; the rest is passed by `tune.with_parameters`,
+    so a searcher (Optuna) sees just the space (it flattens the config by `/`, which paths hold)."""
+    cfg = with_params(base, tc["params"])
     # ASHA compares the metric at each report: make every report an evaluation
     cfg.train.log_every = cfg.train.checkpoint_every = cfg.train.eval_every
-    sweep_dir = Path(tc["sweep_dir"])
-    run_dir = sweep_dir / "trials" / tune.get_context().get_trial_id()
+    run_dir = Path(sweep_dir) / "trials" / tune.get_context().get_trial_id()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "data").exists():
-        (run_dir / "data").symlink_to(sweep_dir / "data", target_is_directory=True)
+        (run_dir / "data").symlink_to(Path(sweep_dir) / "data", target_is_directory=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     (run_dir / "params.json").write_text(json.dumps(tc["params"], indent=2))
     fit(
         cfg,
         run_dir,
-        tc["model_path"],
-        tc["manifest"],
+        model_path,
+        manifest,
         log=lambda s: None,
         callbacks=(TuneReportCallback(),),
         show_progress=False,  # a trial runs in a Tune actor: Tune reports its progress
@@ -102,18 +103,25 @@ def _concurrency(cfg: OikyoConfig) -> int:
 
 def _search(cfg: OikyoConfig, concurrency: int):
     """The search algorithm, limited to `concurrency` live trials (an explicit searcher is not
-    limited by TuneConfig.max_concurrent_trials)."""
-    if cfg.sweep.search == "optuna":
+    limited by TuneConfig.max_concurrent_trials). Optuna is given its objectives itself: with
+    sweep.objectives, all of them (its TPE sampler is multi-objective then)."""
+    sw = cfg.sweep
+    if sw.search == "optuna":
         if importlib.util.find_spec("optuna") is None:
-            raise OikyoError("sweep.search=optuna needs optuna: pip install optuna")
-        return ConcurrencyLimiter(OptunaSearch(seed=cfg.sweep.seed), max_concurrent=concurrency)
-    return BasicVariantGenerator(random_state=cfg.sweep.seed, max_concurrent=concurrency)
+            raise OikyoError("sweep.search=optuna needs optuna: pip install 'oikyo-ray[optuna]'")
+        metric: str | list[str] = [sw.metric, *(o.metric for o in sw.objectives)] if sw.objectives else sw.metric
+        mode: str | list[str] = [sw.mode, *(o.mode for o in sw.objectives)] if sw.objectives else sw.mode
+        searcher = OptunaSearch(metric=metric, mode=mode, seed=sw.seed)  # type: ignore[arg-type]
+        return ConcurrencyLimiter(searcher, max_concurrent=concurrency)
+    return BasicVariantGenerator(random_state=sw.seed, max_concurrent=concurrency)
 
 
 def _asha(cfg: OikyoConfig, manifest: dict) -> ASHAScheduler:
     """ASHA on the `step` of each report, up to the steps a trial trains (budget.max_t)."""
     t = max_t(cfg, manifest)
     return ASHAScheduler(
+        metric=cfg.sweep.metric,
+        mode=cfg.sweep.mode,
         time_attr="step",
         max_t=t,
         grace_period=min(cfg.sweep.grace_period, t),
@@ -168,7 +176,8 @@ def _tune(cfg: OikyoConfig, sweep_dir: Path, model_path: str, resume: bool, publ
     # budgets count what the objective trains on, as each trial's fit does
     manifest = objective_counts(cfg, json.loads((sweep_dir / "data" / "manifest.json").read_text()), sweep_dir / "data")
 
-    trainable = tune.with_resources(_trial, {"cpu": TRIAL_CPU})
+    constants = {"base": cfg.model_dump(mode="json"), "model_path": model_path, "sweep_dir": str(sweep_dir)}
+    trainable = tune.with_resources(tune.with_parameters(_trial, **constants, manifest=manifest), {"cpu": TRIAL_CPU})
     if resume and tune.Tuner.can_restore(str(tune_dir)):
         log(f"[oikyo] sweep: resuming {tune_dir}")
         tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
@@ -181,16 +190,10 @@ def _tune(cfg: OikyoConfig, sweep_dir: Path, model_path: str, resume: bool, publ
         )
         tuner = tune.Tuner(
             trainable,
-            param_space={
-                "params": tune_domains(cfg),
-                "base": cfg.model_dump(mode="json"),
-                "model_path": model_path,
-                "sweep_dir": str(sweep_dir),
-                "manifest": manifest,
-            },
+            param_space={"params": tune_domains(cfg)},
+            # no metric here: ASHA and the searcher are given theirs, a list of them for a
+            # multi-objective Optuna search (Tune's own metric is one name)
             tune_config=tune.TuneConfig(
-                metric=cfg.sweep.metric,
-                mode=cfg.sweep.mode,
                 num_samples=cfg.sweep.num_samples,
                 scheduler=scheduler,
                 search_alg=_search(cfg, conc),

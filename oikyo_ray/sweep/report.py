@@ -69,11 +69,47 @@ def trial_rows(cfg: OikyoConfig, sweep_dir: Path, grid, manifest: dict) -> list[
                 "budget": budget,
                 f"best_{metric}": best,
                 "last_" + metric: hist[-1][1] if hist else math.nan,
+                **{f"last_{o.metric}": _last(trial_dir, o.metric) for o in cfg.sweep.objectives},
                 **{f"param:{k}": v for k, v in params.items()},
                 "dir": str(trial_dir),
             }
         )
+    if cfg.sweep.objectives:
+        mark_pareto(cfg, out)
     return out
+
+
+def _last(trial_dir: Path, metric: str) -> float:
+    hist = _metric_history(trial_dir, metric)
+    return hist[-1][1] if hist else math.nan
+
+
+def _objective_values(cfg: OikyoConfig, row: dict) -> list[float]:
+    """A trial's objectives, each signed so that lower is better: what Optuna compared (the values
+    at the trial's last report), sweep.metric first."""
+    sw = cfg.sweep
+    pairs = [(sw.metric, sw.mode), *((o.metric, o.mode) for o in sw.objectives)]
+    return [(1 if mode == "min" else -1) * row[f"last_{m}"] for m, mode in pairs]
+
+
+def _dominates(a: list[float], b: list[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def mark_pareto(cfg: OikyoConfig, rows: list[dict]) -> None:
+    """Set `pareto` on each row: "yes" for a completed trial no other completed trial dominates
+    (as good on every objective, better on one); early-stopped and failed trials ran less than
+    their budget and are not compared."""
+    done = [r for r in rows if r["status"] == "completed"]
+    values = {id(r): _objective_values(cfg, r) for r in done}
+    for r in rows:
+        v = values.get(id(r))
+        on_front = (
+            v is not None
+            and not any(math.isnan(x) for x in v)
+            and not any(_dominates(values[id(o)], v) for o in done if o is not r)
+        )
+        r["pareto"] = "yes" if on_front else ""
 
 
 def write_table(rows: list[dict], sweep_dir: Path) -> str:
@@ -176,7 +212,8 @@ def summarise(
         if store.exists(where):
             store.delete_dir(where)
         publish(cfg, dest)
-    (sweep_dir / "best.json").write_text(json.dumps({**best, "promoted_to": where}, indent=2, default=str))
+    front = {"pareto_front": [r["trial"] for r in rows if r.get("pareto")]} if cfg.sweep.objectives else {}
+    (sweep_dir / "best.json").write_text(json.dumps({**best, "promoted_to": where, **front}, indent=2, default=str))
     (sweep_dir / "best_config.yaml").write_text((dest / "config.yaml").read_text())
     log(f"[oikyo] sweep: best trial {best['trial']} ({key}={best[key]:.4f}) promoted to {where}")
     return sweep_dir
