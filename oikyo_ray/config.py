@@ -952,11 +952,12 @@ class CvConfig(_Section):
 
 
 MethodType = Literal["lora", "dora", "qlora", "full"]
+_ALL_METHODS: list[MethodType] = ["full", "lora", "dora", "qlora"]
 
 
 class CompareMethodsConfig(_Section):
     methods: list[MethodType] = Field(
-        default_factory=lambda: ["full", "lora", "dora", "qlora"],
+        default_factory=lambda: _ALL_METHODS.copy(),
         min_length=1,
         description="Methods `oikyo compare-methods` trains on the same data and step budget (qlora only "
         "where bitsandbytes is installed; skipped with the reason otherwise).",
