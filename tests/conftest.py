@@ -27,6 +27,20 @@ WANDB_SECRET = "oikyo-wandb-SECRET-" + "0" * 21  # a fake W&B key (40 characters
 # that Tune stopped are released late. Two spare logical CPUs keep sweeps and Serve apps from
 # starving on that bookkeeping; the real compute still runs on the 2 cores.
 LOGICAL_CPUS = 4
+# the demo config trained for a few steps on one worker and evaluated briefly: for tests of what
+# runs around training (cross-validation, method comparison), not of training or eval themselves
+SHORT_DEMO_RUN = [
+    "scaling.num_workers=1",
+    "train.max_steps=6",
+    "train.eval_every=3",
+    "eval.max_samples=8",
+    "eval.forgetting=false",
+    "eval.probes=false",
+    "eval.backend=local",
+    "eval.lm_eval_tasks=[]",  # the demo's lm-eval task: tested in test_eval_harness
+    "eval.lm_eval_max_drop={}",
+    "run.serve_after=false",
+]
 
 
 def os_tool(name: str) -> str:
@@ -74,6 +88,18 @@ def python_tool(module: str, extra: str) -> None:
     if os.environ.get("OIKYO_CI") == "1":
         pytest.fail(f"{module} is missing although .ci/run installs it (pip install -e '.[{extra}]')")
     pytest.skip(f"{module} is not installed: pip install -e '.[{extra}]'")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (`pytest.mark.usefixtures`): on a shared 2-core box torch's
+    default thread pool oversubscribes (10-50x slower)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def _free_port() -> int:

@@ -13,6 +13,7 @@ from oikyo_ray.config import load_config
 from oikyo_ray.demo.run import DEMO_CONFIG
 from oikyo_ray.errors import ConfigError
 from oikyo_ray.methods.table import markdown, saved_values
+from tests.conftest import SHORT_DEMO_RUN
 
 
 def test_trainable_values_are_counted_from_the_saved_weights(tmp_path):
@@ -62,16 +63,7 @@ def test_compare_methods_full_vs_lora_table(ray_session, base_overrides, tiny_mo
         "run.name=methods",
         "compare_methods.methods=[full, lora]",
         "compare_methods.lr={full: 0.0005}",
-        "scaling.num_workers=1",
-        "train.max_steps=6",
-        "train.eval_every=3",
-        "eval.max_samples=8",
-        "eval.forgetting=false",
-        "eval.probes=false",
-        "eval.backend=local",
-        "eval.lm_eval_tasks=[]",  # the demo's lm-eval task: tested in test_eval_harness
-        "eval.lm_eval_max_drop={}",
-        "run.serve_after=false",
+        *SHORT_DEMO_RUN,
     ]
     assert main(args) == 0
     out = tmp_path / "runs" / "methods"

@@ -14,6 +14,7 @@ from oikyo_ray.config import load_config
 from oikyo_ray.cv.folds import fold_of, markdown, summarise, write_folds
 from oikyo_ray.demo.run import DEMO_CONFIG
 from oikyo_ray.errors import ConfigError, DataError
+from tests.conftest import SHORT_DEMO_RUN
 
 
 def _conv(prompt: str, answer: str) -> str:
@@ -92,16 +93,7 @@ def test_oikyo_cv_trains_each_fold_and_reports_mean_and_std(ray_session, base_ov
         *base_overrides,
         "run.name=cv",
         "cv.folds=2",
-        "scaling.num_workers=1",
-        "train.max_steps=6",
-        "train.eval_every=3",
-        "eval.max_samples=8",
-        "eval.forgetting=false",
-        "eval.probes=false",
-        "eval.backend=local",
-        "eval.lm_eval_tasks=[]",  # the demo's lm-eval task: tested in test_eval_harness
-        "eval.lm_eval_max_drop={}",
-        "run.serve_after=false",
+        *SHORT_DEMO_RUN,
     ]
     assert main(args) == 0
     cv_dir = tmp_path / "runs" / "cv"

@@ -6,51 +6,20 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from oikyo_ray.config import load_config
 from oikyo_ray.errors import ConfigError
 from oikyo_ray.eval.cli import main
-from tests.test_eval_run import _make_run
+from tests.test_eval_run import make_eval_runs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 # the generic evaluation is cut to a minimum: these tests are about the lm-eval section
 QUICK = ["eval.probes=false", "eval.forgetting=false", "eval.max_samples=4", "eval.num_samples=2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a shared 2-core box torch's default thread pool oversubscribes (10-50x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def runs(one_torch_thread, tiny_model, cache_dir, tmp_path_factory):
-    from oikyo_ray.data.curate import curate_file
-    from oikyo_ray.demo.tasks import ASSET
-    from oikyo_ray.model.load import load_tokenizer
-
-    cfg = load_config(None, [f"model.cache_dir={cache_dir}", "data.max_length=64"])
-    tok = load_tokenizer(cfg.model, str(tiny_model))
-    recs = [r for r in curate_file(str(ASSET), ASSET.read_bytes(), cfg.data, tok) if r["status"] == "ok"]
-    root = tmp_path_factory.mktemp("harness-runs")
-    return {
-        "lora": _make_run(root, "lora", tiny_model, cache_dir, recs, ["train.lr=3e-3"], 300),
-        "fresh": _make_run(root, "fresh", tiny_model, cache_dir, recs, [], 0),  # B = 0: tuned is the base
-        # a full fine-tune (as in test_eval_run): its model/ dir is the tuned model, loaded on its own
-        "full": _make_run(
-            root,
-            "full",
-            tiny_model,
-            cache_dir,
-            recs,
-            ["method.type=full", "train.lr=1e-2", "train.warmup_ratio=0", "train.lr_schedule=constant"],
-            100,
-        ),
-    }
+    return make_eval_runs(tiny_model, cache_dir, tmp_path_factory.mktemp("harness-runs"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 from oikyo_ray.config import dump_yaml, load_config
 from oikyo_ray.eval.cli import evaluate_run, main
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -61,17 +61,8 @@ def _make_run(root: Path, name: str, tiny_model, cache_dir, recs, overrides: lis
     return run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a shared 2-core box torch's default thread pool oversubscribes (10-50x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def runs(one_torch_thread, tiny_model, cache_dir, tmp_path_factory):
+def make_eval_runs(tiny_model, cache_dir, root: Path) -> dict[str, Path]:
+    """The run directories these tests evaluate (test_eval_harness evaluates the same kinds)."""
     from oikyo_ray.data.curate import curate_file
     from oikyo_ray.demo.tasks import ASSET
     from oikyo_ray.model.load import load_tokenizer
@@ -79,7 +70,6 @@ def runs(one_torch_thread, tiny_model, cache_dir, tmp_path_factory):
     cfg = load_config(None, [f"model.cache_dir={cache_dir}", "data.max_length=64"])
     tok = load_tokenizer(cfg.model, str(tiny_model))
     recs = [r for r in curate_file(str(ASSET), ASSET.read_bytes(), cfg.data, tok) if r["status"] == "ok"]
-    root = tmp_path_factory.mktemp("eval-runs")
     make = lambda name, over, steps: _make_run(root, name, tiny_model, cache_dir, recs, over, steps)  # noqa: E731
     return {
         # LoRA: learns the answers (300 steps of 16 rows, ~10 s on one thread)
@@ -91,6 +81,11 @@ def runs(one_torch_thread, tiny_model, cache_dir, tmp_path_factory):
         # a freshly initialised adapter (B = 0): the fine-tuned model *is* the base
         "fresh": make("fresh", [], 0),
     }
+
+
+@pytest.fixture(scope="module")
+def runs(one_torch_thread, tiny_model, cache_dir, tmp_path_factory):
+    return make_eval_runs(tiny_model, cache_dir, tmp_path_factory.mktemp("eval-runs"))
 
 
 def test_lora_run_report_tuned_wins_and_renders(runs):
